@@ -1,0 +1,7 @@
+"""`python -m composer` is the `composer` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

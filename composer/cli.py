@@ -1,0 +1,90 @@
+"""The `composer` command: serve, check, demo (SPEC §1).
+
+Exit status: 0 on success (and after a graceful SIGTERM/SIGINT), 2 when the configuration
+is invalid — each problem printed as `file:line: message` on stderr, nothing started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+
+from .config import Config, load_config
+from .errors import ConfigError
+from .logs import setup_logging
+from .routing import RouteTable, build_table
+from .server import ComposerServer, wait_for_signal
+
+__all__ = ["main"]
+
+log = logging.getLogger("composer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="composer", description="Compose pages from fragments.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the routes in --config")
+    serve.add_argument("--config", default="routes.yaml", help="routes file (default ./routes.yaml)")
+    serve.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=8080, help="page port (default 8080)")
+    serve.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
+    check = commands.add_parser("check", help="validate the config and its templates")
+    check.add_argument("--config", default="routes.yaml", help="routes file (default ./routes.yaml)")
+    demo = commands.add_parser("demo", help="serve the bundled example with demo fragment services")
+    demo.add_argument("--port", type=int, default=8080, help="page port (default 8080)")
+    demo.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
+    return parser
+
+
+def load(path: str) -> tuple[Config, RouteTable]:
+    """Load and compile a routes file; raises ConfigError."""
+    config = load_config(path)
+    return config, build_table(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            config, table = load(args.config)
+            fragments = sum(len(r.template.fragments) for r in table.routes)
+            print(f"{config.label}: ok ({len(table.routes)} routes, {fragments} fragments)")
+            return 0
+        if args.command == "demo":
+            from .demo import run_demo
+
+            setup_logging()
+            return _run(run_demo(port=args.port, admin_port=args.admin_port))
+        config, table = load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    setup_logging()
+    server = ComposerServer(config, table, host=args.host, port=args.port, admin_port=args.admin_port)
+    return _run(_serve(server))
+
+
+async def _serve(server: ComposerServer) -> int:
+    try:
+        await server.start()
+    except OSError as exc:
+        print(f"composer: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"composer serving {server.url} (admin {server.admin_url})", flush=True)
+    await wait_for_signal()
+    log.info("stopping: draining in-flight pages", extra={"fields": {"grace_s": server.grace}})
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def _run(coro: Coroutine[object, object, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)

@@ -1,0 +1,242 @@
+"""Composing one page: SPEC §3 as a single coroutine.
+
+`Composer.compose` starts every fragment at once, waits for the primary (if any) to decide
+the status and headers, writes the head, then walks the compiled chunks in document order:
+literal bytes go out as soon as nothing before them is pending, each fragment when it is
+ready, and async fragments, in completion order, just before `</body>`. Outcomes are
+values (`Outcome`), decided once per fragment in `_resolve`, which is also the one place
+that records a fragment's metrics and failure log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import Settings
+from .fragments import Asset, Failed, Fetched, fetch
+from .metrics import Metrics
+from .template import ASYNC_SLOT, Fragment, Template
+
+__all__ = ["Composer", "Outcome", "BARE_500"]
+
+log = logging.getLogger("composer.fragments")
+
+BARE_500 = (b"<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head>"
+            b"<body><h1>500 Internal Server Error</h1></body></html>")
+_CACHE_CONTROL = "no-cache, no-store, must-revalidate"
+_CONTENT_TYPE = "text/html; charset=utf-8"
+_ACCEPT_ENCODING = "gzip, deflate, br"
+_MOVE_SCRIPT = (
+    '<script>(function(p,c){{if(p&&c){{while(c.firstChild)p.parentNode.insertBefore(c.firstChild,p);'
+    'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
+    'document.getElementById("composer-async-{0}-content"))</script>'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a fragment ends up as on the page, and where that came from."""
+
+    source: Literal["src", "fallback-src", "inline", "none"]
+    body: bytes = b""
+    assets: tuple[Asset, ...] = ()
+    status: int = 0
+    headers: CIMultiDictProxy[str] | None = None
+
+
+_NONE = Outcome("none")
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """Per-request facts every fragment fetch of the page shares."""
+
+    route: str
+    params: dict[str, str]
+    request_id: str
+    headers: CIMultiDict[str]
+    public_headers: CIMultiDict[str]
+
+
+def request_id_of(request: web.BaseRequest) -> str:
+    """The incoming `x-request-id` when it is sane (printable, ≤128 chars), else a new one."""
+    rid = request.headers.get("x-request-id", "")
+    if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable():
+        return rid
+    return uuid.uuid4().hex
+
+
+class Composer:
+    """Composes pages for one server; holds the shared client session and metrics."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, metrics: Metrics) -> None:
+        self.session = session
+        self.settings = settings
+        self.metrics = metrics
+
+    def _page(self, request: web.BaseRequest, route: str, params: dict[str, str]) -> _Page:
+        rid = request.get("request_id") or request_id_of(request)
+        public = CIMultiDict({"x-request-id": rid, "accept-encoding": _ACCEPT_ENCODING})
+        headers = CIMultiDict(public)
+        incoming = request.headers
+        for name in self.settings.forward_headers:
+            for value in incoming.getall(name, ()):
+                headers.add(name, value)
+        headers["x-request-uri"] = request.raw_path
+        headers["x-request-host"] = incoming.get("host", "")
+        return _Page(route=route, params=params, request_id=rid, headers=headers, public_headers=public)
+
+    async def compose(self, request: web.BaseRequest, route: str, template: Template,
+                      params: dict[str, str]) -> web.StreamResponse:
+        """Answer `request` with `template`; fragment tasks never outlive this call."""
+        page = self._page(request, route, params)
+        head_only = request.method == "HEAD"
+        wanted = (template.primary,) if head_only and template.primary else () if head_only \
+            else template.fragments
+        tasks: dict[int, asyncio.Task[Outcome]] = {
+            f.index: asyncio.create_task(self._resolve(f, page)) for f in wanted if f is not None}
+        try:
+            headers = CIMultiDict({"content-type": _CONTENT_TYPE, "cache-control": _CACHE_CONTROL})
+            status = 200
+            if template.primary is not None:
+                outcome = await tasks[template.primary.index]
+                if outcome.source == "none":
+                    return web.Response(status=500, body=BARE_500, headers=headers)
+                if outcome.source == "src":
+                    status = outcome.status
+                    assert outcome.headers is not None
+                    for cookie in outcome.headers.getall("set-cookie", ()):
+                        headers.add("set-cookie", cookie)
+                    if 300 <= status < 400:
+                        if "location" in outcome.headers:
+                            headers["location"] = outcome.headers["location"]
+                        del headers["content-type"]
+                        return web.Response(status=status, headers=headers)
+                if outcome.assets:
+                    headers["link"] = _preload(outcome.assets)
+            response = web.StreamResponse(status=status, headers=headers)
+            await response.prepare(request)
+            if not head_only:
+                await self._stream(response, template, tasks)
+            await response.write_eof()
+            return response
+        finally:
+            for task in tasks.values():
+                task.cancel()
+
+    async def _stream(self, response: web.StreamResponse, template: Template,
+                      tasks: dict[int, asyncio.Task[Outcome]]) -> None:
+        seen: set[str] = set()
+        out: list[bytes] = []
+        for chunk in template.chunks:
+            if type(chunk) is bytes:
+                out.append(chunk)
+            elif chunk is ASYNC_SLOT:
+                if template.async_fragments:
+                    await _flush(response, out)
+                    await self._stream_async(response, template, tasks, seen)
+            else:
+                assert isinstance(chunk, Fragment)
+                if chunk.is_async:
+                    out.append(b'<template id="composer-async-%d"></template>' % chunk.index)
+                    continue
+                task = tasks[chunk.index]
+                if not task.done():
+                    await _flush(response, out)
+                _render(await task, seen, out)
+        await _flush(response, out)
+
+    async def _stream_async(self, response: web.StreamResponse, template: Template,
+                            tasks: dict[int, asyncio.Task[Outcome]], seen: set[str]) -> None:
+        pending = {tasks[f.index]: f for f in template.async_fragments}
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            out: list[bytes] = []
+            for task in sorted(done, key=lambda t: pending[t].index):
+                fragment = pending.pop(task)
+                outcome = task.result()
+                if outcome.source == "none":
+                    continue
+                out.append(b'<div hidden id="composer-async-%d-content">' % fragment.index)
+                _render(outcome, seen, out)
+                out.append(b"</div>")
+                out.append(_MOVE_SCRIPT.format(fragment.index).encode())
+            await _flush(response, out)
+
+    async def _resolve(self, fragment: Fragment, page: _Page) -> Outcome:
+        """Fetch `fragment`, falling back as SPEC §3 says; record metrics and failures once."""
+        settings = self.settings
+        headers = page.public_headers if fragment.public else page.headers
+        started = time.perf_counter()
+        url = fragment.src.render(page.params)
+        result = await fetch(self.session, url, headers, timeout=fragment.timeout,
+                             max_bytes=settings.max_fragment_bytes, allow_redirect=fragment.primary)
+        self.metrics.fragment_duration.labels(fragment.id, page.route, "").observe(time.perf_counter() - started)
+        if isinstance(result, Fetched):
+            return Outcome("src", result.body, result.assets, result.status, result.headers)
+        self.metrics.fragment_failures.labels(fragment.id, page.route, "", result.reason.value).inc()
+        outcome = _NONE
+        if fragment.fallback_src is not None:
+            fallback = await fetch(self.session, fragment.fallback_src.render(page.params), headers,
+                                   timeout=fragment.timeout, max_bytes=settings.max_fragment_bytes,
+                                   allow_redirect=False)
+            if isinstance(fallback, Fetched) and fallback.status < 300:
+                outcome = Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
+        if outcome is _NONE and not fragment.primary and fragment.fallback_html.strip():
+            outcome = Outcome("inline", fragment.fallback_html)
+        if outcome is not _NONE:
+            self.metrics.fragment_fallbacks.labels(fragment.id, page.route).inc()
+        _log_failure(fragment, page, url, result, time.perf_counter() - started, outcome.source)
+        return outcome
+
+
+async def _flush(response: web.StreamResponse, out: list[bytes]) -> None:
+    if out:
+        data = b"".join(out)
+        out.clear()
+        await response.write(data)
+
+
+def _render(outcome: Outcome, seen: set[str], out: list[bytes]) -> None:
+    """Append a fragment's stylesheets, body and scripts; each asset URL once per page."""
+    assets = outcome.assets
+    for asset in assets:
+        if asset.kind == "stylesheet" and asset.url not in seen:
+            seen.add(asset.url)
+            out.append(b'<link rel="stylesheet" href="%s">' % html.escape(asset.url).encode())
+    out.append(outcome.body)
+    for asset in assets:
+        if asset.kind == "script" and asset.url not in seen:
+            seen.add(asset.url)
+            out.append(b'<script src="%s" defer></script>' % html.escape(asset.url).encode())
+
+
+def _preload(assets: tuple[Asset, ...]) -> str:
+    kinds = {"stylesheet": "style", "script": "script"}
+    return ", ".join(f'<{a.url}>; rel="preload"; as="{kinds[a.kind]}"' for a in assets)
+
+
+def _log_failure(fragment: Fragment, page: _Page, url: object, failed: Failed, duration: float,
+                 shown: str) -> None:
+    log.warning("fragment failed", extra={"fields": {
+        "fragment": fragment.id,
+        "version": "",
+        "route": page.route,
+        "error_type": failed.reason.value,
+        "detail": failed.detail,
+        "url": str(url),
+        "status": failed.status,
+        "duration_ms": round(duration * 1000, 1),
+        "request_id": page.request_id,
+        "fallback": shown,
+    }})

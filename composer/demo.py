@@ -1,0 +1,124 @@
+"""`composer demo`: the shipped example, with its fragment services, on loopback.
+
+The fragment services are one small aiohttp app on 127.0.0.1:9101 (the port the example
+templates name): a header, a primary product fragment declaring CSS and JS in `Link`,
+slow async recommendations, a footer, and a reviews service that always fails so its
+fallback shows. The example itself is the repository's `routes.yaml` + `templates/`,
+shipped inside the wheel as `composer/example/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import load_config
+from .errors import ConfigError
+from .routing import build_table
+from .server import ComposerServer, wait_for_signal
+
+__all__ = ["DEMO_PORT", "demo_app", "example_config", "run_demo"]
+
+DEMO_PORT = 9101
+_BASE = f"http://127.0.0.1:{DEMO_PORT}"
+
+_CSS = b"""
+.product{border:1px solid #ccc;border-radius:8px;padding:1em;margin:1em 0}
+.product h1{margin-top:0}
+.recos{background:#f6f6ff;padding:1em}
+"""
+_JS = b"""
+document.addEventListener("DOMContentLoaded", function () {
+  var el = document.querySelector(".product");
+  if (el) el.setAttribute("data-enhanced", "true");
+});
+"""
+_SITE_CSS = b"body{font-family:system-ui,sans-serif;margin:0 auto;max-width:48em;padding:0 1em}"
+_PRODUCTS = {"42": ("Espresso machine", "199.00"), "7": ("Coffee grinder", "89.00")}
+
+
+def demo_app(recommendation_delay: float = 1.5) -> web.Application:
+    """The demo fragment services (also used by the tests of the shipped example)."""
+
+    async def header(_: web.Request) -> web.Response:
+        return web.Response(
+            text='<header><a href="/">composer demo shop</a> · <a href="/products/42">espresso</a>'
+                 ' · <a href="/products/7">grinder</a></header>',
+            content_type="text/html", headers={"link": f'<{_BASE}/static/site.css>; rel="stylesheet"'})
+
+    async def product(request: web.Request) -> web.Response:
+        sku = request.match_info["sku"]
+        links = (f'<{_BASE}/static/product.css>; rel="stylesheet", '
+                 f'<{_BASE}/static/product.js>; rel="fragment-script"')
+        if sku not in _PRODUCTS:
+            return web.Response(status=404, text=f"<h1>No product {sku!r}</h1>", content_type="text/html")
+        name, price = _PRODUCTS[sku]
+        return web.Response(
+            text=f'<article class="product"><h1>{name}</h1><p>{price} EUR</p></article>',
+            content_type="text/html", headers={"link": links})
+
+    async def recommendations(_: web.Request) -> web.Response:
+        await asyncio.sleep(recommendation_delay)
+        return web.Response(text='<aside class="recos"><h2>You may also like</h2>'
+                                 '<a href="/products/7">Coffee grinder</a></aside>', content_type="text/html")
+
+    async def reviews(_: web.Request) -> web.Response:
+        return web.Response(status=503, text="reviews are down")
+
+    async def footer(_: web.Request) -> web.Response:
+        return web.Response(text="<footer>composer demo · fragments from 127.0.0.1:9101</footer>",
+                            content_type="text/html")
+
+    def static(body: bytes, content_type: str):  # type: ignore[no-untyped-def]
+        async def handler(_: web.Request) -> web.Response:
+            return web.Response(body=body, content_type=content_type)
+        return handler
+
+    app = web.Application()
+    app.router.add_get("/header", header)
+    app.router.add_get("/product/{sku}", product)
+    app.router.add_get("/recommendations", recommendations)
+    app.router.add_get("/reviews", reviews)
+    app.router.add_get("/footer", footer)
+    app.router.add_get("/static/site.css", static(_SITE_CSS, "text/css"))
+    app.router.add_get("/static/product.css", static(_CSS, "text/css"))
+    app.router.add_get("/static/product.js", static(_JS, "application/javascript"))
+    return app
+
+
+def example_config() -> Path:
+    """routes.yaml of the shipped example: inside the wheel, else the source checkout's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "example" / "routes.yaml", here.parent / "routes.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("the example routes.yaml is not installed")
+
+
+async def run_demo(*, port: int = 8080, admin_port: int = 9911) -> int:
+    """Start the fragment services and the example; run until SIGINT/SIGTERM."""
+    try:
+        config = load_config(example_config())
+        table = build_table(config)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"composer demo: the shipped example is broken: {exc}", file=sys.stderr)
+        return 2
+    services = web.AppRunner(demo_app(), access_log=None)
+    await services.setup()
+    server = ComposerServer(config, table, host="127.0.0.1", port=port, admin_port=admin_port)
+    try:
+        await web.TCPSite(services, "127.0.0.1", DEMO_PORT).start()
+        await server.start()
+    except OSError as exc:
+        print(f"composer demo: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        await services.cleanup()
+        await server.stop()
+        return 1
+    print(f"composer demo: open {server.url}/products/42 (metrics: {server.admin_url}/metrics)", flush=True)
+    await wait_for_signal()
+    await server.stop()
+    await services.cleanup()
+    return 0

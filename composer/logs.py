@@ -1,0 +1,62 @@
+"""JSON log lines on stderr: one object per line, easy for log shippers and `jq`.
+
+Structured fields travel in `extra={"fields": {...}}`; the access line is one such record
+per request, written by `AccessLogger`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+__all__ = ["AccessLogger", "JsonFormatter", "setup_logging"]
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object: ts, level, logger, msg, then its fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Send every `composer` and `aiohttp` record to stderr as JSON."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    for name in ("composer", "aiohttp"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, path, status, duration, route and request id."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.info("access", extra={"fields": {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "duration_ms": round(time * 1000, 2),
+            "route": request.get("route", ""),
+            "request_id": request.get("request_id", ""),
+            "remote": request.remote,
+        }})

@@ -1,0 +1,50 @@
+"""Prometheus metrics, named and labelled as SPEC §4 says.
+
+Each server owns a `Metrics` with its own registry, so two servers in one process (tests,
+the demo) never mix counts. Label values are bounded by construction: `fragment` is a
+declared id, `route` a route name, `reason` a `Reason`, `version` a manifest version ("" when
+the fragment has none).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+
+# Fragment and page latencies sit between a few ms and the timeout budget (seconds).
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The metric families of one composer process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.fragment_duration = Histogram(
+            "composer_fragment_request_duration_seconds",
+            "Time from starting a fragment request to its complete body (or failure).",
+            ("fragment", "route", "version"), buckets=_BUCKETS, registry=r)
+        self.fragment_failures = Counter(
+            "composer_fragment_failures_total",
+            "Fragment requests that produced no usable content, by reason.",
+            ("fragment", "route", "version", "reason"), registry=r)
+        self.fragment_fallbacks = Counter(
+            "composer_fragment_fallbacks_total",
+            "Times a fragment's fallback (fallback-src or inline markup) was shown instead.",
+            ("fragment", "route"), registry=r)
+        self.requests = Counter(
+            "composer_requests_total", "Requests answered, by route, method and status.",
+            ("route", "method", "status"), registry=r)
+        self.request_duration = Histogram(
+            "composer_request_duration_seconds",
+            "Time from receiving a request to the last byte of its response.",
+            ("route",), buckets=_BUCKETS, registry=r)
+        self.fragment_info = Gauge(
+            "composer_fragment_info", "Declared fragments (value 1), with version and owner.",
+            ("fragment", "version", "owner"), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
