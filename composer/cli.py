@@ -31,12 +31,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8080, help="page port (default 8080)")
     serve.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
+    serve.add_argument("--workers", type=_positive, default=1,
+                       help="processes serving pages (default 1; more run under gunicorn)")
     check = commands.add_parser("check", help="validate the config and its templates")
     check.add_argument("--config", default="routes.yaml", help="routes file (default ./routes.yaml)")
     demo = commands.add_parser("demo", help="serve the bundled example with demo fragment services")
     demo.add_argument("--port", type=int, default=8080, help="page port (default 8080)")
     demo.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def load(path: str) -> tuple[Config, RouteTable]:
@@ -64,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 2
     setup_logging()
+    if args.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(config, table, host=args.host, port=args.port, admin_port=args.admin_port,
+                             workers=args.workers)
     server = ComposerServer(config, table, host=args.host, port=args.port, admin_port=args.admin_port)
     return _run(_serve(server))
 

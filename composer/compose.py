@@ -24,6 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Settings
 from .fragments import Asset, Failed, Fetched, fetch
+from .logs import REQUEST_ID
 from .metrics import Metrics
 from .template import ASYNC_SLOT, Fragment, Template
 
@@ -85,7 +86,7 @@ class Composer:
         self.metrics = metrics
 
     def _page(self, request: web.BaseRequest, route: str, params: dict[str, str]) -> _Page:
-        rid = request.get("request_id") or request_id_of(request)
+        rid = request.get(REQUEST_ID) or request_id_of(request)
         public = CIMultiDict({"x-request-id": rid, "accept-encoding": _ACCEPT_ENCODING})
         headers = CIMultiDict(public)
         incoming = request.headers

@@ -30,6 +30,11 @@ DEFAULT_FORWARD_HEADERS = (
     "tracestate",
 )
 _MAX_TIMEOUT_MS = 600_000
+# Headers that describe one connection or one message, never the user: forwarding them
+# to a fragment would corrupt its request (RFC 9110 §7.6.1), so they are refused at load.
+_NOT_FORWARDABLE = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                              "transfer-encoding", "upgrade", "host", "content-length",
+                              "accept-encoding", "x-request-id", "x-request-uri", "x-request-host"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +182,12 @@ def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings |
             keys["max_fragment_bytes"], "settings.max_fragment_bytes", 1, 1 << 30)
     if "forward_headers" in keys:
         headers = reader.strings(keys["forward_headers"], "settings.forward_headers")
-        values["forward_headers"] = None if headers is None else tuple(h.lower() for h in headers)
+        if headers is not None:
+            headers = tuple(h.lower() for h in headers)
+            for bad in sorted(set(headers) & _NOT_FORWARDABLE):
+                reader.error(keys["forward_headers"], f"settings.forward_headers cannot include {bad!r}: "
+                                                      "composer sets it itself or it is hop-by-hop")
+        values["forward_headers"] = headers
     if "allowed_origins" in keys:
         origins = reader.strings(keys["allowed_origins"], "settings.allowed_origins")
         if origins is not None:

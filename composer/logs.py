@@ -12,9 +12,12 @@ import sys
 import time
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 
-__all__ = ["AccessLogger", "JsonFormatter", "setup_logging"]
+ROUTE = RequestKey("composer_route", str)
+REQUEST_ID = RequestKey("composer_request_id", str)
+
+__all__ = ["AccessLogger", "JsonFormatter", "REQUEST_ID", "ROUTE", "setup_logging"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,7 +59,7 @@ class AccessLogger(AbstractAccessLogger):
             "path": request.path,
             "status": response.status,
             "duration_ms": round(time * 1000, 2),
-            "route": request.get("route", ""),
-            "request_id": request.get("request_id", ""),
+            "route": request.get(ROUTE, ""),
+            "request_id": request.get(REQUEST_ID, ""),
             "remote": request.remote,
         }})

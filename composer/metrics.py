@@ -4,11 +4,17 @@ Each server owns a `Metrics` with its own registry, so two servers in one proces
 the demo) never mix counts. Label values are bounded by construction: `fragment` is a
 declared id, `route` a route name, `reason` a `Reason`, `version` a manifest version ("" when
 the fragment has none).
+
+With `--workers N`, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by
+the CLI before this module is imported) keeps each worker's values in a shared folder, and
+any worker's /metrics answers with the sum.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
@@ -44,7 +50,12 @@ class Metrics:
             ("route",), buckets=_BUCKETS, registry=r)
         self.fragment_info = Gauge(
             "composer_fragment_info", "Declared fragments (value 1), with version and owner.",
-            ("fragment", "version", "owner"), registry=r)
+            ("fragment", "version", "owner"), registry=r, multiprocess_mode="max")
 
     def render(self) -> bytes:
+        """The exposition text; with several workers, the sum over all of them."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 
 import aiohttp
@@ -19,7 +20,7 @@ from aiohttp import web
 from .compose import Composer, request_id_of
 from .config import Config
 from .fragments import new_session
-from .logs import AccessLogger
+from .logs import REQUEST_ID, ROUTE, AccessLogger
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .routing import RouteTable
 
@@ -34,6 +35,8 @@ _NOT_ALLOWED = (b"<!DOCTYPE html><html><head><title>405 Method Not Allowed</titl
 _ERROR = (b"<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head>"
           b"<body><h1>500 Internal Server Error</h1></body></html>")
 _HTML = "text/html; charset=utf-8"
+# The `method` label takes these values; anything else counts as "other" (bounded series).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ComposerServer:
@@ -41,12 +44,13 @@ class ComposerServer:
 
     def __init__(self, config: Config, table: RouteTable, *, host: str = "0.0.0.0", port: int = 8080,
                  admin_host: str | None = None, admin_port: int = 9911,
-                 grace: float = GRACE_SECONDS) -> None:
+                 grace: float = GRACE_SECONDS, sockets: list[socket.socket] | None = None) -> None:
         self.config = config
         self.table = table
         self.host, self.port = host, port
         self.admin_host, self.admin_port = admin_host or host, admin_port
         self.grace = grace
+        self.sockets = sockets  # pre-bound page sockets (gunicorn workers); the admin port is shared
         self.metrics = Metrics()
         self.ready = False
         self._session: aiohttp.ClientSession | None = None
@@ -67,11 +71,18 @@ class ComposerServer:
                        access_log=logging.getLogger("composer.access")),
             handle_signals=False, shutdown_timeout=self.grace)
         admin = web.AppRunner(self._admin_app(), handle_signals=False, access_log=None)
-        for runner, host, port in ((pages, self.host, self.port), (admin, self.admin_host, self.admin_port)):
-            await runner.setup()
-            self._runners.append(runner)
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
+        await pages.setup()
+        self._runners.append(pages)
+        if self.sockets is None:
+            await web.TCPSite(pages, self.host, self.port, reuse_address=True).start()
+        else:
+            for sock in self.sockets:
+                await web.SockSite(pages, sock).start()
+        await admin.setup()
+        self._runners.append(admin)
+        shared = self.sockets is not None
+        await web.TCPSite(admin, self.admin_host, self.admin_port, reuse_address=True,
+                          reuse_port=shared or None).start()
         self.port = _bound_port(pages)
         self.admin_port = _bound_port(admin)
         self.ready = True
@@ -95,7 +106,7 @@ class ComposerServer:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        request["request_id"] = request_id_of(request)
+        request[REQUEST_ID] = request_id_of(request)
         route_name = ""
         status = 500
         try:
@@ -110,7 +121,7 @@ class ComposerServer:
                     response = web.Response(status=404, body=_NOT_FOUND, content_type="text/html",
                                             charset="utf-8")
             else:
-                route_name = request["route"] = route.name
+                route_name = request[ROUTE] = route.name
                 assert self._composer is not None
                 response = await self._composer.compose(request, route.name, route.template, match.params)
             status = response.status
@@ -120,10 +131,11 @@ class ComposerServer:
             raise
         except Exception:
             log.exception("unhandled error", extra={"fields": {"route": route_name,
-                                                               "request_id": request["request_id"]}})
+                                                               "request_id": request[REQUEST_ID]}})
             return web.Response(status=500, body=_ERROR, headers={"content-type": _HTML})
         finally:
-            self.metrics.requests.labels(route_name, request.method, str(status)).inc()
+            method = request.method if request.method in _METHODS else "other"
+            self.metrics.requests.labels(route_name, method, str(status)).inc()
             self.metrics.request_duration.labels(route_name).observe(time.perf_counter() - started)
 
     def _admin_app(self) -> web.Application:

@@ -1,0 +1,18 @@
+# composer: pages on 8080, admin (metrics, healthz, readyz) on 9911.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+
+COPY pyproject.toml README.md routes.yaml ./
+COPY templates ./templates
+COPY composer ./composer
+RUN pip install . \
+ && useradd --system --uid 10001 --no-create-home composer
+
+USER composer
+EXPOSE 8080 9911
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9911/healthz', timeout=2).status == 200 else 1)"]
+# Mount your own routes.yaml and templates/ over /app to serve them.
+CMD ["composer", "serve"]

@@ -1,0 +1,117 @@
+"""`composer serve --workers N`: N composer processes under gunicorn's arbiter.
+
+gunicorn does what a multi-process server must (pre-fork, shared listening socket, worker
+restarts, heartbeat, graceful TERM); composer supplies the worker. The config is loaded and
+compiled once in the arbiter, before forking, so a bad config exits 2 before anything
+starts and workers inherit the compiled route table. Each worker also binds the admin port
+with SO_REUSEPORT; its /readyz reflects its own drain, and its /metrics is the sum over
+all workers (prometheus_client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
+from gunicorn.app.base import BaseApplication
+from prometheus_client import multiprocess, values
+
+from .config import Config
+from .logs import JsonFormatter
+from .routing import RouteTable
+from .server import GRACE_SECONDS, ComposerServer
+
+__all__ = ["ComposerWorker", "serve_workers"]
+
+try:
+    import uvloop  # noqa: F401
+
+    _Base: type[GunicornWebWorker] = GunicornUVLoopWebWorker
+except ImportError:  # pragma: no cover - platforms without uvloop
+    _Base = GunicornWebWorker
+
+
+class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
+    """A gunicorn worker running one ComposerServer on the arbiter's sockets."""
+
+    async def _run(self) -> None:
+        app: _Arbiter = self.app
+        server = ComposerServer(app.config, app.table, admin_host=app.host, admin_port=app.admin_port,
+                                grace=GRACE_SECONDS, sockets=self.sockets)
+        await server.start()
+        self.booted = True
+        ppid = os.getppid()
+        while self.alive and os.getppid() == ppid:
+            self.notify()
+            await self._wait_next_notify()
+        await server.stop()
+
+
+class _Arbiter(BaseApplication):  # type: ignore[misc]
+    def __init__(self, config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
+                 workers: int) -> None:
+        self.config, self.table = config, table
+        self.host, self.port, self.admin_port, self.workers = host, port, admin_port, workers
+        super().__init__()
+
+    def load_config(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        settings: dict[str, Any] = {
+            "bind": [f"{host}:{self.port}"],
+            "workers": self.workers,
+            "worker_class": "composer.workers.ComposerWorker",
+            "graceful_timeout": int(GRACE_SECONDS) + 1,
+            "timeout": 30,
+            "accesslog": None,
+            "proc_name": "composer",
+            "logconfig_dict": {
+                "version": 1,
+                "disable_existing_loggers": False,
+                "formatters": {"json": {"()": JsonFormatter}},
+                "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                                        "stream": "ext://sys.stderr"}},
+                "root": {"handlers": ["stderr"], "level": "WARNING"},
+                "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": "INFO",
+                                               "propagate": False}},
+            },
+            "when_ready": self._when_ready,
+            "child_exit": _child_exit,
+        }
+        if "control_socket_disable" in self.cfg.settings:  # gunicorn ≥ 25: no admin socket in $HOME
+            settings["control_socket_disable"] = True
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def _when_ready(self, _arbiter: Any) -> None:
+        print(f"composer serving http://{self.host}:{self.port} (admin http://{self.host}:{self.admin_port}, "
+              f"{self.workers} workers)", flush=True)
+
+    def load(self) -> "_Arbiter":
+        return self
+
+
+def _child_exit(_arbiter: Any, worker: Any) -> None:
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
+                  workers: int) -> int:
+    """Run the arbiter until TERM/INT; gunicorn drains workers within the grace period."""
+    metrics_dir = tempfile.mkdtemp(prefix="composer-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # prometheus_client picks its value store at import; no metric exists yet in this
+    # process, so switching it here makes every worker's metrics land in metrics_dir.
+    values.ValueClass = values.get_value_class()
+    logging.getLogger("composer").info("starting workers", extra={"fields": {"workers": workers}})
+    try:
+        _Arbiter(config, table, host=host, port=port, admin_port=admin_port, workers=workers).run()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+

@@ -1,0 +1,134 @@
+"""Shared fixtures: real fragment servers and a real composer, all on 127.0.0.1.
+
+`fragments` starts one aiohttp app whose routes the test declares; `start_composer` writes
+a routes.yaml and templates into tmp_path and starts a `ComposerServer` on free ports.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from composer.config import load_config
+from composer.routing import build_table
+from composer.server import ComposerServer
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class FragmentServer:
+    """A running fragment service; `url(path)` is an absolute URL on it."""
+
+    server: TestServer
+    hits: dict[str, int]
+    requests: list[web.Request]
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+@pytest.fixture
+async def fragments(aiohttp_server) -> Callable[[dict[str, Handler]], Awaitable[FragmentServer]]:
+    """Factory: `await fragments({"/a": handler, ...})` → a running FragmentServer."""
+
+    async def start(routes: dict[str, Handler]) -> FragmentServer:
+        hits: dict[str, int] = {}
+        seen: list[web.Request] = []
+
+        @web.middleware
+        async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+            hits[request.path] = hits.get(request.path, 0) + 1
+            seen.append(request)
+            return await handler(request)
+
+        app = web.Application(middlewares=[count])
+        for path, handler in routes.items():
+            app.router.add_get(path, handler)
+        server = await aiohttp_server(app, host="127.0.0.1")
+        return FragmentServer(server=server, hits=hits, requests=seen)
+
+    return start
+
+
+def html(body: str, status: int = 200, headers: dict[str, str] | None = None,
+         delay: float = 0.0) -> Handler:
+    """A fragment handler answering `body` (after `delay` seconds)."""
+    import asyncio
+
+    async def handler(_: web.Request) -> web.Response:
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(text=body, status=status, content_type="text/html", headers=headers)
+
+    return handler
+
+
+@dataclass
+class Composer:
+    """A running composer under test."""
+
+    server: ComposerServer
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def admin_url(self) -> str:
+        return self.server.admin_url
+
+    async def get(self, path: str, **kwargs) -> tuple[aiohttp.ClientResponse, str]:
+        async with self.session.get(self.url + path, allow_redirects=False, **kwargs) as resp:
+            return resp, await resp.text()
+
+    async def metrics(self) -> str:
+        async with self.session.get(self.admin_url + "/metrics") as resp:
+            return await resp.text()
+
+
+def write_config(tmp_path: Path, templates: dict[str, str], routes: str | None = None,
+                 settings: str = "") -> Path:
+    """Write templates and a routes.yaml; default: one route `page` at /page → page.html."""
+    (tmp_path / "templates").mkdir(exist_ok=True)
+    for name, text in templates.items():
+        (tmp_path / "templates" / name).write_text(textwrap.dedent(text), encoding="utf-8")
+    if routes is None:
+        routes = """
+            routes:
+              - name: page
+                match: {path: /page}
+                template: page.html
+        """
+    config = tmp_path / "routes.yaml"
+    config.write_text(textwrap.dedent(settings) + textwrap.dedent(routes), encoding="utf-8")
+    return config
+
+
+@pytest.fixture
+async def start_composer(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
+    """Factory: `await start_composer({"page.html": "..."}, routes=..., settings=...)`."""
+    started: list[Composer] = []
+
+    async def start(templates: dict[str, str], routes: str | None = None, settings: str = "",
+                    grace: float = 10.0) -> Composer:
+        config = load_config(write_config(tmp_path, templates, routes, settings))
+        server = ComposerServer(config, build_table(config), host="127.0.0.1", port=0, admin_port=0,
+                                grace=grace)
+        await server.start()
+        composer = Composer(server=server, session=aiohttp.ClientSession())
+        started.append(composer)
+        return composer
+
+    yield start
+    for composer in started:
+        await composer.session.close()
+        await composer.server.stop()
