@@ -16,7 +16,7 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .logs import setup_logging
 from .routing import RouteTable, build_table
-from .server import ComposerServer, wait_for_signal
+from .server import ComposerServer, stop_event
 
 __all__ = ["main"]
 
@@ -83,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(server: ComposerServer) -> int:
+    stop = stop_event()
     try:
         await server.start()
     except OSError as exc:
         print(f"composer: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        await server.stop()
         return 1
     print(f"composer serving {server.url} (admin {server.admin_url})", flush=True)
-    await wait_for_signal()
+    await stop.wait()
     log.info("stopping: draining in-flight pages", extra={"fields": {"grace_s": server.grace}})
     await server.stop()
     log.info("stopped")

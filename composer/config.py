@@ -74,7 +74,7 @@ class Config:
 
 
 _SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowed_origins",
-                  "max_fragment_bytes")
+                  "max_fragment_bytes", "manifest")
 _TOP_KEYS = ("settings", "routes")
 _ROUTE_KEYS = ("name", "match", "template")
 _MATCH_KEYS = ("path",)
@@ -93,7 +93,7 @@ class _Reader:
 
     def mapping(self, node: yaml.Node, what: str, known: tuple[str, ...]) -> dict[str, yaml.Node]:
         """Keys of a mapping node; unknown and duplicate keys are problems."""
-        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        if _is_null(node):
             return {}
         if not isinstance(node, yaml.MappingNode):
             self.error(node, f"{what} must be a mapping")
@@ -188,6 +188,9 @@ def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings |
                 reader.error(keys["forward_headers"], f"settings.forward_headers cannot include {bad!r}: "
                                                       "composer sets it itself or it is hop-by-hop")
         values["forward_headers"] = headers
+    if "manifest" in keys and not _is_null(keys["manifest"]):
+        reader.error(keys["manifest"], "settings.manifest: fragment manifests are not supported by this "
+                                       "version of composer; leave it null")
     if "allowed_origins" in keys:
         origins = reader.strings(keys["allowed_origins"], "settings.allowed_origins")
         if origins is not None:
@@ -200,6 +203,10 @@ def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings |
         return None
     values["templates"] = base / values.get("templates", "templates")
     return Settings(**values)
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
 def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node) -> tuple[RouteSpec, ...]:
@@ -225,24 +232,23 @@ def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node) -> tuple[R
 
 def _route(reader: _Reader, node: yaml.Node) -> RouteSpec | None:
     keys = reader.mapping(node, "a route", _ROUTE_KEYS)
-    ok = True
-    for required in _ROUTE_KEYS:
-        if required not in keys and isinstance(node, yaml.MappingNode):
-            reader.error(node, f"route is missing {required!r}")
-            ok = False
-    if not ok or not keys:
+    if not isinstance(node, yaml.MappingNode):
         return None
-    name = reader.string(keys["name"], "route name")
-    template = reader.string(keys["template"], "template")
-    match = reader.mapping(keys["match"], "match", _MATCH_KEYS)
+    for required in _ROUTE_KEYS:
+        if required not in keys:
+            reader.error(node, f"route is missing {required!r}")
+    name = reader.string(keys["name"], "route name") if "name" in keys else None
+    template = reader.string(keys["template"], "template") if "template" in keys else None
     path = None
-    if "path" in match:
-        path = reader.string(match["path"], "match.path")
-        if path is not None and not path.startswith("/"):
-            reader.error(match["path"], f"match.path must start with '/', not {path!r}")
-            path = None
-    elif isinstance(keys["match"], yaml.MappingNode):
-        reader.error(keys["match"], "match needs a `path`")
+    if "match" in keys:
+        match = reader.mapping(keys["match"], "match", _MATCH_KEYS)
+        if "path" in match:
+            path = reader.string(match["path"], "match.path")
+            if path is not None and not path.startswith("/"):
+                reader.error(match["path"], f"match.path must start with '/', not {path!r}")
+                path = None
+        elif isinstance(keys["match"], yaml.MappingNode):
+            reader.error(keys["match"], "match needs a `path`")
     if name is None or template is None or path is None:
         return None
     return RouteSpec(

@@ -18,7 +18,7 @@ from aiohttp import web
 from .config import load_config
 from .errors import ConfigError
 from .routing import build_table
-from .server import ComposerServer, wait_for_signal
+from .server import ComposerServer, stop_event
 
 __all__ = ["DEMO_PORT", "demo_app", "example_config", "run_demo"]
 
@@ -106,6 +106,7 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9911) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"composer demo: the shipped example is broken: {exc}", file=sys.stderr)
         return 2
+    stop = stop_event()
     services = web.AppRunner(demo_app(), access_log=None)
     await services.setup()
     server = ComposerServer(config, table, host="127.0.0.1", port=port, admin_port=admin_port)
@@ -118,7 +119,7 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9911) -> int:
         await server.stop()
         return 1
     print(f"composer demo: open {server.url}/products/42 (metrics: {server.admin_url}/metrics)", flush=True)
-    await wait_for_signal()
+    await stop.wait()
     await server.stop()
     await services.cleanup()
     return 0

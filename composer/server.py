@@ -24,7 +24,7 @@ from .logs import REQUEST_ID, ROUTE, AccessLogger
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .routing import RouteTable
 
-__all__ = ["ComposerServer", "GRACE_SECONDS", "wait_for_signal"]
+__all__ = ["ComposerServer", "GRACE_SECONDS", "stop_event"]
 
 log = logging.getLogger("composer.server")
 
@@ -168,12 +168,13 @@ def _display(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def wait_for_signal() -> None:
-    """Return on the first SIGTERM or SIGINT (the cue for a graceful stop)."""
+def stop_event() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT: the cue for a graceful stop.
+
+    Install it before announcing readiness, so a signal can never find the default handler.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
+    return stop

@@ -1,0 +1,11 @@
+"""The public surface stays small and deliberate (changing it should be a conscious act)."""
+
+import composer
+
+
+def test_public_names():
+    assert sorted(composer.__all__) == [
+        "ComposerServer", "Config", "ConfigError", "Reason", "RouteTable", "build_table", "load_config",
+    ]
+    for name in composer.__all__:
+        assert getattr(composer, name) is not None
