@@ -26,6 +26,7 @@ from .config import Settings
 from .fragments import Asset, Failed, Fetched, fetch
 from .logs import REQUEST_ID
 from .metrics import Metrics
+from .routing import Route
 from .template import ASYNC_SLOT, Fragment, Template
 
 __all__ = ["Composer", "Outcome", "BARE_500"]
@@ -97,22 +98,23 @@ class Composer:
         headers["x-request-host"] = incoming.get("host", "")
         return _Page(route=route, params=params, request_id=rid, headers=headers, public_headers=public)
 
-    async def compose(self, request: web.BaseRequest, route: str, template: Template,
+    async def compose(self, request: web.BaseRequest, route: Route,
                       params: dict[str, str]) -> web.StreamResponse:
-        """Answer `request` with `template`; fragment tasks never outlive this call."""
-        page = self._page(request, route, params)
+        """Answer `request` with the route's template; fragment tasks never outlive this call."""
+        template = route.template
+        page = self._page(request, route.name, params)
         head_only = request.method == "HEAD"
-        wanted = (template.primary,) if head_only and template.primary else () if head_only \
-            else template.fragments
+        # HEAD needs only what decides the status and headers: the primary, if any.
+        wanted = template.fragments if not head_only else (template.primary,) if template.primary else ()
         tasks: dict[int, asyncio.Task[Outcome]] = {
-            f.index: asyncio.create_task(self._resolve(f, page)) for f in wanted if f is not None}
+            f.index: asyncio.create_task(self._resolve(f, page)) for f in wanted}
         try:
             headers = CIMultiDict({"content-type": _CONTENT_TYPE, "cache-control": _CACHE_CONTROL})
             status = 200
             if template.primary is not None:
                 outcome = await tasks[template.primary.index]
                 if outcome.source == "none":
-                    return web.Response(status=500, body=BARE_500, headers=headers)
+                    return web.Response(status=500, body=BARE_500, headers=_filtered(route, headers))
                 if outcome.source == "src":
                     status = outcome.status
                     assert outcome.headers is not None
@@ -122,10 +124,10 @@ class Composer:
                         if "location" in outcome.headers:
                             headers["location"] = outcome.headers["location"]
                         del headers["content-type"]
-                        return web.Response(status=status, headers=headers)
+                        return web.Response(status=status, headers=_filtered(route, headers))
                 if outcome.assets:
                     headers["link"] = _preload(outcome.assets)
-            response = web.StreamResponse(status=status, headers=headers)
+            response = web.StreamResponse(status=status, headers=_filtered(route, headers))
             await response.prepare(request)
             if not head_only:
                 await self._stream(response, template, tasks)
@@ -199,6 +201,12 @@ class Composer:
             self.metrics.fragment_fallbacks.labels(fragment.id, page.route).inc()
         _log_failure(fragment, page, url, result, time.perf_counter() - started, outcome.source)
         return outcome
+
+
+def _filtered(route: Route, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    for f in route.filters:
+        f.on_response(headers)
+    return headers
 
 
 async def _flush(response: web.StreamResponse, out: list[bytes]) -> None:

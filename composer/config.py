@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Config", "RouteSpec", "Settings", "load_config", "DEFAULT_FORWARD_HEADERS"]
+__all__ = ["Config", "FilterSpec", "RouteSpec", "Settings", "load_config", "DEFAULT_FORWARD_HEADERS"]
 
 DEFAULT_FORWARD_HEADERS = (
     "accept-language",
@@ -49,6 +49,15 @@ class Settings:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterSpec:
+    """One `filters:` entry as written: `{name: value}`; checked by the filter's `create`."""
+
+    name: str
+    value: Any
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
 class RouteSpec:
     """One entry of `routes:` as written; `line` points at the entry for later error messages."""
 
@@ -58,6 +67,7 @@ class RouteSpec:
     path_line: int
     template: str
     template_line: int
+    filters: tuple[FilterSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +86,8 @@ class Config:
 _SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowed_origins",
                   "max_fragment_bytes", "manifest")
 _TOP_KEYS = ("settings", "routes")
-_ROUTE_KEYS = ("name", "match", "template")
+_ROUTE_KEYS = ("name", "match", "template", "filters")
+_REQUIRED_ROUTE_KEYS = ("name", "match", "template")
 _MATCH_KEYS = ("path",)
 
 
@@ -234,7 +245,7 @@ def _route(reader: _Reader, node: yaml.Node) -> RouteSpec | None:
     keys = reader.mapping(node, "a route", _ROUTE_KEYS)
     if not isinstance(node, yaml.MappingNode):
         return None
-    for required in _ROUTE_KEYS:
+    for required in _REQUIRED_ROUTE_KEYS:
         if required not in keys:
             reader.error(node, f"route is missing {required!r}")
     name = reader.string(keys["name"], "route name") if "name" in keys else None
@@ -249,7 +260,8 @@ def _route(reader: _Reader, node: yaml.Node) -> RouteSpec | None:
                 path = None
         elif isinstance(keys["match"], yaml.MappingNode):
             reader.error(keys["match"], "match needs a `path`")
-    if name is None or template is None or path is None:
+    filters = _filters(reader, keys["filters"]) if "filters" in keys else ()
+    if name is None or template is None or path is None or filters is None:
         return None
     return RouteSpec(
         name=name,
@@ -258,4 +270,28 @@ def _route(reader: _Reader, node: yaml.Node) -> RouteSpec | None:
         path_line=match["path"].start_mark.line + 1,
         template=template,
         template_line=keys["template"].start_mark.line + 1,
+        filters=filters,
     )
+
+
+def _filters(reader: _Reader, node: yaml.Node) -> tuple[FilterSpec, ...] | None:
+    if not isinstance(node, yaml.SequenceNode):
+        reader.error(node, "filters must be a list of one-key mappings, e.g. - set_response_header: {...}")
+        return None
+    specs: list[FilterSpec] = []
+    for item in node.value:
+        if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
+            reader.error(item, "each filter is a mapping with exactly one key: the filter's name")
+            continue
+        key, value = item.value[0]
+        specs.append(FilterSpec(name=str(key.value), value=_plain(value), line=key.start_mark.line + 1))
+    return tuple(specs) if len(specs) == len(node.value) else None
+
+
+def _plain(node: yaml.Node) -> Any:
+    """Node → str / list / dict, every scalar as its text (filter arguments are strings)."""
+    if isinstance(node, yaml.MappingNode):
+        return {str(k.value): _plain(v) for k, v in node.value}
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(v) for v in node.value]
+    return None if _is_null(node) else str(node.value)

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 from .config import Config
 from .errors import ConfigError
+from .filters import FILTERS, ResponseFilter
 from .template import Template, compile_template
 
 __all__ = ["compile_path", "PathPredicate", "PREDICATES", "Route", "RouteTable", "Match", "build_table"]
@@ -86,6 +87,7 @@ class Route:
     path: PathPredicate
     methods: frozenset[str]
     template: Template
+    filters: tuple[ResponseFilter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,17 @@ def build_table(config: Config) -> RouteTable:
         except ValueError as exc:
             problems.append(f"{config.where(spec.path_line)}: {exc}")
             continue
+        filters: list[ResponseFilter] = []
+        for f in spec.filters:
+            kind = FILTERS.get(f.name)
+            if kind is None:
+                problems.append(f"{config.where(f.line)}: unknown filter {f.name!r} "
+                                f"(known: {', '.join(FILTERS)})")
+                continue
+            try:
+                filters.append(kind.create(f.value))
+            except ValueError as exc:
+                problems.append(f"{config.where(f.line)}: {f.name}: {exc}")
         file = settings.templates / spec.template
         if not file.is_file():
             problems.append(f"{config.where(spec.template_line)}: template {spec.template!r} not found "
@@ -141,7 +154,8 @@ def build_table(config: Config) -> RouteTable:
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        routes.append(Route(name=spec.name, path=path, methods=TEMPLATE_METHODS, template=template))
+        routes.append(Route(name=spec.name, path=path, methods=TEMPLATE_METHODS, template=template,
+                            filters=tuple(filters)))
     if problems:
         raise ConfigError(problems)
     return RouteTable(routes=tuple(routes))

@@ -123,13 +123,15 @@ class ComposerServer:
             else:
                 route_name = request[ROUTE] = route.name
                 assert self._composer is not None
-                response = await self._composer.compose(request, route.name, route.template, match.params)
+                response = await self._composer.compose(request, route, match.params)
             status = response.status
             return response
         except (ConnectionResetError, asyncio.CancelledError):
             status = 499  # the client went away; nothing more can be sent
             raise
         except Exception:
+            if request.writer.output_size > 0:
+                raise  # the head is out: aiohttp logs it and closes the connection
             log.exception("unhandled error", extra={"fields": {"route": route_name,
                                                                "request_id": request[REQUEST_ID]}})
             return web.Response(status=500, body=_ERROR, headers={"content-type": _HTML})

@@ -1,0 +1,431 @@
+"""The fetch layer: `fetch`, `parse_assets`, `new_session` against real sockets on 127.0.0.1.
+
+aiohttp fragment servers (the `fragments` fixture) cover well-behaved services; raw asyncio
+servers cover what aiohttp refuses to do: lying Content-Length, resets mid-body, garbage
+status lines, silence before the headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+import struct
+import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import brotli
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from composer.errors import Reason
+from composer.fragments import Asset, Failed, Fetched, fetch, new_session, parse_assets
+from conftest import html
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator:
+    s = new_session()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[URL]]]:
+    """Factory: a plain TCP server on 127.0.0.1 running `handler` per connection → its URL."""
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handler: RawHandler) -> URL:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            writers.append(writer)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                tasks.discard(task)
+
+        server = await asyncio.start_server(connection, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return URL(f"http://127.0.0.1:{port}/frag")
+
+    yield start
+    for server in servers:
+        server.close()
+    for writer in writers:
+        writer.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for server in servers:
+        await server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def refused_url() -> URL:
+    """A loopback URL nobody listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return URL(f"http://127.0.0.1:{port}/frag")
+
+
+def headers() -> CIMultiDict[str]:
+    return CIMultiDict({"x-request-id": "rid-1", "accept-encoding": "gzip, deflate, br"})
+
+
+async def get(session, url, *, timeout: float = 1.0, max_bytes: int = 1 << 20,
+              allow_redirect: bool = False):
+    async with asyncio.timeout(timeout + 5):  # fetch must return on its own; never hang the suite
+        return await fetch(session, URL(url) if isinstance(url, str) else url, headers(),
+                           timeout=timeout, max_bytes=max_bytes, allow_redirect=allow_redirect)
+
+
+# ---------------------------------------------------------------- success
+
+async def test_ok_body_status_headers_and_assets(session, fragments):
+    svc = await fragments({"/a": html("<p>A</p>", headers={
+        "Link": '<https://cdn.example/a.css>; rel="stylesheet", </a.js>; rel="fragment-script"',
+        "X-Custom": "yes"})})
+    result = await get(session, svc.url("/a"))
+    assert isinstance(result, Fetched)
+    assert result.status == 200
+    assert result.body == b"<p>A</p>"
+    assert result.headers["x-custom"] == "yes"
+    assert result.assets == (Asset("stylesheet", "https://cdn.example/a.css"), Asset("script", "/a.js"))
+
+
+async def test_request_carries_given_headers(session, fragments):
+    svc = await fragments({"/a": html("ok")})
+    await get(session, svc.url("/a"))
+    seen = svc.requests[-1].headers
+    assert seen["x-request-id"] == "rid-1"
+    assert seen["accept-encoding"] == "gzip, deflate, br"
+    assert svc.requests[-1].method == "GET"
+
+
+async def test_4xx_is_fetched_with_its_body(session, fragments):
+    svc = await fragments({"/a": html("<p>gone</p>", status=404)})
+    result = await get(session, svc.url("/a"))
+    assert isinstance(result, Fetched)
+    assert (result.status, result.body) == (404, b"<p>gone</p>")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_compressed_bodies_are_decoded(session, fragments, encoding):
+    text = b"<p>" + b"compressed fragment " * 200 + b"</p>"
+    packed = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[encoding](text)
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=packed, headers={"Content-Encoding": encoding, "Content-Type": "text/html"})
+
+    svc = await fragments({"/a": handler})
+    result = await get(session, svc.url("/a"))
+    assert isinstance(result, Fetched)
+    assert result.body == text
+
+
+# ---------------------------------------------------------------- failures
+
+async def test_connection_refused(session):
+    started = time.monotonic()
+    result = await get(session, refused_url())
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.CONNECTION
+    assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_5xx_is_status_failure(session, fragments, status):
+    svc = await fragments({"/a": html("<p>broken</p>", status=status)})
+    result = await get(session, svc.url("/a"))
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.STATUS
+    assert result.status == status
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_3xx_without_redirects_is_status_failure_and_not_followed(session, fragments, status):
+    async def redirect(_: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": "/target"})
+
+    svc = await fragments({"/a": redirect, "/target": html("<p>target</p>")})
+    result = await get(session, svc.url("/a"), allow_redirect=False)
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.STATUS
+    assert result.status == status
+    assert svc.hits.get("/target", 0) == 0
+
+
+async def test_3xx_with_redirects_allowed_is_fetched_not_followed(session, fragments):
+    async def redirect(_: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/target"})
+
+    svc = await fragments({"/a": redirect, "/target": html("<p>target</p>")})
+    result = await get(session, svc.url("/a"), allow_redirect=True)
+    assert isinstance(result, Fetched)
+    assert result.status == 302
+    assert result.headers["location"] == "/target"
+    assert svc.hits.get("/target", 0) == 0
+
+
+async def test_hang_before_headers_times_out_within_deadline(session, raw_server):
+    async def silent(reader, writer):
+        await read_head(reader)
+        await reader.read()  # until the client gives up
+
+    url = await raw_server(silent)
+    started = time.monotonic()
+    result = await get(session, url, timeout=0.2)
+    elapsed = time.monotonic() - started
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.TIMEOUT
+    assert 0.15 <= elapsed < 0.45
+
+
+async def test_trickling_body_is_cut_at_the_deadline(session, raw_server):
+    sent: list[int] = []
+
+    async def trickle(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):
+            writer.write(b"x")
+            await writer.drain()
+            sent.append(1)
+            await asyncio.sleep(0.05)
+
+    url = await raw_server(trickle)
+    started = time.monotonic()
+    result = await get(session, url, timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.TIMEOUT
+    assert elapsed < 0.55
+    assert len(sent) >= 4  # bytes kept arriving: an idle timeout would never have fired
+
+
+async def test_content_length_over_max_fails_without_reading_body(session, raw_server):
+    async def big(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 10000000\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # never send the body
+
+    url = await raw_server(big)
+    started = time.monotonic()
+    result = await get(session, url, timeout=2.0, max_bytes=1000)
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.TOO_LARGE
+    assert time.monotonic() - started < 0.5  # decided on the header, not by waiting for a body
+
+
+async def test_chunked_body_over_max_is_too_large(session, fragments):
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/html"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for _ in range(20):
+            await resp.write(b"y" * 100)
+        await resp.write_eof()
+        return resp
+
+    svc = await fragments({"/a": stream})
+    result = await get(session, svc.url("/a"), max_bytes=1000)
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.TOO_LARGE
+    ok = await get(session, svc.url("/a"), max_bytes=2000)
+    assert isinstance(ok, Fetched) and ok.body == b"y" * 2000
+
+
+async def test_body_exactly_max_is_fine_one_more_is_too_large(session, fragments):
+    svc = await fragments({"/a": html("z" * 1000)})
+    assert isinstance(await get(session, svc.url("/a"), max_bytes=1000), Fetched)
+    result = await get(session, svc.url("/a"), max_bytes=999)
+    assert isinstance(result, Failed) and result.reason is Reason.TOO_LARGE
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+async def test_compression_bomb_is_too_large(session, fragments, encoding):
+    packed = {"gzip": gzip.compress, "br": brotli.compress}[encoding](b"\0" * 2_000_000)
+    assert len(packed) < 10_000
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=packed, headers={"Content-Encoding": encoding, "Content-Type": "text/html"})
+
+    svc = await fragments({"/a": handler})
+    result = await get(session, svc.url("/a"), max_bytes=100_000)
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.TOO_LARGE
+
+
+async def test_garbage_gzip_is_invalid(session, fragments):
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=b"this is not gzip at all, not even close",
+                            headers={"Content-Encoding": "gzip", "Content-Type": "text/html"})
+
+    svc = await fragments({"/a": handler})
+    result = await get(session, svc.url("/a"))
+    assert isinstance(result, Failed)
+    assert result.reason is Reason.INVALID
+
+
+@pytest.mark.parametrize("response", [
+    b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    b"HTTP/1.1 abc Nonsense\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nBad Header Without Colon\r\n\r\n",
+    b"\x00\x01\x02\x03garbage\r\n\r\n",
+])
+async def test_garbage_response_is_invalid_or_connection(session, raw_server, response):
+    async def garbage(reader, writer):
+        await read_head(reader)
+        writer.write(response)
+        await writer.drain()
+
+    url = await raw_server(garbage)
+    result = await get(session, url, timeout=1.0)
+    assert isinstance(result, Failed)
+    assert result.reason in (Reason.INVALID, Reason.CONNECTION)
+
+
+async def test_close_mid_body_is_failure(session, raw_server):
+    async def short(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 1000\r\n\r\n0123456789")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        # returning closes the connection (FIN) with 990 bytes missing
+
+    url = await raw_server(short)
+    result = await get(session, url, timeout=1.0)
+    assert isinstance(result, Failed)
+    assert result.reason in (Reason.CONNECTION, Reason.INVALID)
+
+
+async def test_reset_mid_body_is_failure(session, raw_server):
+    async def reset(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"a\r\n0123456789\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST
+
+    url = await raw_server(reset)
+    result = await get(session, url, timeout=1.0)
+    assert isinstance(result, Failed)
+    assert result.reason in (Reason.CONNECTION, Reason.INVALID)
+
+
+async def test_accept_then_close_without_response_is_failure(session, raw_server):
+    async def hangup(reader, writer):
+        await read_head(reader)
+
+    url = await raw_server(hangup)
+    result = await get(session, url, timeout=1.0)
+    assert isinstance(result, Failed)
+    assert result.reason in (Reason.CONNECTION, Reason.INVALID)
+
+
+# ---------------------------------------------------------------- session
+
+async def test_session_stores_no_cookies_and_sends_no_user_agent(session, fragments):
+    async def set_cookie(_: web.Request) -> web.Response:
+        resp = web.Response(text="ok")
+        resp.set_cookie("secret", "user-a")
+        return resp
+
+    svc = await fragments({"/set": set_cookie, "/next": html("ok")})
+    assert isinstance(await get(session, svc.url("/set")), Fetched)
+    assert isinstance(await get(session, svc.url("/next")), Fetched)
+    seen = svc.requests[-1].headers
+    assert "cookie" not in seen
+    assert "user-agent" not in seen
+
+
+# ---------------------------------------------------------------- parse_assets
+
+def assets(*lines: str) -> tuple[Asset, ...]:
+    h: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        h.add("Link", line)
+    return parse_assets(h)
+
+
+CSS = "https://cdn.example/a.css"
+JS = "https://cdn.example/a.js"
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    ((), ()),
+    ((f'<{CSS}>; rel="stylesheet"',), (Asset("stylesheet", CSS),)),
+    ((f'<{CSS}>; rel=stylesheet',), (Asset("stylesheet", CSS),)),
+    ((f'<{JS}>; rel="fragment-script"',), (Asset("script", JS),)),
+    ((f'<{JS}>; rel=fragment-script',), (Asset("script", JS),)),
+    # several entries in one header, in order
+    ((f'<{CSS}>; rel="stylesheet", <{JS}>; rel="fragment-script"',),
+     (Asset("stylesheet", CSS), Asset("script", JS))),
+    # several Link header lines
+    ((f'<{CSS}>; rel="stylesheet"', f'<{JS}>; rel="fragment-script"'),
+     (Asset("stylesheet", CSS), Asset("script", JS))),
+    # rel lists
+    ((f'<{CSS}>; rel="preload stylesheet"',), (Asset("stylesheet", CSS),)),
+    ((f'<{JS}>; rel="preload fragment-script"',), (Asset("script", JS),)),
+    # params in any order, extra params, no spaces
+    ((f'<{CSS}>; title="a, b"; rel="stylesheet"',), (Asset("stylesheet", CSS),)),
+    ((f'<{JS}>;crossorigin=anonymous;rel=fragment-script;as=script',), (Asset("script", JS),)),
+    # rel values are case-insensitive
+    ((f'<{CSS}>; rel="StyleSheet"',), (Asset("stylesheet", CSS),)),
+    # other rels are ignored
+    ((f'<{CSS}>; rel="preload"; as="style"', f'<{JS}>; rel="next"', f'<{JS}>'), ()),
+    # only http(s) and root-relative
+    (('</static/a.css>; rel="stylesheet"', '<http://h.example/a.js>; rel="fragment-script"'),
+     (Asset("stylesheet", "/static/a.css"), Asset("script", "http://h.example/a.js"))),
+    (('<javascript:alert(1)>; rel="stylesheet"', '<a.css>; rel="stylesheet"',
+      '<//evil.example/a.css>; rel="stylesheet"', '<ftp://h.example/a.js>; rel="fragment-script"',
+      '<data:text/css,body{}>; rel="stylesheet"', '<../a.css>; rel="stylesheet"'), ()),
+    # garbage lines are skipped, good lines kept
+    (("garbage", "<<<>>>", ";;;", "", ",", f'<{CSS}>; rel="stylesheet"', '<unterminated; rel=stylesheet',
+      f'<{JS}>; rel="fragment-script"'),
+     (Asset("stylesheet", CSS), Asset("script", JS))),
+    ((f'garbage, <{CSS}>; rel="stylesheet"',), (Asset("stylesheet", CSS),)),
+])
+def test_parse_assets_table(lines, expected):
+    assert assets(*lines) == expected
+
+
+def test_parse_assets_garbage_entry_never_spreads_past_the_next_entry():
+    # aiohttp's parser (used on purpose, not a hand-written one) splits entries only at ", <";
+    # text glued to an entry spoils that entry's parameters and nothing else.
+    got = assets(f'<{CSS}>; rel="stylesheet", garbage, <{JS}>; rel="fragment-script"')
+    assert got == (Asset("script", JS),)
+    got = assets(f'<{CSS}>; rel="stylesheet", <{JS}>; rel="fragment-script", garbage')
+    assert got == (Asset("stylesheet", CSS),)
+
+
+@pytest.mark.parametrize("line", [
+    "<", ">", "<>", "<>; rel=stylesheet", '<http://[::1/x.css>; rel="stylesheet"',
+    '<https://h.example:99999/x.css>; rel="stylesheet"', "<\x00>; rel=stylesheet",
+    '<https://h.example/x.css>; rel', '<https://h.example/x.css>; =stylesheet', "\u2028<x>",
+])
+def test_parse_assets_never_raises(line):
+    for asset in assets(line):
+        assert asset.url.startswith(("http://", "https://", "/"))
+        assert not asset.url.startswith("//")
