@@ -38,6 +38,8 @@ BARE_500 = (b"<!DOCTYPE html><html><head><title>500 Internal Server Error</title
 _CACHE_CONTROL = "no-cache, no-store, must-revalidate"
 _CONTENT_TYPE = "text/html; charset=utf-8"
 _ACCEPT_ENCODING = "gzip, deflate, br"
+# A primary answering one of these says "no content": the page follows it, empty, like a 3xx.
+_NO_BODY = frozenset({204, 205})
 _MOVE_SCRIPT = (
     '<script>(function(p,c){{if(p&&c){{while(c.firstChild)p.parentNode.insertBefore(c.firstChild,p);'
     'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
@@ -120,7 +122,7 @@ class Composer:
                     assert outcome.headers is not None
                     for cookie in outcome.headers.getall("set-cookie", ()):
                         headers.add("set-cookie", cookie)
-                    if 300 <= status < 400:
+                    if 300 <= status < 400 or status in _NO_BODY:
                         if "location" in outcome.headers:
                             headers["location"] = outcome.headers["location"]
                         del headers["content-type"]

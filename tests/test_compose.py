@@ -1107,3 +1107,20 @@ async def test_wrong_method_is_405_with_allow(start_composer, method):
     assert resp.status == 405
     assert resp.headers["Allow"] == "GET, HEAD"
     assert "<body>x</body>" not in body
+
+
+@pytest.mark.parametrize("status", [204, 205, 304])
+async def test_primary_status_without_body_gives_an_empty_page_of_that_status(
+        fragments, start_composer, status):
+    # A composed body after a 204 head would corrupt the HTTP stream: the page follows the
+    # primary and stays empty, and the connection stays usable for the next request.
+    svc = await fragments({"/p": html("", status=status, headers={"Set-Cookie": "a=1"}),
+                           "/o": html("<p>other</p>")})
+    composer = await start_composer(page(
+        f'<body><fragment src="{svc.url("/o")}"></fragment>'
+        f'<fragment src="{svc.url("/p")}" primary></fragment></body>'))
+    for _ in range(2):
+        resp, body = await get(composer, "/page")
+        assert resp.status == status
+        assert body == ""
+        assert resp.headers.getall("set-cookie") == ["a=1"]
