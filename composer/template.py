@@ -198,7 +198,7 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: "Settings
             chunks.append(source[pos:upto].encode("utf-8"))
         pos = max(pos, upto)
 
-    for item, fragment in zip(found, fragments):
+    for item, fragment in zip(found, fragments, strict=True):
         literal(item.start)
         chunks.append(fragment)
         pos = item.end
@@ -274,7 +274,7 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
         if any(inner.attributes[_AT] != element.attributes[_AT] for inner in element.css(f"fragment[{_AT}]")):
             problems.add(start, "fragments cannot be nested")
     found.sort(key=lambda f: f.start)
-    for before, after in zip(found, found[1:]):
+    for before, after in zip(found, found[1:], strict=False):
         if after.start < before.end:
             problems.add(after.start, "fragments cannot be nested")
     body_marks = [int(m.attributes[_AT] or 0) for m in tree.css(_MARK)

@@ -245,7 +245,7 @@ async def test_serve_composes_then_drains_on_sigterm(tmp_path, fragments):
 
         status, body = await get(base + "/page")
         assert status == 200
-        assert body == PAGE.replace(f'<fragment id="a" src="{{url}}"></fragment>', "<p>fragment A</p>")
+        assert body == PAGE.replace('<fragment id="a" src="{url}"></fragment>', "<p>fragment A</p>")
         assert (await get(admin_base + "/healthz"))[0] == 200
         assert (await get(admin_base + "/readyz"))[0] == 200
         assert (await get(base + "/nothing-here"))[0] == 404
@@ -276,7 +276,7 @@ async def test_serve_composes_then_drains_on_sigterm(tmp_path, fragments):
                 in_flight.cancel()
                 await asyncio.gather(in_flight, return_exceptions=True)
         assert status == 200
-        assert body == PAGE.replace(f'<fragment id="a" src="{{url}}"></fragment>', "<p>slow fragment</p>")
+        assert body == PAGE.replace('<fragment id="a" src="{url}"></fragment>', "<p>slow fragment</p>")
 
         code, rest = await composer.wait()
         assert code == 0, composer.stderr

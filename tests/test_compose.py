@@ -988,7 +988,7 @@ async def test_route_can_override_cache_control(fragments, start_composer):
 
 @pytest.mark.parametrize("primary_status", [None, 200, 201, 404])
 async def test_head_same_status_and_headers_no_body(fragments, start_composer, primary_status):
-    frag = (f'<fragment src="{{url}}" primary></fragment>' if primary_status else "")
+    frag = ('<fragment src="{url}" primary></fragment>' if primary_status else "")
     svc = await fragments({"/p": html("<main>P</main>", status=primary_status or 200, headers={
         "Link": '<https://cdn.example/p.css>; rel="stylesheet"', "Set-Cookie": "s=1; Path=/"}),
         "/o": html("<nav>O</nav>")})
