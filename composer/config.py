@@ -29,7 +29,7 @@ DEFAULT_FORWARD_HEADERS = (
     "traceparent",
     "tracestate",
 )
-_MAX_TIMEOUT_MS = 600_000
+MAX_TIMEOUT_MS = 600_000  # ten minutes: longer is a typo, not a fragment budget
 # Headers that describe one connection or one message, never the user: forwarding them
 # to a fragment would corrupt its request (RFC 9110 §7.6.1), so they are refused at load.
 _NOT_FORWARDABLE = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -187,7 +187,7 @@ def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings |
         values["templates"] = reader.string(keys["templates"], "settings.templates")
     if "fragment_timeout_ms" in keys:
         values["fragment_timeout_ms"] = reader.integer(
-            keys["fragment_timeout_ms"], "settings.fragment_timeout_ms", 1, _MAX_TIMEOUT_MS)
+            keys["fragment_timeout_ms"], "settings.fragment_timeout_ms", 1, MAX_TIMEOUT_MS)
     if "max_fragment_bytes" in keys:
         values["max_fragment_bytes"] = reader.integer(
             keys["max_fragment_bytes"], "settings.max_fragment_bytes", 1, 1 << 30)

@@ -17,7 +17,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .compose import Composer, request_id_of
+from .compose import BARE_500, Composer, request_id_of
 from .config import Config
 from .fragments import new_session
 from .logs import REQUEST_ID, ROUTE, AccessLogger
@@ -32,8 +32,6 @@ GRACE_SECONDS = 10.0
 _NOT_FOUND = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>404 Not Found</h1></body></html>"
 _NOT_ALLOWED = (b"<!DOCTYPE html><html><head><title>405 Method Not Allowed</title></head>"
                 b"<body><h1>405 Method Not Allowed</h1></body></html>")
-_ERROR = (b"<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head>"
-          b"<body><h1>500 Internal Server Error</h1></body></html>")
 _HTML = "text/html; charset=utf-8"
 # The `method` label takes these values; anything else counts as "other" (bounded series).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -134,7 +132,7 @@ class ComposerServer:
                 raise  # the head is out: aiohttp logs it and closes the connection
             log.exception("unhandled error", extra={"fields": {"route": route_name,
                                                                "request_id": request[REQUEST_ID]}})
-            return web.Response(status=500, body=_ERROR, headers={"content-type": _HTML})
+            return web.Response(status=500, body=BARE_500, headers={"content-type": _HTML})
         finally:
             method = request.method if request.method in _METHODS else "other"
             self.metrics.requests.labels(route_name, method, str(status)).inc()

@@ -22,6 +22,7 @@ from urllib.parse import quote
 from selectolax.lexbor import LexborHTMLParser
 from yarl import URL
 
+from .config import MAX_TIMEOUT_MS
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ _MARK = "composer-mark"
 
 _BOOLEAN = ("primary", "async", "public")
 _KNOWN = ("src", "name", "id", "fallback-src", "timeout", *_BOOLEAN)
-_MAX_TIMEOUT_MS = 600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,11 +328,11 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *,
     timeout_ms = settings.fragment_timeout_ms
     raw_timeout = attrs.get("timeout")
     if raw_timeout is not None:
-        if raw_timeout.strip().isdigit() and 0 < int(raw_timeout) <= _MAX_TIMEOUT_MS:
+        if raw_timeout.strip().isdigit() and 0 < int(raw_timeout) <= MAX_TIMEOUT_MS:
             timeout_ms = int(raw_timeout)
         else:
             problems.add(item.start, f"timeout must be a whole number of milliseconds between 1 and "
-                                     f"{_MAX_TIMEOUT_MS}, not {raw_timeout!r}")
+                                     f"{MAX_TIMEOUT_MS}, not {raw_timeout!r}")
             ok = False
     if src is None or not ok:
         return None
