@@ -6,6 +6,7 @@ a routes.yaml and templates into tmp_path and starts a `ComposerServer` on free 
 
 from __future__ import annotations
 
+import socket
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ from composer.routing import build_table
 from composer.server import ComposerServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for subprocesses that bind their own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

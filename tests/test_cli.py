@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import html, write_config
+from conftest import free_port, html, write_config
 
 PAGE = """\
 <!DOCTYPE html>
@@ -46,12 +46,6 @@ BAD_TEMPLATE = """\
 <fragment src="http://a.svc/y" timeout="soon"></fragment>
 </body></html>
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def refuses(port: int) -> bool:

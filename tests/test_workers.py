@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import sys
 import time
 
@@ -12,13 +11,7 @@ import aiohttp
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import html, write_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, html, write_config
 
 
 async def _wait_ready(session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process) -> None:
@@ -53,7 +46,7 @@ async def test_workers_share_the_port_sum_metrics_and_drain_on_term(fragments, t
           - {name: page, match: {path: /page}, template: page.html}
           - {name: slow, match: {path: /slow}, template: slow.html}
     """)
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "composer", "serve", "--config", str(config), "--host", "127.0.0.1",
         "--port", str(port), "--admin-port", str(admin), "--workers", "2",
@@ -90,7 +83,7 @@ async def test_workers_refuse_a_bad_config_before_forking(tmp_path):
     config = write_config(tmp_path, {"page.html": "<fragment></fragment>"})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "composer", "serve", "--config", str(config), "--workers", "3",
-        "--port", str(_free_port()), "--admin-port", str(_free_port()),
+        "--port", str(free_port()), "--admin-port", str(free_port()),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
