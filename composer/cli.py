@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Coroutine
 
-from .config import Config, load_config
 from .errors import ConfigError
 from .logs import setup_logging
-from .routing import RouteTable, build_table
+from .reload import load
 from .server import ComposerServer, stop_event
 
 __all__ = ["main"]
@@ -48,18 +48,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def load(path: str) -> tuple[Config, RouteTable]:
-    """Load and compile a routes file; raises ConfigError."""
-    config = load_config(path)
-    return config, build_table(config)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
             config, table = load(args.config)
-            fragments = sum(len(r.template.fragments) for r in table.routes)
+            for warning in table.warnings:
+                print(warning, file=sys.stderr)
+            fragments = sum(len(r.template.fragments) for r in table.routes if r.template)
             print(f"{config.label}: ok ({len(table.routes)} routes, {fragments} fragments)")
             return 0
         if args.command == "demo":
@@ -73,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 2
     setup_logging()
+    for warning in table.warnings:
+        log.warning("config warning", extra={"fields": {"problem": warning}})
     if args.workers > 1:
         from .workers import serve_workers
 
@@ -84,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _serve(server: ComposerServer) -> int:
     stop = stop_event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reloader.trigger)
     try:
         await server.start()
     except OSError as exc:

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -29,7 +30,7 @@ from .metrics import Metrics
 from .routing import Route
 from .template import ASYNC_SLOT, Fragment, Template
 
-__all__ = ["Composer", "Outcome", "BARE_500"]
+__all__ = ["BARE_500", "Composer", "Outcome"]
 
 log = logging.getLogger("composer.fragments")
 
@@ -70,6 +71,7 @@ class _Page:
     request_id: str
     headers: CIMultiDict[str]
     public_headers: CIMultiDict[str]
+    max_bytes: int
 
 
 def request_id_of(request: web.BaseRequest) -> str:
@@ -83,28 +85,33 @@ def request_id_of(request: web.BaseRequest) -> str:
 class Composer:
     """Composes pages for one server; holds the shared client session and metrics."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
         self.session = session
-        self.settings = settings
         self.metrics = metrics
 
-    def _page(self, request: web.BaseRequest, route: str, params: dict[str, str]) -> _Page:
+    @staticmethod
+    def _page(request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings) -> _Page:
         rid = request.get(REQUEST_ID) or request_id_of(request)
         public = CIMultiDict({"x-request-id": rid, "accept-encoding": _ACCEPT_ENCODING})
         headers = CIMultiDict(public)
         incoming = request.headers
-        for name in self.settings.forward_headers:
+        for name in settings.forward_headers:
             for value in incoming.getall(name, ()):
                 headers.add(name, value)
         headers["x-request-uri"] = request.raw_path
         headers["x-request-host"] = incoming.get("host", "")
-        return _Page(route=route, params=params, request_id=rid, headers=headers, public_headers=public)
+        return _Page(route=route, params={k: unquote(v) for k, v in params.items()}, request_id=rid,
+                     headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes)
 
-    async def compose(self, request: web.BaseRequest, route: Route,
-                      params: dict[str, str]) -> web.StreamResponse:
-        """Answer `request` with the route's template; fragment tasks never outlive this call."""
+    async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
+                      settings: Settings) -> web.StreamResponse:
+        """Answer `request` with the route's template; fragment tasks never outlive this call.
+
+        `params` are the route's raw path captures; `settings` those of the route's table.
+        """
         template = route.template
-        page = self._page(request, route.name, params)
+        assert template is not None
+        page = self._page(request, route.name, params, settings)
         head_only = request.method == "HEAD"
         # HEAD needs only what decides the status and headers: the primary, if any.
         wanted = template.fragments if not head_only else (template.primary,) if template.primary else ()
@@ -180,12 +187,11 @@ class Composer:
 
     async def _resolve(self, fragment: Fragment, page: _Page) -> Outcome:
         """Fetch `fragment`, falling back as SPEC §3 says; record metrics and failures once."""
-        settings = self.settings
         headers = page.public_headers if fragment.public else page.headers
         started = time.perf_counter()
         url = fragment.src.render(page.params)
         result = await fetch(self.session, url, headers, timeout=fragment.timeout,
-                             max_bytes=settings.max_fragment_bytes, allow_redirect=fragment.primary)
+                             max_bytes=page.max_bytes, allow_redirect=fragment.primary)
         self.metrics.fragment_duration.labels(fragment.id, page.route, "").observe(time.perf_counter() - started)
         if isinstance(result, Fetched):
             return Outcome("src", result.body, result.assets, result.status, result.headers)
@@ -193,7 +199,7 @@ class Composer:
         outcome = _NONE
         if fragment.fallback_src is not None:
             fallback = await fetch(self.session, fragment.fallback_src.render(page.params), headers,
-                                   timeout=fragment.timeout, max_bytes=settings.max_fragment_bytes,
+                                   timeout=fragment.timeout, max_bytes=page.max_bytes,
                                    allow_redirect=False)
             if isinstance(fallback, Fetched) and fallback.status < 300:
                 outcome = Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)

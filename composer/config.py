@@ -4,22 +4,48 @@ The file is read with PyYAML's `compose` so every node keeps its line: each prob
 reported as `routes.yaml:LINE: message`, and all problems of a file are collected before
 `ConfigError` is raised, so one `composer check` shows everything that is wrong.
 
-This module only checks the *shape* of the file (keys, types, ranges). What needs other
-files — templates, path patterns — is checked when the route table is built (`routing`).
+Everything that can be checked from routes.yaml alone is checked and built here: keys,
+types and ranges, predicates and filters (through their registries), backend URLs and
+redirect targets. What needs other files — the templates — is compiled when the route
+table is built (`routing`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
+from yarl import URL
 
-from .errors import ConfigError
+from .errors import ConfigError, Stamp
+from .filters import FILTERS, PathTemplate, RequestFilter, ResponseFilter
+from .predicates import (
+    PREDICATES,
+    Condition,
+    MethodsPredicate,
+    PathPredicate,
+    PathPrefixPredicate,
+)
 
-__all__ = ["Config", "FilterSpec", "RouteSpec", "Settings", "load_config", "DEFAULT_FORWARD_HEADERS"]
+__all__ = [
+    "DEFAULT_FORWARD_HEADERS",
+    "TEMPLATE_METHODS",
+    "Backend",
+    "Config",
+    "Redirect",
+    "RouteSpec",
+    "Settings",
+    "file_stamp",
+    "load_config",
+    "origin_allowed",
+    "read_config",
+]
 
 DEFAULT_FORWARD_HEADERS = (
     "accept-language",
@@ -37,6 +63,23 @@ _NOT_FORWARDABLE = frozenset({"connection", "keep-alive", "proxy-connection", "t
                               "accept-encoding", "x-request-id", "x-request-uri", "x-request-host"})
 
 
+def origin_allowed(url: URL, allowed: tuple[str, ...]) -> bool:
+    """True when `allowed` is empty or one of its `scheme://host[:port]` globs matches `url`."""
+    if not allowed:
+        return True
+    origin = f"{url.scheme}://{url.raw_host}:{url.port}"
+    bare = f"{url.scheme}://{url.raw_host}"
+    return any(fnmatch.fnmatchcase(origin, p) or fnmatch.fnmatchcase(bare, p) for p in allowed)
+
+
+def file_stamp(path: Path) -> Stamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """`settings:` of routes.yaml; `templates` is already resolved against the file's folder."""
@@ -46,28 +89,55 @@ class Settings:
     forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
     allowed_origins: tuple[str, ...] = ()
     max_fragment_bytes: int = 5 * 1024 * 1024
+    reload_interval_ms: int = 1000  # how often routes.yaml and templates are checked; 0: only on SIGHUP
 
 
 @dataclass(frozen=True, slots=True)
-class FilterSpec:
-    """One `filters:` entry as written: `{name: value}`; checked by the filter's `create`."""
+class Backend:
+    """Where a backend route forwards to, and how long it may stay silent."""
 
-    name: str
-    value: Any
-    line: int
+    origin: str  # scheme://host[:port], no trailing slash
+    host: str  # the Host header the backend expects (its authority)
+    preserve_host: bool = False
+    timeout: float = 30.0  # seconds without a byte moving either way
+    connect_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """A redirect route: `to` with `{param}`s filled in; the request's query string is kept."""
+
+    to: PathTemplate
+    status: int
+    relative: bool
+
+    def location(self, params: Mapping[str, str], query: str) -> str:
+        location = self.to.render(params)
+        if self.relative and location.startswith("//"):
+            location = "/" + location.lstrip("/")  # a parameter must not turn it into another host
+        if query:
+            location += ("&" if "?" in self.to.text else "?") + quote(query, safe=_QUERY_SAFE)
+        return location
 
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    """One entry of `routes:` as written; `line` points at the entry for later error messages."""
+    """One entry of `routes:`, checked and built except for its template (a separate file).
+
+    Exactly one of `template`, `backend`, `redirect` is set. `methods` None means any.
+    """
 
     name: str
     line: int
-    path: str
-    path_line: int
-    template: str
-    template_line: int
-    filters: tuple[FilterSpec, ...] = ()
+    path: PathPredicate | PathPrefixPredicate
+    methods: frozenset[str] | None = None
+    conditions: tuple[Condition, ...] = ()
+    template: str | None = None
+    template_line: int = 0
+    backend: Backend | None = None
+    redirect: Redirect | None = None
+    request_filters: tuple[RequestFilter, ...] = ()
+    filters: tuple[ResponseFilter, ...] = ()  # on the response
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +148,23 @@ class Config:
     label: str
     settings: Settings
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
+    stamp: Stamp = None  # the file as it was just before it was read
+    problems: tuple[str, ...] = ()  # set only by `read_config`; such a config is never served
 
     def where(self, line: int) -> str:
         return f"{self.label}:{line}"
 
 
 _SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowed_origins",
-                  "max_fragment_bytes", "manifest")
+                  "max_fragment_bytes", "manifest", "reload_interval_ms")
 _TOP_KEYS = ("settings", "routes")
-_ROUTE_KEYS = ("name", "match", "template", "filters")
-_REQUIRED_ROUTE_KEYS = ("name", "match", "template")
-_MATCH_KEYS = ("path",)
+_TARGETS = ("template", "backend", "redirect")
+_BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
+_ROUTE_KEYS = ("name", "match", *_TARGETS, *_BACKEND_OPTIONS, "filters")
+_REDIRECT_KEYS = ("to", "status")
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+TEMPLATE_METHODS = frozenset({"GET", "HEAD"})
+_QUERY_SAFE = "/%:@!$&'()*+,;=-._~?"
 
 
 class _Reader:
@@ -151,33 +227,43 @@ class _Reader:
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and check routes.yaml; raise `ConfigError` listing every problem found."""
+    config = read_config(path)
+    if config.problems:
+        raise ConfigError(list(config.problems), ((config.path, config.stamp),))
+    return config
+
+
+def read_config(path: str | os.PathLike[str]) -> Config:
+    """Like `load_config`, but a config whose settings are usable comes back with its good
+    routes and its `problems`, so `build_table` can add the templates' and report all at once."""
     label = os.fspath(path)
     file = Path(path)
+    stamp = file_stamp(file)
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([f"{label}:1: file not found"]) from None
+        raise ConfigError([f"{label}:1: file not found"], ((file, stamp),)) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{label}:1: cannot read: {exc}"]) from None
+        raise ConfigError([f"{label}:1: cannot read: {exc}"], ((file, stamp),)) from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
-        raise ConfigError([f"{label}:{line}: invalid YAML: {exc.problem or exc.context}"]) from None
+        raise ConfigError([f"{label}:{line}: invalid YAML: {exc.problem or exc.context}"], ((file, stamp),)) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{label}:1: invalid YAML: {exc}"]) from None
+        raise ConfigError([f"{label}:1: invalid YAML: {exc}"], ((file, stamp),)) from None
 
     reader = _Reader(label)
     if root is None:
-        raise ConfigError([f"{label}:1: the file is empty; it needs a `routes:` list"])
+        raise ConfigError([f"{label}:1: the file is empty; it needs a `routes:` list"], ((file, stamp),))
     top = reader.mapping(root, "the top level", _TOP_KEYS)
     settings = _settings(reader, top.get("settings"), file.parent)
-    routes = _routes(reader, top.get("routes"), root)
-    if reader.problems:
-        raise ConfigError(reader.problems)
-    assert settings is not None
-    return Config(path=file, label=label, settings=settings, routes=routes)
+    routes = _routes(reader, top.get("routes"), root, settings)
+    if settings is None:
+        raise ConfigError(reader.problems, ((file, stamp),))
+    return Config(path=file, label=label, settings=settings, routes=routes, stamp=stamp,
+                  problems=tuple(reader.problems))
 
 
 def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings | None:
@@ -188,6 +274,9 @@ def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings |
     if "fragment_timeout_ms" in keys:
         values["fragment_timeout_ms"] = reader.integer(
             keys["fragment_timeout_ms"], "settings.fragment_timeout_ms", 1, MAX_TIMEOUT_MS)
+    if "reload_interval_ms" in keys:
+        values["reload_interval_ms"] = reader.integer(
+            keys["reload_interval_ms"], "settings.reload_interval_ms", 0, MAX_TIMEOUT_MS)
     if "max_fragment_bytes" in keys:
         values["max_fragment_bytes"] = reader.integer(
             keys["max_fragment_bytes"], "settings.max_fragment_bytes", 1, 1 << 30)
@@ -220,7 +309,8 @@ def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 
-def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node) -> tuple[RouteSpec, ...]:
+def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node,
+            settings: Settings | None) -> tuple[RouteSpec, ...]:
     if node is None:
         reader.error(root, "`routes:` is missing; it lists the routes, first match wins")
         return ()
@@ -230,7 +320,7 @@ def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node) -> tuple[R
     routes: list[RouteSpec] = []
     seen: dict[str, int] = {}
     for item in node.value:
-        route = _route(reader, item)
+        route = _route(reader, item, settings)
         if route is None:
             continue
         if route.name in seen:
@@ -241,51 +331,209 @@ def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node) -> tuple[R
     return tuple(routes)
 
 
-def _route(reader: _Reader, node: yaml.Node) -> RouteSpec | None:
+def _route(reader: _Reader, node: yaml.Node, settings: Settings | None) -> RouteSpec | None:
     keys = reader.mapping(node, "a route", _ROUTE_KEYS)
     if not isinstance(node, yaml.MappingNode):
         return None
-    for required in _REQUIRED_ROUTE_KEYS:
+    before = len(reader.problems)
+    for required in ("name", "match"):
         if required not in keys:
             reader.error(node, f"route is missing {required!r}")
+    targets = [k for k in _TARGETS if k in keys]
+    if len(targets) != 1:
+        reader.error(node, "a route needs exactly one of `template`, `backend`, `redirect`"
+                           + (f" (it has {', '.join(targets)})" if targets else ""))
+    if "backend" not in keys:
+        for option in _BACKEND_OPTIONS:
+            if option in keys:
+                reader.error(keys[option], f"{option} applies to backend routes only")
     name = reader.string(keys["name"], "route name") if "name" in keys else None
-    template = reader.string(keys["template"], "template") if "template" in keys else None
-    path = None
-    if "match" in keys:
-        match = reader.mapping(keys["match"], "match", _MATCH_KEYS)
-        if "path" in match:
-            path = reader.string(match["path"], "match.path")
-            if path is not None and not path.startswith("/"):
-                reader.error(match["path"], f"match.path must start with '/', not {path!r}")
-                path = None
-        elif isinstance(keys["match"], yaml.MappingNode):
-            reader.error(keys["match"], "match needs a `path`")
-    filters = _filters(reader, keys["filters"]) if "filters" in keys else ()
-    if name is None or template is None or path is None or filters is None:
+    path, methods, conditions = _match(reader, keys["match"]) if "match" in keys else (None, None, ())
+    params = path.params if path is not None else ()
+    request_filters, filters = _filters(reader, keys["filters"], params) if "filters" in keys else ((), ())
+    template = backend = redirect = None
+    if "template" in keys:
+        template = reader.string(keys["template"], "template")
+        if methods is None:
+            methods = TEMPLATE_METHODS
+        elif not methods <= TEMPLATE_METHODS:
+            reader.error(keys["match"], "template routes answer GET and HEAD only, not "
+                                        + ", ".join(sorted(methods - TEMPLATE_METHODS)))
+    elif "backend" in keys and settings is not None:
+        backend = _backend(reader, keys, settings)
+    elif "redirect" in keys:
+        redirect = _redirect(reader, keys["redirect"], params)
+    if request_filters and backend is None:
+        reader.error(keys["filters"], "request filters (strip_prefix, set_path, rewrite_path, "
+                                      "set_request_header, remove_request_header) apply to backend routes only")
+    if len(reader.problems) > before or name is None or path is None:
         return None
     return RouteSpec(
         name=name,
         line=node.start_mark.line + 1,
         path=path,
-        path_line=match["path"].start_mark.line + 1,
+        methods=methods,
+        conditions=conditions,
         template=template,
-        template_line=keys["template"].start_mark.line + 1,
+        template_line=keys["template"].start_mark.line + 1 if "template" in keys else 0,
+        backend=backend,
+        redirect=redirect,
+        request_filters=request_filters,
         filters=filters,
     )
 
 
-def _filters(reader: _Reader, node: yaml.Node) -> tuple[FilterSpec, ...] | None:
+def _match(reader: _Reader, node: yaml.Node) -> tuple[PathPredicate | PathPrefixPredicate | None,
+                                                      frozenset[str] | None, tuple[Condition, ...]]:
+    """`match:` through the predicate registry: the path one, the methods, the rest."""
+    path: PathPredicate | PathPrefixPredicate | None = None
+    methods: frozenset[str] | None = None
+    conditions: list[Condition] = []
+    if not isinstance(node, yaml.MappingNode) or not node.value:
+        reader.error(node, "match must be a mapping of predicates, e.g. {path: /products/{sku}}")
+        return None, None, ()
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        key = str(key_node.value)
+        kind = PREDICATES.get(key)
+        if kind is None:
+            reader.error(key_node, f"unknown predicate {key!r} in match (known: {', '.join(PREDICATES)})")
+            continue
+        if key in seen:
+            reader.error(key_node, f"duplicate key {key!r} in match")
+            continue
+        seen.add(key)
+        try:
+            predicate = kind.create(_plain(value_node))
+        except ValueError as exc:
+            reader.error(key_node, str(exc))
+            continue
+        if isinstance(predicate, (PathPredicate, PathPrefixPredicate)):
+            if path is not None:
+                reader.error(key_node, "match takes one of `path` and `path_prefix`, not both")
+            path = predicate
+        elif isinstance(predicate, MethodsPredicate):
+            methods = predicate.methods
+        else:
+            conditions.append(predicate)
+    if path is None and not ({"path", "path_prefix"} & seen):
+        reader.error(node, "match needs a `path` or a `path_prefix`")
+    return path, methods, tuple(conditions)
+
+
+def _backend(reader: _Reader, keys: dict[str, yaml.Node], settings: Settings) -> Backend | None:
+    node = keys["backend"]
+    text = reader.string(node, "backend")
+    if text is None:
+        return None
+    try:
+        url = URL(text)
+    except ValueError as exc:
+        reader.error(node, f"backend {text!r} is not a URL: {exc}")
+        return None
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        reader.error(node, f"backend must be an http:// or https:// URL with a host, not {text!r}")
+        return None
+    if url.raw_user or url.raw_password or url.raw_path not in ("", "/") or url.raw_query_string \
+            or url.raw_fragment:
+        reader.error(node, f"backend must be an origin (scheme://host[:port]), not {text!r}; "
+                           "change the path with strip_prefix, set_path or rewrite_path")
+        return None
+    if not origin_allowed(url, settings.allowed_origins):
+        reader.error(node, f"backend {text!r} is not in settings.allowed_origins")
+        return None
+    preserve_host = False
+    if "preserve_host" in keys:
+        flag = keys["preserve_host"]
+        if not isinstance(flag, yaml.ScalarNode) or flag.tag != "tag:yaml.org,2002:bool":
+            reader.error(flag, "preserve_host must be true or false")
+            return None
+        preserve_host = bool(yaml.safe_load(flag.value))
+    timeout_ms = reader.integer(keys["timeout_ms"], "timeout_ms", 1, MAX_TIMEOUT_MS) \
+        if "timeout_ms" in keys else 30_000
+    connect_ms = reader.integer(keys["connect_timeout_ms"], "connect_timeout_ms", 1, MAX_TIMEOUT_MS) \
+        if "connect_timeout_ms" in keys else timeout_ms
+    if timeout_ms is None or connect_ms is None:
+        return None
+    origin = str(url.origin())
+    return Backend(origin=origin, host=origin.partition("://")[2], preserve_host=preserve_host,
+                   timeout=timeout_ms / 1000, connect_timeout=min(connect_ms, timeout_ms) / 1000)
+
+
+def _redirect(reader: _Reader, node: yaml.Node, params: tuple[str, ...]) -> Redirect | None:
+    keys = reader.mapping(node, "redirect", _REDIRECT_KEYS)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    if "to" not in keys:
+        reader.error(node, "redirect needs `to`, e.g. {to: /new/{id}, status: 301}")
+        return None
+    status = 302
+    if "status" in keys:
+        value = reader.integer(keys["status"], "redirect.status", 100, 999)
+        if value is None:
+            return None
+        if value not in REDIRECT_STATUSES:
+            reader.error(keys["status"], f"redirect.status must be one of "
+                                         f"{', '.join(map(str, REDIRECT_STATUSES))}, not {value}")
+            return None
+        status = value
+    to = reader.string(keys["to"], "redirect.to")
+    if to is None:
+        return None
+    if to.startswith("/") and not to.startswith("//"):
+        relative, origin = True, ""
+    elif to.startswith(("http://", "https://")):
+        relative = False
+        scheme, _, rest = to.partition("://")
+        origin = scheme + "://" + rest.partition("/")[0].partition("?")[0]
+    else:
+        reader.error(keys["to"], f"redirect.to must be a path (/new) or an http(s) URL, not {to!r}")
+        return None
+    if "{" in origin or any(c in to for c in " \t\r\n\x00#"):
+        reader.error(keys["to"], f"redirect.to {to!r}: parameters may appear only in the path or query, "
+                                 "and it may not hold spaces or a fragment")
+        return None
+    try:
+        template = PathTemplate.parse(to)
+    except ValueError as exc:
+        reader.error(keys["to"], f"redirect.to: {exc}")
+        return None
+    unknown = [p for p in template.params if p not in params]
+    if unknown:
+        reader.error(keys["to"], f"redirect.to: {{{unknown[0]}}} is not a parameter of the route's path")
+        return None
+    return Redirect(to=template, status=status, relative=relative)
+
+
+def _filters(reader: _Reader, node: yaml.Node, params: tuple[str, ...]
+             ) -> tuple[tuple[RequestFilter, ...], tuple[ResponseFilter, ...]]:
+    """`filters:` through the filter registry, split into request and response filters."""
     if not isinstance(node, yaml.SequenceNode):
         reader.error(node, "filters must be a list of one-key mappings, e.g. - set_response_header: {...}")
-        return None
-    specs: list[FilterSpec] = []
+        return (), ()
+    request: list[RequestFilter] = []
+    response: list[ResponseFilter] = []
     for item in node.value:
         if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
             reader.error(item, "each filter is a mapping with exactly one key: the filter's name")
             continue
-        key, value = item.value[0]
-        specs.append(FilterSpec(name=str(key.value), value=_plain(value), line=key.start_mark.line + 1))
-    return tuple(specs) if len(specs) == len(node.value) else None
+        key_node, value_node = item.value[0]
+        key = str(key_node.value)
+        kind = FILTERS.get(key)
+        if kind is None:
+            reader.error(key_node, f"unknown filter {key!r} (known: {', '.join(FILTERS)})")
+            continue
+        try:
+            made = kind.create(_plain(value_node))
+        except ValueError as exc:
+            reader.error(key_node, f"{key}: {exc}")
+            continue
+        unknown = [p for p in getattr(made, "params", ()) if p not in params]
+        if unknown:
+            reader.error(key_node, f"{key}: {{{unknown[0]}}} is not a parameter of the route's path")
+            continue
+        (request if hasattr(made, "on_request") else response).append(made)
+    return tuple(request), tuple(response)
 
 
 def _plain(node: yaml.Node) -> Any:

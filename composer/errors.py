@@ -11,15 +11,21 @@ same enum used as the `reason` metric label and the `error_type` log field.
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
-__all__ = ["ConfigError", "Reason"]
+# What identifies a version of a file: (mtime in ns, size, inode); None when it is missing.
+# The inode catches Kubernetes ConfigMap updates, which swap a symlink to a new file.
+Stamp = tuple[int, int, int] | None
+
+__all__ = ["ConfigError", "Reason", "Stamp"]
 
 
 class ConfigError(Exception):
     """Raised when configuration cannot be loaded; `problems` lists every `file:line: message`."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], sources: tuple[tuple[Path, Stamp], ...] = ()) -> None:
         self.problems = list(problems)
+        self.sources = sources  # the files read before giving up, so a reload knows what to watch
         super().__init__("\n".join(self.problems))
 
 

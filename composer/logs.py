@@ -17,7 +17,7 @@ from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 ROUTE = RequestKey("composer_route", str)
 REQUEST_ID = RequestKey("composer_request_id", str)
 
-__all__ = ["AccessLogger", "JsonFormatter", "REQUEST_ID", "ROUTE", "setup_logging"]
+__all__ = ["REQUEST_ID", "ROUTE", "AccessLogger", "JsonFormatter", "setup_logging"]
 
 
 class JsonFormatter(logging.Formatter):

@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 # Fragment and page latencies sit between a few ms and the timeout budget (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -51,6 +58,11 @@ class Metrics:
         self.fragment_info = Gauge(
             "composer_fragment_info", "Declared fragments (value 1), with version and owner.",
             ("fragment", "version", "owner"), registry=r, multiprocess_mode="max")
+        self.config_reloads = Counter(
+            "composer_config_reloads_total", "Attempts to load a changed config, by result (ok, error).",
+            ("result",), registry=r)
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)  # present at 0, so alerts on increase() work from the start
 
     def render(self) -> bytes:
         """The exposition text; with several workers, the sum over all of them."""

@@ -1,9 +1,10 @@
-"""Wiring: the page listener, the admin listener, and a graceful stop.
+"""Wiring: the page listener, the admin listener, hot reload, and a graceful stop.
 
 Pages are served by aiohttp's low-level `web.Server` (no router of its own: composer's
-route table is the router). The admin listener is a small `web.Application` with
+route table is the router). Each request reads `self.table` once, so a reload that swaps
+it never changes a request midway. The admin listener is a small `web.Application` with
 `/metrics`, `/healthz` and `/readyz`. `stop()` turns `/readyz` to 503, closes the page
-listener, lets in-flight pages finish within the grace period, then closes the rest.
+listener, lets in-flight requests finish within the grace period, then closes the rest.
 """
 
 from __future__ import annotations
@@ -16,22 +17,33 @@ import time
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .compose import BARE_500, Composer, request_id_of
 from .config import Config
 from .fragments import new_session
+from .guard import request_problem
 from .logs import REQUEST_ID, ROUTE, AccessLogger
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .routing import RouteTable
+from .proxy import Proxy, backend_session
+from .reload import Reloader
+from .routing import Route, RouteTable, split_target
 
-__all__ = ["ComposerServer", "GRACE_SECONDS", "stop_event"]
+__all__ = ["GRACE_SECONDS", "ComposerServer", "stop_event"]
 
 log = logging.getLogger("composer.server")
 
 GRACE_SECONDS = 10.0
+# Request-line and header limits, set explicitly rather than inherited: anything longer is
+# refused by aiohttp's parser with 400 before composer sees it.
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 128
 _NOT_FOUND = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>404 Not Found</h1></body></html>"
 _NOT_ALLOWED = (b"<!DOCTYPE html><html><head><title>405 Method Not Allowed</title></head>"
                 b"<body><h1>405 Method Not Allowed</h1></body></html>")
+_BAD_REQUEST = ("<!DOCTYPE html><html><head><title>400 Bad Request</title></head>"
+                "<body><h1>400 Bad Request</h1><p>{}</p></body></html>")
 _HTML = "text/html; charset=utf-8"
 # The `method` label takes these values; anything else counts as "other" (bounded series).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -51,22 +63,33 @@ class ComposerServer:
         self.sockets = sockets  # pre-bound page sockets (gunicorn workers); the admin port is shared
         self.metrics = Metrics()
         self.ready = False
-        self._session: aiohttp.ClientSession | None = None
+        self.reloader = Reloader(config.path, lambda: self.table, self._swap, self.metrics)
+        self._sessions: list[aiohttp.ClientSession] = []
         self._composer: Composer | None = None
+        self._proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
+        self.metrics.fragment_info.clear()
         for route in table.routes:
-            for fragment in route.template.fragments:
+            for fragment in route.template.fragments if route.template else ():
                 self.metrics.fragment_info.labels(fragment.id, "", "").set(1)
 
+    def _swap(self, config: Config, table: RouteTable) -> None:
+        self.config, self.table = config, table
+        self._declare_fragments(table)
+
     async def start(self) -> None:
-        self._session = new_session()
-        self._composer = Composer(self._session, self.config.settings, self.metrics)
+        fragments, backends = new_session(), backend_session()
+        self._sessions += (fragments, backends)
+        self._composer = Composer(fragments, self.metrics)
+        self._proxy = Proxy(backends)
         pages = web.ServerRunner(
             web.Server(self.handle, access_log_class=AccessLogger, handler_cancellation=True,
-                       access_log=logging.getLogger("composer.access")),
+                       access_log=logging.getLogger("composer.access"), auto_decompress=False,
+                       max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS),
             handle_signals=False, shutdown_timeout=self.grace)
         admin = web.AppRunner(self._admin_app(), handle_signals=False, access_log=None)
         await pages.setup()
@@ -83,6 +106,7 @@ class ComposerServer:
                           reuse_port=shared or None).start()
         self.port = _bound_port(pages)
         self.admin_port = _bound_port(admin)
+        self._tasks.append(asyncio.create_task(self.reloader.run()))
         self.ready = True
 
     @property
@@ -96,32 +120,37 @@ class ComposerServer:
     async def stop(self) -> None:
         """Drain: readyz → 503, stop accepting, finish in-flight pages (≤ grace), close."""
         self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
-        if self._session is not None:
-            await self._session.close()
+        for session in self._sessions:
+            await session.close()
+        self._sessions.clear()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         request[REQUEST_ID] = request_id_of(request)
+        table = self.table  # one table for the whole request, whatever reloads meanwhile
         route_name = ""
         status = 500
         try:
-            match = self.table.match(request.method, request.rel_url.raw_path)
-            route = match.route
-            if route is None:
-                if match.allow:
-                    response: web.StreamResponse = web.Response(
-                        status=405, body=_NOT_ALLOWED, content_type="text/html", charset="utf-8",
-                        headers={"allow": ", ".join(sorted(match.allow))})
-                else:
-                    response = web.Response(status=404, body=_NOT_FOUND, content_type="text/html",
-                                            charset="utf-8")
+            path, query = split_target(request.raw_path)
+            problem = request_problem(request, path)
+            if problem is not None:
+                response = _page(400, _BAD_REQUEST.format(problem).encode())
             else:
-                route_name = request[ROUTE] = route.name
-                assert self._composer is not None
-                response = await self._composer.compose(request, route, match.params)
+                match = table.match(request, path)
+                route = match.route
+                if route is None:
+                    response = _page(405, _NOT_ALLOWED, allow=", ".join(sorted(match.allow))) if match.allow \
+                        else _page(404, _NOT_FOUND)
+                else:
+                    route_name = request[ROUTE] = route.name
+                    response = await self._dispatch(request, table, route, match.params, path, query)
             status = response.status
             return response
         except (ConnectionResetError, asyncio.CancelledError):
@@ -137,6 +166,20 @@ class ComposerServer:
             method = request.method if request.method in _METHODS else "other"
             self.metrics.requests.labels(route_name, method, str(status)).inc()
             self.metrics.request_duration.labels(route_name).observe(time.perf_counter() - started)
+
+    async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
+                        path: str, query: str) -> web.StreamResponse:
+        if route.template is not None:
+            assert self._composer is not None and table.settings is not None
+            return await self._composer.compose(request, route, params, table.settings)
+        if route.backend is not None:
+            assert self._proxy is not None
+            return await self._proxy.forward(request, route, params, path, query)
+        assert route.redirect is not None
+        headers = CIMultiDict({"location": route.redirect.location(params, query)})
+        for f in route.filters:
+            f.on_response(headers)
+        return web.Response(status=route.redirect.status, headers=headers)
 
     def _admin_app(self) -> web.Application:
         app = web.Application()
@@ -156,6 +199,13 @@ class ComposerServer:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         return app
+
+
+def _page(status: int, body: bytes, allow: str | None = None) -> web.Response:
+    headers = {"content-type": _HTML, "cache-control": "no-store"}
+    if allow is not None:
+        headers["allow"] = allow
+    return web.Response(status=status, body=body, headers=headers)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

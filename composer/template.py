@@ -12,7 +12,6 @@ with their offset before parsing; only candidates the parser turns into elements
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,13 @@ from urllib.parse import quote
 from selectolax.lexbor import LexborHTMLParser
 from yarl import URL
 
-from .config import MAX_TIMEOUT_MS
+from .config import MAX_TIMEOUT_MS, origin_allowed
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["ASYNC_SLOT", "Fragment", "Template", "UrlTemplate", "compile_template", "origin_allowed"]
+__all__ = ["ASYNC_SLOT", "Fragment", "Template", "UrlTemplate", "compile_template"]
 
 
 class _AsyncSlot:
@@ -67,7 +66,7 @@ class UrlTemplate:
     static: URL | None
 
     @classmethod
-    def parse(cls, raw: str) -> "UrlTemplate":
+    def parse(cls, raw: str) -> UrlTemplate:
         pieces = _PLACEHOLDER.split(raw)
         if len(pieces) == 1:
             return cls(parts=(raw,), static=URL(raw))
@@ -123,15 +122,6 @@ class Template:
     async_fragments: tuple[Fragment, ...]
 
 
-def origin_allowed(url: URL, allowed: tuple[str, ...]) -> bool:
-    """True when `allowed` is empty or one of its `scheme://host[:port]` globs matches `url`."""
-    if not allowed:
-        return True
-    origin = f"{url.scheme}://{url.raw_host}:{url.port}"
-    bare = f"{url.scheme}://{url.raw_host}"
-    return any(fnmatch.fnmatchcase(origin, p) or fnmatch.fnmatchcase(bare, p) for p in allowed)
-
-
 class _Problems:
     def __init__(self, label: str, source: str) -> None:
         self.label = label
@@ -156,7 +146,7 @@ class _Found:
     attrs: dict[str, str | None]
 
 
-def compile_template(file: Path, *, params: tuple[str, ...], settings: "Settings",
+def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
                      name: str) -> Template:
     """Read and compile `file`; raise `ConfigError` with `file:line: message` problems."""
     label = str(file)
@@ -300,7 +290,7 @@ def _apply(source: str, inserts: list[tuple[int, str]]) -> str:
 
 
 def _fragment(item: _Found, index: int, source: str, problems: _Problems, *,
-              params: tuple[str, ...], settings: "Settings", template: str) -> Fragment | None:
+              params: tuple[str, ...], settings: Settings, template: str) -> Fragment | None:
     attrs = item.attrs
     ok = True
     for key, value in attrs.items():
@@ -351,7 +341,7 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *,
 
 
 def _url(offset: int, attr: str, raw: str, problems: _Problems, params: tuple[str, ...],
-         settings: "Settings") -> UrlTemplate | None:
+         settings: Settings) -> UrlTemplate | None:
     """Check a URL attribute at load: http(s), known params only in path/query, allowed origin."""
     template = UrlTemplate.parse(raw.strip())
     unknown = [p for p in template.params if p not in params]

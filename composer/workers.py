@@ -90,7 +90,7 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
         print(f"composer serving http://{self.host}:{self.port} (admin http://{self.host}:{self.admin_port}, "
               f"{self.workers} workers)", flush=True)
 
-    def load(self) -> "_Arbiter":
+    def load(self) -> _Arbiter:
         return self
 
 

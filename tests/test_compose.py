@@ -149,14 +149,11 @@ class Records(logging.Handler):
 @pytest.mark.parametrize(("segment", "expected"), [
     ("plain-123", "plain-123"),
     ("a%2Fb", "a%2Fb"),
-    ("a%2F..%2F..%2Fadmin", "a%2F..%2F..%2Fadmin"),
-    ("%2E%2E", "%2E%2E"),
-    ("..", "%2E%2E"),
-    (".", "%2E"),
+    ("a..b", "a..b"),
     ("a%3Fx%3D1", "a%3Fx%3D1"),
     ("a%23frag", "a%23frag"),
     ("user%40evil.example", "user%40evil.example"),
-    ("a%0D%0AX-Injected:%201", "a%0D%0AX-Injected%3A%201"),
+    ("a%20X-Injected:%201", "a%20X-Injected%3A%201"),
     ("caf%C3%A9", "caf%C3%A9"),
 ])
 async def test_src_param_is_quoted_and_cannot_change_the_path(fragments, start_composer, segment, expected):
@@ -171,6 +168,19 @@ async def test_src_param_is_quoted_and_cannot_change_the_path(fragments, start_c
     assert seen.raw_path == f"/frag/{expected}"
     assert seen.query_string == ""
     assert "x-injected" not in seen.headers
+
+
+@pytest.mark.parametrize("segment", [
+    "a%2F..%2F..%2Fadmin", "%2E%2E", "..", ".", "a%5C..%5Cadmin", "a%0D%0AX-Injected:%201", "a%00b",
+])
+async def test_a_param_that_could_climb_or_inject_is_refused_before_any_fetch(fragments, start_composer, segment):
+    svc = await fragments({r"/frag/{tail:[\s\S]*}": html("<p>F</p>")})
+    composer = await start_composer(page(f"""\
+        <body><fragment src="{svc.url('/frag/')}{{sku}}"></fragment></body>
+    """), routes=PRODUCT_ROUTE)
+    resp, _ = await raw_get(composer, f"/p/{segment}")
+    assert resp.status == 400
+    assert svc.requests == []
 
 
 async def test_src_param_in_query_is_quoted(fragments, start_composer):

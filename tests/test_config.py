@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from composer.config import DEFAULT_FORWARD_HEADERS, load_config
+from composer.config import DEFAULT_FORWARD_HEADERS, load_config, read_config
 from composer.errors import ConfigError
 from composer.routing import build_table, compile_path
 
@@ -340,7 +340,7 @@ def test_all_table_problems_are_collected(here):
         '<body>\n<fragment src="ftp://x/"></fragment>\n<fragment primary="no" src="http://a/"></fragment>\n',
         encoding="utf-8")
     with pytest.raises(ConfigError) as info:
-        build_table(load_config(write(here, """\
+        build_table(read_config(write(here, """\
             routes:
               - name: a
                 match: {path: "/a/{x:[}"}
@@ -404,50 +404,3 @@ def table(here: Path, routes: str):
     return build_table(load_config(write(here, routes)))
 
 
-def test_first_match_wins(here):
-    specific_first = table(here, """\
-        routes:
-          - {name: special, match: {path: /products/special}, template: page.html}
-          - {name: product, match: {path: "/products/{sku}"}, template: page.html}
-          - {name: other, match: {path: "/products/{id}"}, template: page.html}
-        """)
-    assert specific_first.match("GET", "/products/special").route.name == "special"
-    assert specific_first.match("GET", "/products/7").route.name == "product"
-    generic_first = table(here, """\
-        routes:
-          - {name: product, match: {path: "/products/{sku}"}, template: page.html}
-          - {name: special, match: {path: /products/special}, template: page.html}
-        """)
-    m = generic_first.match("GET", "/products/special")
-    assert m.route.name == "product"
-    assert m.params == {"sku": "special"}
-
-
-def test_no_match(here):
-    t = table(here, MINIMAL)
-    m = t.match("GET", "/nothing")
-    assert m.route is None
-    assert not m.allow
-
-
-def test_method_mismatch_gives_allow(here):
-    t = table(here, MINIMAL)
-    assert t.match("GET", "/page").route.name == "page"
-    assert t.match("HEAD", "/page").route.name == "page"
-    m = t.match("POST", "/page")
-    assert m.route is None
-    assert set(m.allow) == {"GET", "HEAD"}
-    assert not t.match("POST", "/other").allow
-
-
-def test_params_are_percent_decoded(here):
-    t = table(here, """\
-        routes:
-          - {name: product, match: {path: "/products/{sku}"}, template: page.html}
-          - {name: files, match: {path: "/files/{rest:.*}"}, template: page.html}
-        """)
-    assert t.match("GET", "/products/caf%C3%A9").params == {"sku": "café"}
-    assert t.match("GET", "/products/a%2Fb").params == {"sku": "a/b"}
-    assert t.match("GET", "/products/%2E%2E").params == {"sku": ".."}
-    assert t.match("GET", "/products/a%20b").params == {"sku": "a b"}
-    assert t.match("GET", "/files/a/b%20c").params == {"rest": "a/b c"}

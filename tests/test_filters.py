@@ -7,7 +7,7 @@ from multidict import CIMultiDict
 
 from composer.errors import ConfigError
 from composer.filters import FILTERS, RemoveResponseHeader, SetResponseHeader
-from composer.config import load_config
+from composer.config import load_config, read_config
 from composer.routing import build_table
 
 from conftest import html, write_config
@@ -41,7 +41,7 @@ def test_set_replaces_and_remove_drops():
 
 
 def test_config_errors_name_the_filter_and_line(tmp_path):
-    config = load_config(write_config(tmp_path, {"page.html": "<p>x</p>"}, routes="""\
+    config = read_config(write_config(tmp_path, {"page.html": "<p>x</p>"}, routes="""\
         routes:
           - name: page
             match: {path: /page}
@@ -55,7 +55,8 @@ def test_config_errors_name_the_filter_and_line(tmp_path):
         build_table(config)
     label = config.label
     assert info.value.problems == [
-        f"{label}:7: unknown filter 'strip_prefx' (known: set_response_header, remove_response_header)",
+        f"{label}:7: unknown filter 'strip_prefx' (known: strip_prefix, set_path, rewrite_path, "
+        "set_request_header, remove_request_header, set_response_header, remove_response_header)",
         f"{label}:8: remove_response_header: 'bad name' is not a valid header name",
     ]
 

@@ -1,0 +1,45 @@
+"""Refusing requests no route should see.
+
+aiohttp's parser already rejects malformed request lines and oversized lines or headers
+(limits set in `server`). What it lets through but an edge proxy must not: paths that
+climb out of their prefix once a backend decodes or normalises them (`/../`, `%2e%2e`,
+`..%2f`, `..\\`), control characters such as NUL hidden behind percent-encoding, and Host
+headers that are not a host. Each gets a 400 before routing, so a backend never receives
+a request that means something other than what composer matched.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+from aiohttp import web
+
+__all__ = ["request_problem"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 3986 reg-name or IPv4 (unreserved, sub-delims, pct-encoded), or an IPv6 literal; then a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def request_problem(request: web.BaseRequest, path: str) -> str | None:
+    """Why `request` (whose raw path is `path`) must be refused with 400, or None."""
+    if not path.startswith("/"):
+        return "the request target must be a path"
+    decoded = unquote(path) if "%" in path else path
+    if decoded is not path and _CONTROL.search(decoded):
+        return "control characters in the path"
+    if "." in decoded or "\\" in decoded:
+        segments = decoded.replace("\\", "/").split("/")
+        if not _DOT_SEGMENTS.isdisjoint(segments):
+            return "'.' or '..' segments in the path"
+    host = request.headers.getall("host", ())
+    if len(host) > 1:
+        return "more than one Host header"
+    if host:
+        if not _HOST.fullmatch(host[0]):
+            return "invalid Host header"
+    elif request.version >= (1, 1):
+        return "missing Host header"
+    return None

@@ -1,0 +1,260 @@
+"""Backend routes: a streaming reverse proxy on aiohttp's client, WebSockets included.
+
+Bodies are never held whole: the request body is read from the client as the backend
+takes it, and the response body is written to the client as it arrives, so memory per
+exchange is a few socket buffers whatever the size. What the backend answers — status,
+reason, headers (every `Set-Cookie`), body bytes, compressed or not — reaches the client
+unchanged, minus hop-by-hop headers (RFC 9110 §7.6.1).
+
+`timeout` is about progress, not total time: the exchange fails when no byte has moved
+in either direction for that long (an idle backend before its head → 504; later → the
+connection is cut, as the status is already out). A 200 MB upload or download takes as
+long as it takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import Backend
+from .filters import Outgoing
+from .logs import REQUEST_ID
+from .routing import Route
+
+__all__ = ["Proxy", "backend_session", "is_websocket"]
+
+log = logging.getLogger("composer.proxy")
+
+# RFC 9110 §7.6.1, plus the proxy-auth pair and `expect`, which composer answers itself.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                         "upgrade", "proxy-authenticate", "proxy-authorization", "expect"})
+# The WebSocket handshake is negotiated again on each side.
+_WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+                           "sec-websocket-protocol", "sec-websocket-accept"})
+_ERROR_PAGE = ("<!DOCTYPE html><html><head><title>{0}</title></head><body><h1>{0}</h1></body></html>")
+_CHUNK = 256 * 1024
+
+
+def backend_session() -> aiohttp.ClientSession:
+    """The client session for backends: pooled, cookie-less, and never decoding bodies."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        auto_decompress=False,
+        trust_env=False,
+        max_field_size=32768,
+        read_bufsize=_CHUNK,
+    )
+
+
+def is_websocket(request: web.BaseRequest) -> bool:
+    headers = request.headers
+    return (headers.get("upgrade", "").lower() == "websocket"
+            and "upgrade" in _tokens(headers.getall("connection", ())))
+
+
+def _tokens(values: list[str] | tuple[str, ...]) -> set[str]:
+    return {t.strip().lower() for v in values for t in v.split(",")}
+
+
+class _Progress:
+    """One deadline for an exchange, pushed back whenever a chunk moves either way."""
+
+    __slots__ = ("_cm", "_loop", "_timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._cm: asyncio.Timeout | None = None
+
+    def start(self, cm: asyncio.Timeout) -> None:
+        self._cm = cm
+
+    def stop(self) -> None:
+        self._cm = None
+
+    def tick(self) -> None:
+        if self._cm is not None:
+            self._cm.reschedule(self._loop.time() + self._timeout)
+
+
+class Proxy:
+    """Forwards backend routes' requests; holds the backend session."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    def _outgoing(self, request: web.BaseRequest, route: Route, params: dict[str, str], path: str,
+                  handshake: bool = False) -> Outgoing:
+        backend = route.backend
+        assert backend is not None
+        incoming = request.headers
+        drop = _HOP_BY_HOP | _tokens(incoming.getall("connection", ()))
+        if handshake:
+            drop |= _WS_HANDSHAKE
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            if name.lower() not in drop:
+                headers.add(name, value)
+        host = incoming.get("host", "")
+        headers["host"] = host if backend.preserve_host and host else backend.host
+        headers["x-forwarded-for"] = _append(incoming.getall("x-forwarded-for", ()), request.remote or "")
+        headers["x-forwarded-proto"] = _append(incoming.getall("x-forwarded-proto", ()), request.scheme)
+        headers["x-forwarded-host"] = _append(incoming.getall("x-forwarded-host", ()), host)
+        if "x-request-id" not in headers:
+            headers["x-request-id"] = request[REQUEST_ID]
+        out = Outgoing(path=path, headers=headers, params=params)
+        for f in route.request_filters:
+            f.on_request(out)
+        return out
+
+    async def forward(self, request: web.BaseRequest, route: Route, params: dict[str, str], path: str,
+                      query: str) -> web.StreamResponse:
+        """Send `request` to the route's backend and stream the answer back."""
+        backend = route.backend
+        assert backend is not None
+        if is_websocket(request):
+            return await self._websocket(request, route, backend, params, path, query)
+        out = self._outgoing(request, route, params, path)
+        url = URL(backend.origin + out.path + ("?" + query if query else ""), encoded=True)
+        progress = _Progress(backend.timeout)
+        body = _upload(request, progress) if request.body_exists else None
+        started = time.perf_counter()
+        response: web.StreamResponse | None = None
+        try:
+            async with asyncio.timeout(backend.timeout) as deadline:
+                progress.start(deadline)
+                async with self.session.request(
+                        request.method, url, headers=out.headers, data=body, allow_redirects=False,
+                        timeout=aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout),
+                ) as upstream:
+                    headers = _response_headers(upstream.headers)
+                    for f in route.filters:
+                        f.on_response(headers)
+                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
+                                                  headers=headers)
+                    await response.prepare(request)
+                    content = upstream.content
+                    while True:
+                        progress.tick()
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        progress.tick()
+                        await response.write(chunk)
+                    progress.stop()
+            await response.write_eof()
+            return response
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            progress.stop()
+            timed_out = isinstance(exc, TimeoutError)
+            status = 504 if timed_out else 502
+            _log_failure(request, route, backend, url, exc, time.perf_counter() - started,
+                         sent=response is not None)
+            if response is not None:
+                raise ConnectionResetError("backend failed mid-response") from exc
+            return _error(status, route)
+
+    async def _websocket(self, request: web.BaseRequest, route: Route, backend: Backend,
+                         params: dict[str, str], path: str, query: str) -> web.StreamResponse:
+        """Relay a WebSocket: handshake with the backend first, then with the client."""
+        out = self._outgoing(request, route, params, path, handshake=True)
+        out.headers.popall("host", None)  # ws_connect sets its own from the URL unless told
+        if backend.preserve_host and request.headers.get("host"):
+            out.headers["host"] = request.headers["host"]
+        url = URL(backend.origin + out.path + ("?" + query if query else ""), encoded=True)
+        offered = tuple(p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")
+                        if p.strip())
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(backend.timeout):
+                upstream = await self.session.ws_connect(url, headers=out.headers, protocols=offered,
+                                                         autoping=False, max_msg_size=0)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+            _log_failure(request, route, backend, url, exc, time.perf_counter() - started, sent=False)
+            return _error(504 if isinstance(exc, TimeoutError) else 502, route)
+        async with upstream:
+            client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
+                                           autoping=False, max_msg_size=0)
+            await client.prepare(request)
+            pumps = [asyncio.create_task(_relay(client, upstream)), asyncio.create_task(_relay(upstream, client))]
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+                await client.close()
+        return client
+
+
+async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+                 sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    """Copy messages one way, pings and pongs included; a close is passed on with its code."""
+    async for msg in source:
+        if msg.type is WSMsgType.TEXT:
+            await sink.send_str(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            await sink.send_bytes(msg.data)
+        elif msg.type is WSMsgType.PING:
+            await sink.ping(msg.data)
+        elif msg.type is WSMsgType.PONG:
+            await sink.pong(msg.data)
+        else:
+            break
+    code = source.close_code
+    await sink.close(code=code if code and code not in (1005, 1006) else 1000)
+
+
+async def _upload(request: web.BaseRequest, progress: _Progress) -> AsyncIterator[bytes]:
+    """The client's body, chunk by chunk as the backend takes it."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    content = request.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        progress.tick()
+        yield chunk
+
+
+def _append(previous: list[str] | tuple[str, ...], value: str) -> str:
+    return ", ".join((*previous, value)) if previous else value
+
+
+def _response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _HOP_BY_HOP | _tokens(upstream.getall("connection", ()))
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+
+
+def _error(status: int, route: Route) -> web.Response:
+    title = {502: "502 Bad Gateway", 504: "504 Gateway Timeout"}[status]
+    headers = CIMultiDict({"content-type": "text/html; charset=utf-8", "cache-control": "no-store"})
+    for f in route.filters:
+        f.on_response(headers)
+    return web.Response(status=status, body=_ERROR_PAGE.format(title).encode(), headers=headers)
+
+
+def _log_failure(request: web.BaseRequest, route: Route, backend: Backend, url: URL, exc: BaseException,
+                 duration: float, *, sent: bool) -> None:
+    log.warning("backend failed", extra={"fields": {
+        "route": route.name,
+        "backend": backend.origin,
+        "url": str(url),
+        "error_type": "timeout" if isinstance(exc, TimeoutError) else "connection",
+        "detail": str(exc) or type(exc).__name__,
+        "status": None if sent else 504 if isinstance(exc, TimeoutError) else 502,
+        "duration_ms": round(duration * 1000, 1),
+        "request_id": request[REQUEST_ID],
+    }})
