@@ -72,7 +72,6 @@ class ComposerServer:
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
-        self.metrics.fragment_info.clear()
         for route in table.routes:
             for fragment in route.template.fragments if route.template else ():
                 self.metrics.fragment_info.labels(fragment.id, "", "").set(1)

@@ -3,9 +3,10 @@
 gunicorn does what a multi-process server must (pre-fork, shared listening socket, worker
 restarts, heartbeat, graceful TERM); composer supplies the worker. The config is loaded and
 compiled once in the arbiter, before forking, so a bad config exits 2 before anything
-starts and workers inherit the compiled route table. Each worker also binds the admin port
-with SO_REUSEPORT; its /readyz reflects its own drain, and its /metrics is the sum over
-all workers (prometheus_client multiprocess mode).
+starts and workers inherit the compiled route table; each worker then watches the files
+itself and reloads in place (SIGHUP to the arbiter is passed on to every worker). Each
+worker also binds the admin port with SO_REUSEPORT; its /readyz reflects its own drain,
+and its /metrics is the sum over all workers (prometheus_client multiprocess mode).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from typing import Any
 
 from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from prometheus_client import multiprocess, values
 
 from .config import Config
@@ -38,10 +42,25 @@ except ImportError:  # pragma: no cover - platforms without uvloop
 class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
     """A gunicorn worker running one ComposerServer on the arbiter's sockets."""
 
+    server: ComposerServer | None = None
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        # The arbiter forwards SIGHUP (see _HupArbiter): reload in place, keep the process.
+        self.loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _reload(self) -> None:
+        if self.server is not None:
+            self.server.reloader.trigger()
+
     async def _run(self) -> None:
         app: _Arbiter = self.app
-        server = ComposerServer(app.config, app.table, admin_host=app.host, admin_port=app.admin_port,
-                                grace=GRACE_SECONDS, sockets=self.sockets)
+        server = self.server = ComposerServer(app.config, app.table, admin_host=app.host,
+                                              admin_port=app.admin_port, grace=GRACE_SECONDS,
+                                              sockets=self.sockets)
+        # A worker started later (a replacement) must not serve the config of the arbiter's
+        # start if the files changed since, even with polling off.
+        await server.reloader.check()
         await server.start()
         self.booted = True
         ppid = os.getppid()
@@ -92,6 +111,26 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> _Arbiter:
         return self
+
+    def run(self) -> None:
+        try:
+            _HupArbiter(self).run()
+        except RuntimeError as exc:  # what gunicorn's own run() does with arbiter errors
+            print(f"composer: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+class _HupArbiter(Arbiter):  # type: ignore[misc]
+    """gunicorn's arbiter, except that SIGHUP reaches the workers instead of replacing them.
+
+    Workers were forked with the config compiled at start; replacing them would bring that
+    old config back. Each worker reloads from disk instead (composer.reload), as a single
+    process does.
+    """
+
+    def handle_hup(self) -> None:
+        self.log.info("SIGHUP: workers reload the config")
+        self.kill_workers(signal.SIGHUP)
 
 
 def _child_exit(_arbiter: Any, worker: Any) -> None:
