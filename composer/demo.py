@@ -72,6 +72,12 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
         return web.Response(text="<footer>composer demo · fragments from 127.0.0.1:9101</footer>",
                             content_type="text/html")
 
+    async def stock(request: web.Request) -> web.Response:
+        sku = request.match_info["sku"]
+        if sku not in _PRODUCTS:
+            return web.json_response({"error": f"no product {sku!r}"}, status=404)
+        return web.json_response({"sku": sku, "in_stock": sku == "42"})
+
     def static(body: bytes, content_type: str):  # type: ignore[no-untyped-def]
         async def handler(_: web.Request) -> web.Response:
             return web.Response(body=body, content_type=content_type)
@@ -83,6 +89,7 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     app.router.add_get("/recommendations", recommendations)
     app.router.add_get("/reviews", reviews)
     app.router.add_get("/footer", footer)
+    app.router.add_get("/stock/{sku}", stock)
     app.router.add_get("/static/site.css", static(_SITE_CSS, "text/css"))
     app.router.add_get("/static/product.css", static(_CSS, "text/css"))
     app.router.add_get("/static/product.js", static(_JS, "application/javascript"))
