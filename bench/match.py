@@ -24,8 +24,8 @@ from multidict import CIMultiDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from composer.reload import load  # noqa: E402
-from composer.routing import split_target  # noqa: E402
+from composer.reload import load
+from composer.routing import split_target
 
 N = 1000
 

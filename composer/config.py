@@ -321,14 +321,23 @@ def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node,
     seen: dict[str, int] = {}
     for item in node.value:
         route = _route(reader, item, settings)
-        if route is None:
+        name = _name_of(item)  # checked even when the route is broken: every problem at once
+        if name is not None and name in seen:
+            reader.error(item, f"duplicate route name {name!r} (first on line {seen[name]})")
             continue
-        if route.name in seen:
-            reader.error(item, f"duplicate route name {route.name!r} (first on line {seen[route.name]})")
-            continue
-        seen[route.name] = route.line
-        routes.append(route)
+        if name is not None:
+            seen[name] = item.start_mark.line + 1
+        if route is not None:
+            routes.append(route)
     return tuple(routes)
+
+
+def _name_of(node: yaml.Node) -> str | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == "name" and isinstance(value, yaml.ScalarNode):
+                return str(value.value)
+    return None
 
 
 def _route(reader: _Reader, node: yaml.Node, settings: Settings | None) -> RouteSpec | None:

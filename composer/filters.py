@@ -41,6 +41,8 @@ _RESERVED = frozenset({"connection", "content-length", "keep-alive", "transfer-e
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Characters a request path may carry as they are; anything else in a parameter is quoted.
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+# In a query, a parameter must not add parameters: `&`, `=`, `;` and `+` are quoted too.
+_QUERY_SAFE = "/%:@!$'()*,-._~"
 # Go/Skipper replacement syntax: $1, ${1}, ${name}, $$.
 _GO_REF = re.compile(r"\$(?:\$|(\d+)|\{(\w+)\}|([A-Za-z_]\w*))")
 
@@ -76,13 +78,16 @@ class PathTemplate:
 
     text: str
     parts: tuple[str, ...]  # literal, name, literal, name, ..., literal
+    safe: tuple[str, ...]  # per name: what may stay unquoted where it lands (path or query)
 
     @classmethod
     def parse(cls, text: str) -> PathTemplate:
         pieces = _PLACEHOLDER.split(text)
         if any("{" in p or "}" in p for p in pieces[::2]):
             raise ValueError(f"malformed {{param}} in {text!r}")
-        return cls(text=text, parts=tuple(pieces))
+        safe = tuple(_QUERY_SAFE if "?" in "".join(pieces[:i:2]) else _PATH_SAFE
+                     for i in range(1, len(pieces), 2))
+        return cls(text=text, parts=tuple(pieces), safe=safe)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -94,7 +99,7 @@ class PathTemplate:
             return parts[0]
         out = [parts[0]]
         for i in range(1, len(parts), 2):
-            out.append(quote(params.get(parts[i], ""), safe=_PATH_SAFE))
+            out.append(quote(params.get(parts[i], ""), safe=self.safe[i // 2]))
             out.append(parts[i + 1])
         return "".join(out)
 

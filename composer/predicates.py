@@ -12,7 +12,6 @@ what is matched is exactly what a backend would receive.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,7 +60,10 @@ def compile_path(pattern: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
     if "{" in rest or "}" in rest:
         raise ValueError(f"malformed parameter in path {pattern!r}")
     parts.append(re.escape(rest))
-    return re.compile("^" + "".join(parts) + "$"), tuple(names)
+    try:  # a regex valid alone can fail in place: `(?i)` mid-pattern, a named group clashing
+        return re.compile("^" + "".join(parts) + "$"), tuple(names)
+    except re.error as exc:
+        raise ValueError(f"invalid regex in path {pattern!r}: {exc}") from None
 
 
 def _path_value(value: Any, key: str) -> str:
@@ -140,16 +142,24 @@ class MethodsPredicate:
 
 
 def host_of(request: web.BaseRequest) -> str:
-    """The Host header without its port, lower-cased ("" when absent)."""
+    """The Host header without its port, lower-cased ("" when absent).
+
+    A fully qualified name's trailing dot is dropped: `a.example.com.` is the same host as
+    `a.example.com`, and must not slip past a route meant for it.
+    """
     host = request.headers.get("host", "")
     if host.startswith("["):
         return host[: host.find("]") + 1].lower()
-    return host.partition(":")[0].lower()
+    return host.partition(":")[0].lower().removesuffix(".")
 
 
 @dataclass(frozen=True, slots=True)
 class HostPredicate:
-    """`host`: a glob (`*.example.com`) on the Host header, port ignored, case-insensitive."""
+    """`host`: a glob (`*.example.com`) on the Host header, port ignored, case-insensitive.
+
+    Only `*` and `?` are wildcards: `[` and `]` are literal, so an IPv6 literal such as
+    `[::1]` matches itself instead of being read as a character class.
+    """
 
     key: ClassVar[str] = "host"
     glob: str
@@ -160,10 +170,14 @@ class HostPredicate:
         if not isinstance(value, str) or not value or any(c in value for c in "/@ \t"):
             raise ValueError(f"match.host must be a host name or glob such as '*.example.com', not {value!r}")
         glob = value.lower()
-        return cls(glob=glob, regex=re.compile(fnmatch.translate(glob)))
+        if ":" in (glob.rpartition("]")[2] if glob.startswith("[") else glob):
+            # the port is stripped before matching, so a glob with one could never match
+            raise ValueError(f"match.host {value!r}: leave the port out, it is ignored")
+        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob)
+        return cls(glob=glob, regex=re.compile(f"(?s:{regex})"))
 
     def match(self, request: web.BaseRequest) -> bool:
-        return self.regex.match(host_of(request)) is not None
+        return self.regex.fullmatch(host_of(request)) is not None
 
 
 def _pairs(value: Any, key: str) -> dict[str, str]:
@@ -171,7 +185,7 @@ def _pairs(value: Any, key: str) -> dict[str, str]:
         raise ValueError(f"match.{key} takes a mapping of names to values")
     for name, text in value.items():
         if not isinstance(text, str):
-            raise ValueError(f"match.{key}: the value of {name!r} must be a string")
+            raise ValueError(f"match.{key}: the value of {name!r} must be a string")  # noqa: TRY004 - a config error
     return value
 
 

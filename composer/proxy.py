@@ -111,8 +111,8 @@ class Proxy:
         headers["x-forwarded-for"] = _append(incoming.getall("x-forwarded-for", ()), request.remote or "")
         headers["x-forwarded-proto"] = _append(incoming.getall("x-forwarded-proto", ()), request.scheme)
         headers["x-forwarded-host"] = _append(incoming.getall("x-forwarded-host", ()), host)
-        if "x-request-id" not in headers:
-            headers["x-request-id"] = request[REQUEST_ID]
+        # The id composer logs under (the incoming one when sane), so both sides' logs correlate.
+        headers["x-request-id"] = request[REQUEST_ID]
         out = Outgoing(path=path, headers=headers, params=params)
         for f in route.request_filters:
             f.on_request(out)
@@ -162,7 +162,11 @@ class Proxy:
             _log_failure(request, route, backend, url, exc, time.perf_counter() - started,
                          sent=response is not None)
             if response is not None:
-                raise ConnectionResetError("backend failed mid-response") from exc
+                # The status is out; cut the connection so a truncated body (chunked, it
+                # would end cleanly) can never pass for a complete one.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             return _error(status, route)
 
     async def _websocket(self, request: web.BaseRequest, route: Route, backend: Backend,
@@ -184,12 +188,18 @@ class Proxy:
             _log_failure(request, route, backend, url, exc, time.perf_counter() - started, sent=False)
             return _error(504 if isinstance(exc, TimeoutError) else 502, route)
         async with upstream:
+            # No autoclose: answering the client's close would drop its connection, and aiohttp
+            # then cancels this handler before the close (and its code) has reached the backend.
             client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
-                                           autoping=False, max_msg_size=0)
+                                           autoping=False, autoclose=False, max_msg_size=0)
             await client.prepare(request)
             pumps = [asyncio.create_task(_relay(client, upstream)), asyncio.create_task(_relay(upstream, client))]
             try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                if pending:
+                    # A close ends the other pump first (its receive returns CLOSING) while
+                    # this one is still handing the close and its code on: let it finish.
+                    await asyncio.wait(pending, timeout=backend.timeout)
             finally:
                 for pump in pumps:
                     pump.cancel()
@@ -200,8 +210,13 @@ class Proxy:
 
 async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
                  sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
-    """Copy messages one way, pings and pongs included; a close is passed on with its code."""
-    async for msg in source:
+    """Copy messages one way, pings and pongs included; a close is passed on with its code.
+
+    CLOSING means the other pump is closing `source` itself, passing on the other side's
+    close: closing `sink` here too would race it (and send 1000 instead of that code).
+    """
+    while True:
+        msg = await source.receive()
         if msg.type is WSMsgType.TEXT:
             await sink.send_str(msg.data)
         elif msg.type is WSMsgType.BINARY:
@@ -210,6 +225,8 @@ async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
             await sink.ping(msg.data)
         elif msg.type is WSMsgType.PONG:
             await sink.pong(msg.data)
+        elif msg.type is WSMsgType.CLOSING:
+            return
         else:
             break
     code = source.close_code

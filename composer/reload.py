@@ -21,7 +21,7 @@ from .errors import ConfigError, Stamp
 from .metrics import Metrics
 from .routing import RouteTable, build_table
 
-__all__ = ["Reloader", "load"]
+__all__ = ["Reloader", "changed", "load"]
 
 log = logging.getLogger("composer.reload")
 
@@ -32,7 +32,7 @@ def load(path: str | Path) -> tuple[Config, RouteTable]:
     return config, build_table(config)
 
 
-def _changed(sources: tuple[tuple[Path, Stamp], ...]) -> bool:
+def changed(sources: tuple[tuple[Path, Stamp], ...]) -> bool:
     return any(file_stamp(path) != stamp for path, stamp in sources)
 
 
@@ -54,24 +54,24 @@ class Reloader:
         self._wake.set()
 
     async def run(self) -> None:
-        forced = False
         while True:
             settings = self._current().settings
             interval = settings.reload_interval_ms / 1000 if settings is not None else 1.0
             try:
                 async with asyncio.timeout(interval or None):
                     await self._wake.wait()
-                forced = True
             except TimeoutError:
                 pass
+            # Read the event, not how the wait ended: a trigger landing as the timeout fires
+            # ends the wait with TimeoutError, and must still force the check.
+            forced = self._wake.is_set()
             self._wake.clear()
             await self.check(force=forced)
-            forced = False
 
     async def check(self, *, force: bool = False) -> bool | None:
         """Reload if something changed: True applied, False refused, None nothing to do."""
         watched = self._failed if self._failed is not None else self._current().sources
-        if not force and not _changed(watched):
+        if not force and not changed(watched):
             return None
         try:
             config, table = await asyncio.to_thread(load, self.path)

@@ -177,6 +177,8 @@ def _shadowed(label: str, routes: tuple[Route, ...], root: _Node) -> tuple[str, 
     Only routes indexed at the same node or above can cover a route, so this stays cheap.
     """
     warnings: list[str] = []
+    # Path regexes with the parameter names removed: equal shapes match the same paths.
+    shape = {id(r): _GROUP_NAME.sub("(", r.path.regex.pattern) for r in routes if isinstance(r.path, PathPredicate)}
     for route in routes:
         node = root
         for segment in route.path.literal:
@@ -184,14 +186,14 @@ def _shadowed(label: str, routes: tuple[Route, ...], root: _Node) -> tuple[str, 
         for earlier in node.candidates:
             if earlier is route:
                 break
-            if _covers(earlier, route):
+            if _covers(earlier, route, shape):
                 warnings.append(f"{label}:{route.line}: warning: route {route.name!r} can never match: "
                                 f"route {earlier.name!r} (line {earlier.line}) takes every request it would")
                 break
     return tuple(warnings)
 
 
-def _covers(a: Route, b: Route) -> bool:
+def _covers(a: Route, b: Route, shape: dict[int, str]) -> bool:
     """True when every request `b` matches is also matched by `a`."""
     if not all(c in b.conditions for c in a.conditions):
         return False
@@ -203,5 +205,5 @@ def _covers(a: Route, b: Route) -> bool:
         return False
     if not b.path.params:
         return a.path.match(b.path.pattern) is not None
-    return _GROUP_NAME.sub("(", a.path.regex.pattern) == _GROUP_NAME.sub("(", b.path.regex.pattern)
+    return shape[id(a)] == shape[id(b)]
 

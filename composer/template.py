@@ -12,6 +12,7 @@ with their offset before parsing; only candidates the parser turns into elements
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,7 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
         if any(inner.attributes[_AT] != element.attributes[_AT] for inner in element.css(f"fragment[{_AT}]")):
             problems.add(start, "fragments cannot be nested")
     found.sort(key=lambda f: f.start)
-    for before, after in zip(found, found[1:], strict=False):
+    for before, after in itertools.pairwise(found):
         if after.start < before.end:
             problems.add(after.start, "fragments cannot be nested")
     body_marks = [int(m.attributes[_AT] or 0) for m in tree.css(_MARK)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from aiohttp.worker import GunicornUVLoopWebWorker, GunicornWebWorker
@@ -24,8 +25,10 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from prometheus_client import multiprocess, values
 
-from .config import Config
+from .config import Config, file_stamp
+from .errors import ConfigError, Stamp
 from .logs import JsonFormatter
+from .reload import changed, load
 from .routing import RouteTable
 from .server import GRACE_SECONDS, ComposerServer
 
@@ -75,7 +78,24 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
                  workers: int) -> None:
         self.config, self.table = config, table
         self.host, self.port, self.admin_port, self.workers = host, port, admin_port, workers
+        self._failed: tuple[tuple[Path, Stamp], ...] | None = None
         super().__init__()
+
+    def refresh(self) -> None:
+        """Keep the last good config here too, so a replacement worker forks with it.
+
+        Workers reload (and log, and count) on their own; this only follows along quietly.
+        """
+        watched = self._failed if self._failed is not None else self.table.sources
+        if not changed(watched):
+            return
+        try:
+            self.config, self.table = load(self.config.path)
+            self._failed = None
+        except ConfigError as exc:
+            self._failed = exc.sources or ((self.config.path, file_stamp(self.config.path)),)
+        except Exception:  # noqa: BLE001 - never let a bad file take the arbiter down
+            self._failed = tuple((path, file_stamp(path)) for path, _ in watched)
 
     def load_config(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -123,14 +143,26 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
 class _HupArbiter(Arbiter):  # type: ignore[misc]
     """gunicorn's arbiter, except that SIGHUP reaches the workers instead of replacing them.
 
-    Workers were forked with the config compiled at start; replacing them would bring that
-    old config back. Each worker reloads from disk instead (composer.reload), as a single
-    process does.
+    Workers reload from disk themselves (composer.reload), as a single process does; the
+    arbiter follows the files too (as its loop turns, about once a second, and before each
+    fork), so a worker it forks later starts from the last good config, not the one of the
+    start.
     """
 
     def handle_hup(self) -> None:
         self.log.info("SIGHUP: workers reload the config")
+        self.app.refresh()
         self.kill_workers(signal.SIGHUP)
+
+    def manage_workers(self) -> None:
+        settings = self.app.table.settings
+        if settings is None or settings.reload_interval_ms:  # 0: files are read on SIGHUP only
+            self.app.refresh()
+        super().manage_workers()
+
+    def spawn_worker(self) -> int:
+        self.app.refresh()  # a worker forked now starts from what is on disk, if it is good
+        return super().spawn_worker()
 
 
 def _child_exit(_arbiter: Any, worker: Any) -> None:

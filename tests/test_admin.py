@@ -18,10 +18,10 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import html
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.logs import JsonFormatter
-from conftest import html
 
 FAILURE_FIELDS = ("fragment", "version", "route", "error_type", "url", "status", "duration_ms",
                   "request_id", "fallback")
@@ -361,9 +361,8 @@ async def test_healthz_and_readyz(start_composer, fragments):
 
 
 async def _fetch_page(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url) as resp:
-            return resp.status, await resp.text()
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, await resp.text()
 
 
 async def _refused(port: int) -> bool:

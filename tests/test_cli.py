@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from conftest import free_port, html, write_config
 
 PAGE = """\
@@ -151,7 +150,7 @@ class Running:
     def stderr(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
-    async def __aenter__(self) -> "Running":
+    async def __aenter__(self) -> Running:
         with open(self.stderr_path, "wb") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "composer", *self.args, cwd=self.cwd,

@@ -15,10 +15,9 @@ import aiohttp
 import brotli
 import pytest
 from aiohttp import web
+from conftest import html
 from multidict import CIMultiDictProxy
 from yarl import URL
-
-from conftest import html
 
 PRODUCT_ROUTE = """
     routes:
@@ -552,7 +551,7 @@ ASYNC_PH = re.compile(rb'<template id="composer-async-(\d+)"></template>')
 
 def async_block(n: bytes) -> re.Pattern[bytes]:
     return re.compile(rb'<div hidden id="composer-async-' + n + rb'-content">(.*?)</div>(<script>.*?</script>)',
-                      re.S)
+                      re.DOTALL)
 
 
 async def test_async_placeholder_and_content_before_body_end_in_completion_order(fragments, start_composer):

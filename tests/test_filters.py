@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from conftest import html, write_config
 from multidict import CIMultiDict
 
+from composer.config import load_config, read_config
 from composer.errors import ConfigError
 from composer.filters import FILTERS, RemoveResponseHeader, SetResponseHeader
-from composer.config import load_config, read_config
 from composer.routing import build_table
-
-from conftest import html, write_config
 
 
 @pytest.mark.parametrize("key, value, error", [

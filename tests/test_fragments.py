@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import brotli
 import pytest
 from aiohttp import web
+from conftest import html
 from multidict import CIMultiDict
 from yarl import URL
 
 from composer.errors import Reason
 from composer.fragments import Asset, Failed, Fetched, fetch, new_session, parse_assets
-from conftest import html
 
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

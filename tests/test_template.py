@@ -11,7 +11,13 @@ from yarl import URL
 
 from composer.config import Settings
 from composer.errors import ConfigError
-from composer.template import ASYNC_SLOT, Fragment, Template, UrlTemplate, compile_template
+from composer.template import (
+    ASYNC_SLOT,
+    Fragment,
+    Template,
+    UrlTemplate,
+    compile_template,
+)
 
 
 def _settings(tmp_path: Path, **kwargs) -> Settings:

@@ -8,10 +8,8 @@ import sys
 import time
 
 import aiohttp
-
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import free_port, html, write_config
+from prometheus_client.parser import text_string_to_metric_families
 
 
 async def _wait_ready(session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process) -> None:
