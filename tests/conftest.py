@@ -6,6 +6,7 @@ a routes.yaml and templates into tmp_path and starts a `ComposerServer` on free 
 
 from __future__ import annotations
 
+import logging
 import socket
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +30,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Records(logging.Handler):
+    """Keeps every record it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import aiohttp
 import brotli
 import pytest
 from aiohttp import web
-from conftest import html
+from conftest import Records, html
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -132,15 +132,6 @@ def link_entries(header: str) -> list[tuple[str, dict[str, str]]]:
                 parsed[k.strip().lower()] = v.strip().strip('"').lower()
         out.append((url, parsed))
     return out
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 # ---------------------------------------------------------------- src and {param}

@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from conftest import free_port, write_config
+from conftest import Records, free_port, write_config
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -135,17 +135,6 @@ async def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[str, C
         writer.close()
         with suppress(Exception):
             await writer.wait_closed()
-
-
-class Records(logging.Handler):
-    """Keeps every record it is given."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @contextmanager
