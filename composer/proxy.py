@@ -157,6 +157,8 @@ class Proxy:
             return response
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             progress.stop()
+            if response is not None and (request.transport is None or request.transport.is_closing()):
+                raise  # the client went away mid-body, not the backend: nothing to log or answer
             timed_out = isinstance(exc, TimeoutError)
             status = 504 if timed_out else 502
             _log_failure(request, route, backend, url, exc, time.perf_counter() - started,

@@ -660,6 +660,32 @@ async def test_chunked_body_cut_short_never_looks_complete(start_composer):
         assert sample(metrics, "composer_requests_total", route="broken", status="499") == 0
 
 
+async def test_client_leaving_mid_download_is_not_blamed_on_the_backend(backend, start_composer):
+    stopped = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            for _ in range(200):
+                await response.write(b"x" * 65536)
+                await asyncio.sleep(0.02)
+        finally:
+            stopped.set()  # cancelled or failed once composer lets go of the backend
+        return response
+
+    composer = await start_composer({}, routes=one_route(await backend(endless), name="dl"))
+    with captured() as log:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(composer.url + "/big") as resp:
+                await resp.content.readexactly(65536)
+        await asyncio.wait_for(stopped.wait(), 5)
+        await asyncio.sleep(0.1)  # let composer's handler finish its bookkeeping
+    assert [r.getMessage() for r in log.records] == []
+    metrics = await composer.metrics()
+    assert sample(metrics, "composer_requests_total", route="dl", status="499") == 1
+
+
 async def test_backend_stalling_mid_body_is_cut_after_timeout(start_composer):
     async with raw_backend(broken_backend) as origin:
         composer = await start_composer({}, routes=one_route(origin, name="stall", extra="    timeout_ms: 300\n"))
