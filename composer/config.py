@@ -12,7 +12,6 @@ table is built (`routing`).
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from yarl import URL
 
 from .errors import ConfigError, Stamp
 from .filters import FILTERS, PathTemplate, RequestFilter, ResponseFilter
+from .manifest import Manifest, parse_fragments
+from .nodes import MAX_TIMEOUT_MS, Reader, compose, file_stamp, is_null, plain
 from .predicates import (
     PREDICATES,
     Condition,
@@ -32,6 +33,7 @@ from .predicates import (
     PathPredicate,
     PathPrefixPredicate,
 )
+from .urls import origin_allowed
 
 __all__ = [
     "DEFAULT_FORWARD_HEADERS",
@@ -43,7 +45,6 @@ __all__ = [
     "Settings",
     "file_stamp",
     "load_config",
-    "origin_allowed",
     "read_config",
 ]
 
@@ -55,29 +56,11 @@ DEFAULT_FORWARD_HEADERS = (
     "traceparent",
     "tracestate",
 )
-MAX_TIMEOUT_MS = 600_000  # ten minutes: longer is a typo, not a fragment budget
 # Headers that describe one connection or one message, never the user: forwarding them
 # to a fragment would corrupt its request (RFC 9110 §7.6.1), so they are refused at load.
 _NOT_FORWARDABLE = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                               "transfer-encoding", "upgrade", "host", "content-length",
                               "accept-encoding", "x-request-id", "x-request-uri", "x-request-host"})
-
-
-def origin_allowed(url: URL, allowed: tuple[str, ...]) -> bool:
-    """True when `allowed` is empty or one of its `scheme://host[:port]` globs matches `url`."""
-    if not allowed:
-        return True
-    origin = f"{url.scheme}://{url.raw_host}:{url.port}"
-    bare = f"{url.scheme}://{url.raw_host}"
-    return any(fnmatch.fnmatchcase(origin, p) or fnmatch.fnmatchcase(bare, p) for p in allowed)
-
-
-def file_stamp(path: Path) -> Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +73,9 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     max_fragment_bytes: int = 5 * 1024 * 1024
     reload_interval_ms: int = 1000  # how often routes.yaml and templates are checked; 0: only on SIGHUP
+    manifest: str | None = None  # a manifest file (relative to routes.yaml) or http(s) URL
+    manifest_poll_s: int = 10  # how often a URL manifest is polled
+    version_override_header: str | None = None  # e.g. x-composer-versions: footer=2.4.0 (QA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,14 +136,17 @@ class Config:
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
     stamp: Stamp = None  # the file as it was just before it was read
     problems: tuple[str, ...] = ()  # set only by `read_config`; such a config is never served
+    manifest: Manifest | None = None  # `fragments:` of routes.yaml, merged with an external manifest
+    manifest_sources: tuple[tuple[Path, Stamp], ...] = ()  # a manifest file, for reloads
 
     def where(self, line: int) -> str:
         return f"{self.label}:{line}"
 
 
 _SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowed_origins",
-                  "max_fragment_bytes", "manifest", "reload_interval_ms")
-_TOP_KEYS = ("settings", "routes")
+                  "max_fragment_bytes", "manifest", "manifest_poll_s", "version_override_header",
+                  "reload_interval_ms")
+_TOP_KEYS = ("settings", "fragments", "routes")
 _TARGETS = ("template", "backend", "redirect")
 _BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
 _ROUTE_KEYS = ("name", "match", *_TARGETS, *_BACKEND_OPTIONS, "filters")
@@ -165,64 +154,6 @@ _REDIRECT_KEYS = ("to", "status")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 TEMPLATE_METHODS = frozenset({"GET", "HEAD"})
 _QUERY_SAFE = "/%:@!$&'()*+,;=-._~?"
-
-
-class _Reader:
-    """Walks composed YAML nodes, collecting `file:line: message` problems."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.problems: list[str] = []
-
-    def error(self, node: yaml.Node | None, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
-        self.problems.append(f"{self.label}:{line}: {message}")
-
-    def mapping(self, node: yaml.Node, what: str, known: tuple[str, ...]) -> dict[str, yaml.Node]:
-        """Keys of a mapping node; unknown and duplicate keys are problems."""
-        if _is_null(node):
-            return {}
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"{what} must be a mapping")
-            return {}
-        out: dict[str, yaml.Node] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key not in known:
-                self.error(key_node, f"unknown key {key!r} in {what} (known: {', '.join(known)})")
-            elif key in out:
-                self.error(key_node, f"duplicate key {key!r} in {what}")
-            else:
-                out[key] = value_node
-        return out
-
-    def string(self, node: yaml.Node, what: str) -> str | None:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
-            self.error(node, f"{what} must be a string")
-            return None
-        if not node.value:
-            self.error(node, f"{what} must not be empty")
-            return None
-        return node.value
-
-    def integer(self, node: yaml.Node, what: str, low: int, high: int) -> int | None:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:int":
-            self.error(node, f"{what} must be an integer")
-            return None
-        value = int(yaml.safe_load(node.value))
-        if not low <= value <= high:
-            self.error(node, f"{what} must be between {low} and {high}, not {value}")
-            return None
-        return value
-
-    def strings(self, node: yaml.Node, what: str) -> tuple[str, ...] | None:
-        if not isinstance(node, yaml.SequenceNode):
-            self.error(node, f"{what} must be a list of strings")
-            return None
-        values = [self.string(item, f"each entry of {what}") for item in node.value]
-        if None in values:
-            return None
-        return tuple(v for v in values if v is not None)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -245,28 +176,27 @@ def read_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([f"{label}:1: file not found"], ((file, stamp),)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{label}:1: cannot read: {exc}"], ((file, stamp),)) from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise ConfigError([f"{label}:{line}: invalid YAML: {exc.problem or exc.context}"], ((file, stamp),)) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{label}:1: invalid YAML: {exc}"], ((file, stamp),)) from None
+    root, problem = compose(text, label)
+    if problem is not None:
+        raise ConfigError([problem], ((file, stamp),))
 
-    reader = _Reader(label)
+    reader = Reader(label)
     if root is None:
         raise ConfigError([f"{label}:1: the file is empty; it needs a `routes:` list"], ((file, stamp),))
     top = reader.mapping(root, "the top level", _TOP_KEYS)
     settings = _settings(reader, top.get("settings"), file.parent)
     routes = _routes(reader, top.get("routes"), root, settings)
+    manifest = None
+    if "fragments" in top and settings is not None:
+        manifest = Manifest(fragments=parse_fragments(reader, top["fragments"], settings.allowed_origins),
+                            source=label)
     if settings is None:
         raise ConfigError(reader.problems, ((file, stamp),))
     return Config(path=file, label=label, settings=settings, routes=routes, stamp=stamp,
-                  problems=tuple(reader.problems))
+                  problems=tuple(reader.problems), manifest=manifest)
 
 
-def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings | None:
+def _settings(reader: Reader, node: yaml.Node | None, base: Path) -> Settings | None:
     values: dict[str, Any] = {}
     keys = reader.mapping(node, "settings", _SETTINGS_KEYS) if node is not None else {}
     if "templates" in keys:
@@ -288,9 +218,13 @@ def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings |
                 reader.error(keys["forward_headers"], f"settings.forward_headers cannot include {bad!r}: "
                                                       "composer sets it itself or it is hop-by-hop")
         values["forward_headers"] = headers
-    if "manifest" in keys and not _is_null(keys["manifest"]):
-        reader.error(keys["manifest"], "settings.manifest: fragment manifests are not supported by this "
-                                       "version of composer; leave it null")
+    if "manifest" in keys and not is_null(keys["manifest"]):
+        values["manifest"] = reader.string(keys["manifest"], "settings.manifest")
+    if "manifest_poll_s" in keys:
+        values["manifest_poll_s"] = reader.integer(keys["manifest_poll_s"], "settings.manifest_poll_s", 1, 86400)
+    if "version_override_header" in keys and not is_null(keys["version_override_header"]):
+        header = reader.string(keys["version_override_header"], "settings.version_override_header")
+        values["version_override_header"] = header.lower() if header else None
     if "allowed_origins" in keys:
         origins = reader.strings(keys["allowed_origins"], "settings.allowed_origins")
         if origins is not None:
@@ -305,11 +239,7 @@ def _settings(reader: _Reader, node: yaml.Node | None, base: Path) -> Settings |
     return Settings(**values)
 
 
-def _is_null(node: yaml.Node) -> bool:
-    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-def _routes(reader: _Reader, node: yaml.Node | None, root: yaml.Node,
+def _routes(reader: Reader, node: yaml.Node | None, root: yaml.Node,
             settings: Settings | None) -> tuple[RouteSpec, ...]:
     if node is None:
         reader.error(root, "`routes:` is missing; it lists the routes, first match wins")
@@ -340,7 +270,7 @@ def _name_of(node: yaml.Node) -> str | None:
     return None
 
 
-def _route(reader: _Reader, node: yaml.Node, settings: Settings | None) -> RouteSpec | None:
+def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteSpec | None:
     keys = reader.mapping(node, "a route", _ROUTE_KEYS)
     if not isinstance(node, yaml.MappingNode):
         return None
@@ -392,7 +322,7 @@ def _route(reader: _Reader, node: yaml.Node, settings: Settings | None) -> Route
     )
 
 
-def _match(reader: _Reader, node: yaml.Node) -> tuple[PathPredicate | PathPrefixPredicate | None,
+def _match(reader: Reader, node: yaml.Node) -> tuple[PathPredicate | PathPrefixPredicate | None,
                                                       frozenset[str] | None, tuple[Condition, ...]]:
     """`match:` through the predicate registry: the path one, the methods, the rest."""
     path: PathPredicate | PathPrefixPredicate | None = None
@@ -413,7 +343,7 @@ def _match(reader: _Reader, node: yaml.Node) -> tuple[PathPredicate | PathPrefix
             continue
         seen.add(key)
         try:
-            predicate = kind.create(_plain(value_node))
+            predicate = kind.create(plain(value_node))
         except ValueError as exc:
             reader.error(key_node, str(exc))
             continue
@@ -430,7 +360,7 @@ def _match(reader: _Reader, node: yaml.Node) -> tuple[PathPredicate | PathPrefix
     return path, methods, tuple(conditions)
 
 
-def _backend(reader: _Reader, keys: dict[str, yaml.Node], settings: Settings) -> Backend | None:
+def _backend(reader: Reader, keys: dict[str, yaml.Node], settings: Settings) -> Backend | None:
     node = keys["backend"]
     text = reader.string(node, "backend")
     if text is None:
@@ -469,7 +399,7 @@ def _backend(reader: _Reader, keys: dict[str, yaml.Node], settings: Settings) ->
                    timeout=timeout_ms / 1000, connect_timeout=min(connect_ms, timeout_ms) / 1000)
 
 
-def _redirect(reader: _Reader, node: yaml.Node, params: tuple[str, ...]) -> Redirect | None:
+def _redirect(reader: Reader, node: yaml.Node, params: tuple[str, ...]) -> Redirect | None:
     keys = reader.mapping(node, "redirect", _REDIRECT_KEYS)
     if not isinstance(node, yaml.MappingNode):
         return None
@@ -514,7 +444,7 @@ def _redirect(reader: _Reader, node: yaml.Node, params: tuple[str, ...]) -> Redi
     return Redirect(to=template, status=status, relative=relative)
 
 
-def _filters(reader: _Reader, node: yaml.Node, params: tuple[str, ...]
+def _filters(reader: Reader, node: yaml.Node, params: tuple[str, ...]
              ) -> tuple[tuple[RequestFilter, ...], tuple[ResponseFilter, ...]]:
     """`filters:` through the filter registry, split into request and response filters."""
     if not isinstance(node, yaml.SequenceNode):
@@ -533,7 +463,7 @@ def _filters(reader: _Reader, node: yaml.Node, params: tuple[str, ...]
             reader.error(key_node, f"unknown filter {key!r} (known: {', '.join(FILTERS)})")
             continue
         try:
-            made = kind.create(_plain(value_node))
+            made = kind.create(plain(value_node))
         except ValueError as exc:
             reader.error(key_node, f"{key}: {exc}")
             continue
@@ -543,12 +473,3 @@ def _filters(reader: _Reader, node: yaml.Node, params: tuple[str, ...]
             continue
         (request if hasattr(made, "on_request") else response).append(made)
     return tuple(request), tuple(response)
-
-
-def _plain(node: yaml.Node) -> Any:
-    """Node → str / list / dict, every scalar as its text (filter arguments are strings)."""
-    if isinstance(node, yaml.MappingNode):
-        return {str(k.value): _plain(v) for k, v in node.value}
-    if isinstance(node, yaml.SequenceNode):
-        return [_plain(v) for v in node.value]
-    return None if _is_null(node) else str(node.value)

@@ -14,10 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+
+import aiohttp
 
 from .config import Config, file_stamp, read_config
 from .errors import ConfigError, Stamp
+from .manifest import Fetched, Manifest, fetch_manifest, is_url, parse_manifest, read_manifest
 from .metrics import Metrics
 from .routing import RouteTable, build_table
 
@@ -26,10 +30,53 @@ __all__ = ["Reloader", "changed", "load"]
 log = logging.getLogger("composer.reload")
 
 
-def load(path: str | Path) -> tuple[Config, RouteTable]:
-    """Load and compile a routes file; raises ConfigError listing every problem of every file."""
+def load(path: str | Path, *, manifest: str | None = None,
+         remote: Fetched | None = None) -> tuple[Config, RouteTable]:
+    """Load and compile a routes file and its manifest; raises ConfigError listing every
+    problem of every file.
+
+    `manifest` (from `--manifest` or COMPOSER_MANIFEST) replaces `settings.manifest`. For a
+    URL manifest, `remote` is its last fetched body; without one it is fetched now.
+    """
     config = read_config(path)
+    source = manifest or config.settings.manifest
+    problems = list(config.problems)
+    sources: tuple[tuple[Path, Stamp], ...] = ()
+    external: Manifest | None = None
+    if source:
+        allowed = config.settings.allowed_origins
+        try:
+            if is_url(source):
+                if remote is None or remote.text is None:
+                    remote = asyncio.run(_fetch_once(source))
+                assert remote.text is not None
+                external = parse_manifest(remote.text, source, allowed, source=source, etag=remote.etag,
+                                          keep_text=True)
+            else:
+                file = Path(source) if manifest else config.path.parent / source
+                external, stamp = read_manifest(file, str(file), allowed)
+                sources = ((file, stamp),)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            sources = exc.sources or sources
+    config = replace(config, manifest=_merge(config, external, problems), problems=tuple(problems),
+                     manifest_sources=sources)
     return config, build_table(config)
+
+
+def _merge(config: Config, external: Manifest | None, problems: list[str]) -> Manifest | None:
+    inline = config.manifest
+    if inline is None or external is None:
+        return external or inline
+    for name in inline.fragments.keys() & external.fragments.keys():
+        problems.append(f"{external.source}:{external.fragments[name].line}: fragment {name!r} is also "
+                        f"declared in {config.label} (line {inline.fragments[name].line})")
+    return replace(external, fragments={**inline.fragments, **external.fragments})
+
+
+async def _fetch_once(url: str) -> Fetched:
+    async with aiohttp.ClientSession(trust_env=False) as session:
+        return await fetch_manifest(session, url, None)
 
 
 def changed(sources: tuple[tuple[Path, Stamp], ...]) -> bool:

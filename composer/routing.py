@@ -20,6 +20,7 @@ from aiohttp import web
 from .config import Backend, Config, Redirect, RouteSpec, Settings, file_stamp
 from .errors import ConfigError, Stamp
 from .filters import RequestFilter, ResponseFilter
+from .manifest import Manifest
 from .predicates import Condition, PathPredicate, PathPrefixPredicate, compile_path
 from .template import Template, compile_template
 
@@ -83,12 +84,14 @@ def split_target(raw: str) -> tuple[str, str]:
 class RouteTable:
     """An immutable, fully compiled set of routes; swapped whole on reload."""
 
-    __slots__ = ("_depth", "_root", "routes", "settings", "sources", "warnings")
+    __slots__ = ("_depth", "_root", "manifest", "routes", "settings", "sources", "warnings")
 
     def __init__(self, routes: tuple[Route, ...], *, settings: Settings | None = None,
-                 sources: tuple[tuple[Path, Stamp], ...] = (), label: str = "routes.yaml") -> None:
+                 sources: tuple[tuple[Path, Stamp], ...] = (), label: str = "routes.yaml",
+                 manifest: Manifest | None = None) -> None:
         self.routes = routes
         self.settings = settings
+        self.manifest = manifest
         self.sources = sources  # every file the table was built from, as it was when read
         self._root, self._depth = _index(routes)
         self.warnings = _shadowed(label, routes, self._root)
@@ -144,7 +147,7 @@ def build_table(config: Config) -> RouteTable:
     """Compile every route's template and index the routes; raise `ConfigError` listing every problem."""
     problems: list[str] = list(config.problems)
     routes: list[Route] = []
-    sources: dict[Path, Stamp] = {config.path: config.stamp}
+    sources: dict[Path, Stamp] = {config.path: config.stamp, **dict(config.manifest_sources)}
     for spec in config.routes:
         template = _template(config, spec, problems, sources) if spec.template is not None else None
         routes.append(Route(
@@ -153,7 +156,8 @@ def build_table(config: Config) -> RouteTable:
             request_filters=spec.request_filters, filters=spec.filters))
     if problems:
         raise ConfigError(problems, tuple(sources.items()))
-    return RouteTable(tuple(routes), settings=config.settings, sources=tuple(sources.items()), label=config.label)
+    return RouteTable(tuple(routes), settings=config.settings, sources=tuple(sources.items()), label=config.label,
+                      manifest=config.manifest)
 
 
 def _template(config: Config, spec: RouteSpec, problems: list[str], sources: dict[Path, Stamp]) -> Template | None:
@@ -165,7 +169,8 @@ def _template(config: Config, spec: RouteSpec, problems: list[str], sources: dic
                         f"(looked for {file})")
         return None
     try:
-        return compile_template(file, params=spec.path.params, settings=config.settings, name=spec.template)
+        return compile_template(file, params=spec.path.params, settings=config.settings, name=spec.template,
+                                manifest=config.manifest)
     except ConfigError as exc:
         problems.extend(exc.problems)
         return None

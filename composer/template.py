@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote
@@ -22,11 +23,13 @@ from urllib.parse import quote
 from selectolax.lexbor import LexborHTMLParser
 from yarl import URL
 
-from .config import MAX_TIMEOUT_MS, origin_allowed
 from .errors import ConfigError
+from .nodes import MAX_TIMEOUT_MS
+from .urls import url_problem
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .manifest import Manifest
 
 __all__ = ["ASYNC_SLOT", "Fragment", "Template", "UrlTemplate", "compile_template"]
 
@@ -98,7 +101,11 @@ def _quote_param(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Fragment:
-    """A `<fragment>` (or `<script type="fragment">`) as the page needs it at request time."""
+    """A `<fragment>` (or `<script type="fragment">`) as the page needs it at request time.
+
+    A fragment named in the manifest carries its versions: `src` is the active one, and the
+    page picks the canary (by the user's bucket) or a QA override per request.
+    """
 
     id: str
     index: int
@@ -110,6 +117,13 @@ class Fragment:
     is_async: bool
     public: bool
     fallback_html: bytes
+    name: str | None = None  # the manifest entry, when it comes from the manifest
+    owner: str = ""
+    version: str = ""  # of `src`
+    canary: str | None = None  # the canary version, served to buckets below `canary_percent`
+    canary_percent: int = 0
+    versions: Mapping[str, UrlTemplate] = field(default_factory=dict)
+    enabled: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +135,7 @@ class Template:
     fragments: tuple[Fragment, ...]
     primary: Fragment | None
     async_fragments: tuple[Fragment, ...]
+    versioned: bool = False  # has manifest fragments: the page needs the user's canary bucket
 
 
 class _Problems:
@@ -148,7 +163,7 @@ class _Found:
 
 
 def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
-                     name: str) -> Template:
+                     name: str, manifest: Manifest | None = None) -> Template:
     """Read and compile `file`; raise `ConfigError` with `file:line: message` problems."""
     label = str(file)
     try:
@@ -162,7 +177,7 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
     fragments: list[Fragment] = []
     for index, item in enumerate(found):
         fragment = _fragment(item, index, source, problems, params=params, settings=settings,
-                             template=name)
+                             template=name, manifest=manifest)
         if fragment is not None:
             fragments.append(fragment)
     ids: dict[str, int] = {}
@@ -202,6 +217,7 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
         fragments=tuple(fragments),
         primary=primaries[0] if primaries else None,
         async_fragments=tuple(f for f in fragments if f.is_async),
+        versioned=any(f.name is not None for f in fragments),
     )
 
 
@@ -290,8 +306,8 @@ def _apply(source: str, inserts: list[tuple[int, str]]) -> str:
     return "".join(out)
 
 
-def _fragment(item: _Found, index: int, source: str, problems: _Problems, *,
-              params: tuple[str, ...], settings: Settings, template: str) -> Fragment | None:
+def _fragment(item: _Found, index: int, source: str, problems: _Problems, *, params: tuple[str, ...],
+              settings: Settings, template: str, manifest: Manifest | None) -> Fragment | None:
     attrs = item.attrs
     ok = True
     for key, value in attrs.items():
@@ -304,19 +320,35 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *,
             problems.add(item.start, f"{key!r} is a boolean attribute and takes no value, not {value!r}")
             ok = False
     src_raw, name = attrs.get("src"), attrs.get("name")
+    entry = manifest.fragments.get(name) if manifest is not None and name else None
     if not src_raw and not name:
         problems.add(item.start, "<fragment> needs a `src` (or a `name` from the manifest)")
         return None
-    if not src_raw:
-        problems.add(item.start, f"fragment name {name!r} is not in a manifest (no manifest is configured); "
-                                 "give it a `src`")
+    if entry is not None and src_raw:
+        problems.add(item.start, f"fragment {name!r} comes from the manifest; drop `src` (or use another name)")
         return None
-    src = _url(item.start, "src", src_raw, problems, params, settings)
+    if entry is None and not src_raw:
+        where = "no manifest is configured" if manifest is None else f"known: {', '.join(manifest.fragments) or 'none'}"
+        problems.add(item.start, f"fragment name {name!r} is not in the manifest ({where}); give it a `src`")
+        return None
+    versions: dict[str, UrlTemplate] = {}
+    if entry is not None:
+        for version, url in entry.versions.items():
+            parsed = _url(item.start, f"manifest version {version!r} of {name!r}", url, problems, params, settings)
+            if parsed is None:
+                return None
+            versions[version] = parsed
+        src: UrlTemplate | None = versions[entry.active]
+    else:
+        src = _url(item.start, "src", src_raw or "", problems, params, settings)
+    fallback_raw = attrs.get("fallback-src")
+    if fallback_raw is None and entry is not None:
+        fallback_raw = entry.fallback
     fallback_src = None
-    if attrs.get("fallback-src") is not None:
-        fallback_src = _url(item.start, "fallback-src", attrs["fallback-src"] or "", problems, params, settings)
+    if fallback_raw is not None:
+        fallback_src = _url(item.start, "fallback-src", fallback_raw or "", problems, params, settings)
         ok = ok and fallback_src is not None
-    timeout_ms = settings.fragment_timeout_ms
+    timeout_ms = entry.timeout_ms if entry is not None and entry.timeout_ms else settings.fragment_timeout_ms
     raw_timeout = attrs.get("timeout")
     if raw_timeout is not None:
         if raw_timeout.strip().isdigit() and 0 < int(raw_timeout) <= MAX_TIMEOUT_MS:
@@ -338,6 +370,10 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *,
         is_async="async" in attrs,
         public="public" in attrs,
         fallback_html=source[item.open_end:item.close_start].encode("utf-8"),
+        **({} if entry is None else {
+            "name": entry.name, "owner": entry.owner, "version": entry.active, "versions": versions,
+            "canary": entry.canary.version if entry.canary else None,
+            "canary_percent": entry.canary.percent if entry.canary else 0, "enabled": entry.enabled}),
     )
 
 
@@ -350,19 +386,8 @@ def _url(offset: int, attr: str, raw: str, problems: _Problems, params: tuple[st
         known = ", ".join(f"{{{p}}}" for p in params) or "none"
         problems.add(offset, f"{attr} uses unknown {{{unknown[0]}}} (the route's params: {known})")
         return None
-    probe = "".join(p if i % 2 == 0 else "composerparam" for i, p in enumerate(template.parts))
-    try:
-        url = URL(probe)
-    except ValueError as exc:
-        problems.add(offset, f"{attr} is not a valid URL: {raw!r} ({exc})")
-        return None
-    if url.scheme not in ("http", "https") or not url.raw_host:
-        problems.add(offset, f"{attr} must be an absolute http(s) URL, not {raw!r}")
-        return None
-    if "composerparam" in f"{url.scheme}{url.raw_user}{url.raw_password}{url.raw_host}{url.port}":
-        problems.add(offset, f"{attr}: {{param}} may only appear in the path or query, not the origin")
-        return None
-    if not origin_allowed(url, settings.allowed_origins):
-        problems.add(offset, f"{attr} {raw!r} is outside settings.allowed_origins")
+    problem = url_problem(raw.strip(), settings.allowed_origins)
+    if problem is not None:
+        problems.add(offset, f"{attr} {problem}")
         return None
     return template

@@ -11,6 +11,7 @@ import pytest
 
 from composer.config import DEFAULT_FORWARD_HEADERS, load_config, read_config
 from composer.errors import ConfigError
+from composer.reload import load
 from composer.routing import build_table, compile_path
 
 PAGE = "<html><body><p>page</p></body></html>\n"
@@ -103,13 +104,10 @@ def test_settings_manifest_null_is_accepted(here):
     assert getattr(config.settings, "manifest", None) is None
 
 
-def test_settings_manifest_given_is_refused_with_its_line(here):
-    # Manifests are not built yet: a manifest that would be silently ignored is an error.
+def test_settings_manifest_that_is_missing_is_an_error_naming_it(here):
     with pytest.raises(ConfigError) as info:
-        load_config(write(here, "settings:\n  manifest: manifests/dev.yaml\n" + MINIMAL))
-    assert info.value.problems == [
-        "routes.yaml:2: settings.manifest: fragment manifests are not supported by this version "
-        "of composer; leave it null"]
+        load(write(here, "settings:\n  manifest: manifests/dev.yaml\n" + MINIMAL))
+    assert info.value.problems == [f"{Path('manifests') / 'dev.yaml'}:1: manifest not found"]
 
 
 def test_empty_settings_mapping_is_fine(here):

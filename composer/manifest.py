@@ -1,0 +1,203 @@
+"""The fragment manifest (SPEC §5): which versions of each fragment exist and which is live.
+
+Teams deploy fragment versions side by side; the manifest says which one pages use
+(`active`), which a slice of users sees (`canary`), and whether the fragment is on at all
+(`enabled`). Rolling back is editing `active`: the manifest is part of the config, so a
+change is validated and swapped in like any routes.yaml change, without a restart. A
+manifest comes from routes.yaml (`fragments:`), a YAML or JSON file, or an http(s) URL
+polled with `If-None-Match`; whatever fails to load or validate never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from .errors import ConfigError, Stamp
+from .nodes import MAX_TIMEOUT_MS, Reader, compose, file_stamp
+from .urls import url_problem
+
+__all__ = ["Canary", "Entry", "Manifest", "fetch_manifest", "is_url", "parse_manifest", "read_manifest"]
+
+_ENTRY_KEYS = ("owner", "timeout_ms", "fallback", "versions", "active", "canary", "enabled")
+_CANARY_KEYS = ("version", "percent")
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """`canary: {version, percent}`: users whose bucket (0–99) is below `percent` get `version`."""
+
+    version: str
+    percent: int
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One fragment of the manifest; URLs may hold the route's `{param}`s like a `src`."""
+
+    name: str
+    owner: str
+    versions: Mapping[str, str]
+    active: str
+    canary: Canary | None = None
+    enabled: bool = True
+    timeout_ms: int | None = None
+    fallback: str | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A loaded manifest: its fragments, where it came from and when it was read."""
+
+    fragments: Mapping[str, Entry]
+    source: str  # "routes.yaml", a file path or a URL
+    loaded_at: float = field(default_factory=time.time)
+    text: str | None = None  # a URL manifest's body, kept so a routes.yaml reload can reuse it
+    etag: str | None = None
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def parse_fragments(reader: Reader, node: yaml.Node, allowed: tuple[str, ...]) -> dict[str, Entry]:
+    """`fragments:` → entries; problems go to `reader` with their lines."""
+    entries: dict[str, Entry] = {}
+    if not isinstance(node, yaml.MappingNode):
+        reader.error(node, "fragments must be a mapping of fragment names to their entries")
+        return entries
+    for key_node, value_node in node.value:
+        name = str(key_node.value)
+        if name in entries:
+            reader.error(key_node, f"duplicate fragment {name!r}")
+            continue
+        entry = _entry(reader, name, key_node.start_mark.line + 1, value_node, allowed)
+        if entry is not None:
+            entries[name] = entry
+    return entries
+
+
+def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple[str, ...]) -> Entry | None:
+    what = f"fragment {name!r}"
+    before = len(reader.problems)
+    keys = reader.mapping(node, what, _ENTRY_KEYS)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    owner = reader.string(keys["owner"], f"{what}: owner") if "owner" in keys else ""
+    versions: dict[str, str] = {}
+    if "versions" not in keys:
+        reader.error(node, f"{what} needs `versions`, e.g. {{\"1.0.0\": http://svc/1.0.0/}}")
+    elif not isinstance(keys["versions"], yaml.MappingNode) or not keys["versions"].value:
+        reader.error(keys["versions"], f"{what}: versions must map version names to URLs")
+    else:
+        for v_node, url_node in keys["versions"].value:
+            url = reader.string(url_node, f"{what}: the URL of version {v_node.value!r}")
+            if url is not None:
+                _check_url(reader, url_node, url, f"{what} version {v_node.value!r}", allowed)
+                versions[str(v_node.value)] = url
+    active = reader.string(keys["active"], f"{what}: active") if "active" in keys else None
+    if "active" not in keys:
+        reader.error(node, f"{what} needs `active`: the version pages use")
+    elif active is not None and versions and active not in versions:
+        reader.error(keys["active"], f"{what}: active version {active!r} is not in versions "
+                                     f"({', '.join(versions)})")
+    canary = _canary(reader, keys["canary"], what, versions) if "canary" in keys else None
+    enabled = reader.boolean(keys["enabled"], f"{what}: enabled") if "enabled" in keys else True
+    timeout_ms = reader.integer(keys["timeout_ms"], f"{what}: timeout_ms", 1, MAX_TIMEOUT_MS) \
+        if "timeout_ms" in keys else None
+    fallback = reader.string(keys["fallback"], f"{what}: fallback") if "fallback" in keys else None
+    if fallback is not None:
+        _check_url(reader, keys["fallback"], fallback, f"{what} fallback", allowed)
+    if len(reader.problems) > before or active is None or owner is None or enabled is None:
+        return None
+    return Entry(name=name, owner=owner, versions=versions, active=active, canary=canary, enabled=enabled,
+                 timeout_ms=timeout_ms, fallback=fallback, line=line)
+
+
+def _canary(reader: Reader, node: yaml.Node, what: str, versions: dict[str, str]) -> Canary | None:
+    keys = reader.mapping(node, f"{what}: canary", _CANARY_KEYS)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    if set(keys) != set(_CANARY_KEYS):
+        reader.error(node, f"{what}: canary needs `version` and `percent`")
+        return None
+    version = reader.string(keys["version"], f"{what}: canary version")
+    percent = reader.integer(keys["percent"], f"{what}: canary percent", 0, 100)
+    if version is not None and versions and version not in versions:
+        reader.error(keys["version"], f"{what}: canary version {version!r} is not in versions")
+        return None
+    if version is None or percent is None:
+        return None
+    return Canary(version=version, percent=percent)
+
+
+def _check_url(reader: Reader, node: yaml.Node, url: str, what: str, allowed: tuple[str, ...]) -> None:
+    problem = url_problem(url, allowed)
+    if problem is not None:
+        reader.error(node, f"{what}: {problem}")
+
+
+def parse_manifest(text: str, label: str, allowed: tuple[str, ...], *, source: str,
+                   etag: str | None = None, keep_text: bool = False) -> Manifest:
+    """A manifest document (YAML or JSON, `fragments:` at the top); raises ConfigError."""
+    root, problem = compose(text, label)
+    if problem is not None:
+        raise ConfigError([problem])
+    reader = Reader(label)
+    if root is None:
+        raise ConfigError([f"{label}:1: the manifest is empty; it needs `fragments:`"])
+    top = reader.mapping(root, "the manifest", ("fragments",))
+    if "fragments" not in top and not reader.problems:
+        reader.error(root, "the manifest needs `fragments:`")
+    fragments = parse_fragments(reader, top["fragments"], allowed) if "fragments" in top else {}
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return Manifest(fragments=fragments, source=source, text=text if keep_text else None, etag=etag)
+
+
+def read_manifest(file: Path, label: str, allowed: tuple[str, ...]) -> tuple[Manifest, Stamp]:
+    """A manifest file and its stamp (taken before reading, for reloads); raises ConfigError."""
+    stamp = file_stamp(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{label}:1: manifest not found"], ((file, stamp),)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{label}:1: cannot read the manifest: {exc}"], ((file, stamp),)) from None
+    try:
+        return parse_manifest(text, label, allowed, source=str(file)), stamp
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, ((file, stamp),)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A manifest URL's answer: the body and its ETag, or `None` text for 304 Not Modified."""
+
+    text: str | None
+    etag: str | None
+
+
+async def fetch_manifest(session: aiohttp.ClientSession, url: str, etag: str | None,
+                         timeout: float = 10.0) -> Fetched:
+    """GET a manifest URL, ETag-aware; raises ConfigError saying why it could not be had."""
+    headers = {"if-none-match": etag} if etag else {}
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False,
+                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            if resp.status == 304:
+                return Fetched(text=None, etag=etag)
+            if resp.status != 200:
+                raise ConfigError([f"{url}: manifest answered {resp.status}"])
+            body = await resp.content.read(16 * 1024 * 1024 + 1)
+            if len(body) > 16 * 1024 * 1024:
+                raise ConfigError([f"{url}: manifest larger than 16 MB"])
+            return Fetched(text=body.decode("utf-8"), etag=resp.headers.get("etag"))
+    except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{url}: cannot fetch the manifest: {str(exc) or type(exc).__name__}"]) from None

@@ -1,0 +1,116 @@
+"""Reading config files: YAML nodes with their lines (for `file:LINE` problems), file stamps.
+
+PyYAML's `compose` keeps a mark on every node; `Reader` walks them and collects every
+problem as `file:line: message`, so one run reports everything wrong with a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import Stamp
+
+__all__ = ["MAX_TIMEOUT_MS", "Reader", "compose", "file_stamp", "is_null", "plain"]
+
+MAX_TIMEOUT_MS = 600_000  # ten minutes: longer is a typo, not a fragment budget
+
+
+def file_stamp(path: Path) -> Stamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def compose(text: str, label: str) -> tuple[yaml.Node | None, str | None]:
+    """The root node of `text`, or None and a `file:line: invalid YAML` problem."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader), None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        return None, f"{label}:{line}: invalid YAML: {exc.problem or exc.context}"
+    except yaml.YAMLError as exc:
+        return None, f"{label}:1: invalid YAML: {exc}"
+
+
+class Reader:
+    """Walks composed YAML nodes, collecting `file:line: message` problems."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.problems: list[str] = []
+
+    def error(self, node: yaml.Node | None, message: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 1
+        self.problems.append(f"{self.label}:{line}: {message}")
+
+    def mapping(self, node: yaml.Node, what: str, known: tuple[str, ...]) -> dict[str, yaml.Node]:
+        """Keys of a mapping node; unknown and duplicate keys are problems."""
+        if is_null(node):
+            return {}
+        if not isinstance(node, yaml.MappingNode):
+            self.error(node, f"{what} must be a mapping")
+            return {}
+        out: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key not in known:
+                self.error(key_node, f"unknown key {key!r} in {what} (known: {', '.join(known)})")
+            elif key in out:
+                self.error(key_node, f"duplicate key {key!r} in {what}")
+            else:
+                out[key] = value_node
+        return out
+
+    def string(self, node: yaml.Node, what: str) -> str | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
+            self.error(node, f"{what} must be a string")
+            return None
+        if not node.value:
+            self.error(node, f"{what} must not be empty")
+            return None
+        return node.value
+
+    def integer(self, node: yaml.Node, what: str, low: int, high: int) -> int | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:int":
+            self.error(node, f"{what} must be an integer")
+            return None
+        value = int(yaml.safe_load(node.value))
+        if not low <= value <= high:
+            self.error(node, f"{what} must be between {low} and {high}, not {value}")
+            return None
+        return value
+
+    def strings(self, node: yaml.Node, what: str) -> tuple[str, ...] | None:
+        if not isinstance(node, yaml.SequenceNode):
+            self.error(node, f"{what} must be a list of strings")
+            return None
+        values = [self.string(item, f"each entry of {what}") for item in node.value]
+        if None in values:
+            return None
+        return tuple(v for v in values if v is not None)
+
+    def boolean(self, node: yaml.Node, what: str) -> bool | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:bool":
+            self.error(node, f"{what} must be true or false")
+            return None
+        return bool(yaml.safe_load(node.value))
+
+
+def is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def plain(node: yaml.Node) -> Any:
+    """Node → str / list / dict, every scalar as its text (filter arguments are strings)."""
+    if isinstance(node, yaml.MappingNode):
+        return {str(k.value): plain(v) for k, v in node.value}
+    if isinstance(node, yaml.SequenceNode):
+        return [plain(v) for v in node.value]
+    return None if is_null(node) else str(node.value)

@@ -1,0 +1,58 @@
+"""What composer may fetch: http(s) URLs inside `settings.allowed_origins`.
+
+One place decides it for fragment `src`/`fallback-src`, manifest versions and backends, so
+an allowlist cannot be enforced in one and forgotten in another.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from yarl import URL
+
+__all__ = ["origin_allowed", "url_problem"]
+
+_PROBE = "composerparam"
+
+
+def origin_allowed(url: URL, allowed: tuple[str, ...]) -> bool:
+    """True when `allowed` is empty or one of its `scheme://host[:port]` globs matches `url`."""
+    if not allowed:
+        return True
+    origin = f"{url.scheme}://{url.raw_host}:{url.port}"
+    bare = f"{url.scheme}://{url.raw_host}"
+    return any(fnmatch.fnmatchcase(origin, p) or fnmatch.fnmatchcase(bare, p) for p in allowed)
+
+
+def url_problem(raw: str, allowed: tuple[str, ...]) -> str | None:
+    """Why `raw` (which may hold `{param}`s) cannot be fetched, or None.
+
+    Parameters are checked in place of a probe value: they may sit in the path or query,
+    never in the origin, where a user's value could pick the host.
+    """
+    probe = _fill(raw)
+    try:
+        url = URL(probe)
+    except ValueError as exc:
+        return f"not a valid URL: {raw!r} ({exc})"
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        return f"must be an absolute http(s) URL, not {raw!r}"
+    if _PROBE in f"{url.scheme}{url.raw_user}{url.raw_password}{url.raw_host}{url.port}":
+        return "{param} may only appear in the path or query, not the origin"
+    if not origin_allowed(url, allowed):
+        return f"{raw!r} is outside settings.allowed_origins"
+    return None
+
+
+def _fill(raw: str) -> str:
+    out, depth = [], 0
+    for ch in raw:
+        if ch == "{":
+            depth += 1
+            if depth == 1:
+                out.append(_PROBE)
+        elif ch == "}" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(ch)
+    return "".join(out)
