@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -35,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="processes serving pages (default 1; more run under gunicorn)")
     check = commands.add_parser("check", help="validate the config and its templates")
     check.add_argument("--config", default="routes.yaml", help="routes file (default ./routes.yaml)")
+    for command in (serve, check):
+        command.add_argument("--manifest", default=os.environ.get("COMPOSER_MANIFEST") or None,
+                             help="fragment manifest: a YAML/JSON file or an http(s) URL (default "
+                                  "$COMPOSER_MANIFEST, else settings.manifest)")
     demo = commands.add_parser("demo", help="serve the bundled example with demo fragment services")
     demo.add_argument("--port", type=int, default=8080, help="page port (default 8080)")
     demo.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
-            config, table = load(args.config)
+            config, table = load(args.config, manifest=args.manifest)
             for warning in table.warnings:
                 print(warning, file=sys.stderr)
             fragments = sum(len(r.template.fragments) for r in table.routes if r.template)
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging()
             return _run(run_demo(port=args.port, admin_port=args.admin_port))
-        config, table = load(args.config)
+        config, table = load(args.config, manifest=args.manifest)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -75,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from .workers import serve_workers
 
         return serve_workers(config, table, host=args.host, port=args.port, admin_port=args.admin_port,
+                             manifest=args.manifest,
                              workers=args.workers)
-    server = ComposerServer(config, table, host=args.host, port=args.port, admin_port=args.admin_port)
+    server = ComposerServer(config, table, host=args.host, port=args.port, admin_port=args.admin_port,
+                            manifest=args.manifest)
     return _run(_serve(server))
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import random
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote
 
@@ -37,6 +39,9 @@ log = logging.getLogger("composer.fragments")
 BARE_500 = (b"<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head>"
             b"<body><h1>500 Internal Server Error</h1></body></html>")
 _CACHE_CONTROL = "no-cache, no-store, must-revalidate"
+BUCKET_COOKIE = "composer_bucket"
+# A year: the bucket is the only canary state, so it must outlive the browser session.
+_BUCKET_COOKIE = BUCKET_COOKIE + "={}; Max-Age=31536000; Path=/; HttpOnly; SameSite=Lax"
 _CONTENT_TYPE = "text/html; charset=utf-8"
 _ACCEPT_ENCODING = "gzip, deflate, br"
 # A primary answering one of these says "no content": the page follows it, empty, like a 3xx.
@@ -72,6 +77,8 @@ class _Page:
     headers: CIMultiDict[str]
     public_headers: CIMultiDict[str]
     max_bytes: int
+    bucket: int = -1  # the user's canary bucket, 0–99 (-1: the page has no manifest fragment)
+    overrides: Mapping[str, str] = field(default_factory=dict)  # QA: fragment name → version
 
 
 def request_id_of(request: web.BaseRequest) -> str:
@@ -90,7 +97,8 @@ class Composer:
         self.metrics = metrics
 
     @staticmethod
-    def _page(request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings) -> _Page:
+    def _page(request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings,
+              bucket: int) -> _Page:
         rid = request.get(REQUEST_ID) or request_id_of(request)
         public = CIMultiDict({"x-request-id": rid, "accept-encoding": _ACCEPT_ENCODING})
         headers = CIMultiDict(public)
@@ -100,8 +108,10 @@ class Composer:
                 headers.add(name, value)
         headers["x-request-uri"] = request.raw_path
         headers["x-request-host"] = incoming.get("host", "")
+        overrides = _overrides(incoming.get(settings.version_override_header or "", ""))
         return _Page(route=route, params={k: unquote(v) for k, v in params.items()}, request_id=rid,
-                     headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes)
+                     headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes,
+                     bucket=bucket, overrides=overrides)
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
                       settings: Settings) -> web.StreamResponse:
@@ -111,7 +121,12 @@ class Composer:
         """
         template = route.template
         assert template is not None
-        page = self._page(request, route.name, params, settings)
+        bucket, new_bucket = -1, False
+        if template.versioned:
+            bucket = bucket_of(request)
+            if bucket < 0:
+                bucket, new_bucket = random.randrange(100), True
+        page = self._page(request, route.name, params, settings, bucket)
         head_only = request.method == "HEAD"
         # HEAD needs only what decides the status and headers: the primary, if any.
         wanted = template.fragments if not head_only else (template.primary,) if template.primary else ()
@@ -119,6 +134,8 @@ class Composer:
             f.index: asyncio.create_task(self._resolve(f, page)) for f in wanted}
         try:
             headers = CIMultiDict({"content-type": _CONTENT_TYPE, "cache-control": _CACHE_CONTROL})
+            if new_bucket:
+                headers.add("set-cookie", _BUCKET_COOKIE.format(bucket))
             status = 200
             if template.primary is not None:
                 outcome = await tasks[template.primary.index]
@@ -188,27 +205,58 @@ class Composer:
     async def _resolve(self, fragment: Fragment, page: _Page) -> Outcome:
         """Fetch `fragment`, falling back as SPEC §3 says; record metrics and failures once."""
         headers = page.public_headers if fragment.public else page.headers
+        src, version = fragment.src, fragment.version
+        if fragment.name is not None:
+            if fragment.canary is not None and page.bucket < fragment.canary_percent:
+                version = fragment.canary
+            forced = page.overrides.get(fragment.name) if page.overrides else None
+            if forced in fragment.versions:  # only versions the manifest lists: QA, not an open door
+                version = forced
+            src = fragment.versions[version]
+            if not fragment.enabled:  # flagged off: the fallback, and nothing fetched
+                return await self._fallback(fragment, page, headers)
         started = time.perf_counter()
-        url = fragment.src.render(page.params)
+        url = src.render(page.params)
         result = await fetch(self.session, url, headers, timeout=fragment.timeout,
                              max_bytes=page.max_bytes, allow_redirect=fragment.primary)
-        self.metrics.fragment_duration.labels(fragment.id, page.route, "").observe(time.perf_counter() - started)
+        metrics = self.metrics
+        metrics.fragment_duration.labels(fragment.id, page.route, version).observe(time.perf_counter() - started)
         if isinstance(result, Fetched):
             return Outcome("src", result.body, result.assets, result.status, result.headers)
-        self.metrics.fragment_failures.labels(fragment.id, page.route, "", result.reason.value).inc()
-        outcome = _NONE
+        metrics.fragment_failures.labels(fragment.id, page.route, version, result.reason.value).inc()
+        outcome = await self._fallback(fragment, page, headers)
+        if outcome is not _NONE:
+            metrics.fragment_fallbacks.labels(fragment.id, page.route).inc()
+        metrics.recent.record(fragment.name or fragment.id, fallback=outcome is not _NONE)
+        _log_failure(fragment, page, version, url, result, time.perf_counter() - started, outcome.source)
+        return outcome
+
+    async def _fallback(self, fragment: Fragment, page: _Page, headers: CIMultiDict[str]) -> Outcome:
+        """`fallback-src` (2xx only), else the inline markup (never for a primary), else nothing."""
         if fragment.fallback_src is not None:
             fallback = await fetch(self.session, fragment.fallback_src.render(page.params), headers,
-                                   timeout=fragment.timeout, max_bytes=page.max_bytes,
-                                   allow_redirect=False)
+                                   timeout=fragment.timeout, max_bytes=page.max_bytes, allow_redirect=False)
             if isinstance(fallback, Fetched) and fallback.status < 300:
-                outcome = Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
-        if outcome is _NONE and not fragment.primary and fragment.fallback_html.strip():
-            outcome = Outcome("inline", fragment.fallback_html)
-        if outcome is not _NONE:
-            self.metrics.fragment_fallbacks.labels(fragment.id, page.route).inc()
-        _log_failure(fragment, page, url, result, time.perf_counter() - started, outcome.source)
-        return outcome
+                return Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
+        if not fragment.primary and fragment.fallback_html.strip():
+            return Outcome("inline", fragment.fallback_html)
+        return _NONE
+
+
+def bucket_of(request: web.BaseRequest) -> int:
+    """The user's canary bucket from the `composer_bucket` cookie; -1 when absent or not 0–99."""
+    if "cookie" not in request.headers:
+        return -1
+    value = request.cookies.get(BUCKET_COOKIE, "")
+    return int(value) if value.isdigit() and len(value) <= 2 else -1
+
+
+def _overrides(header: str) -> dict[str, str]:
+    """`footer=2.4.0, header=1.0` → {"footer": "2.4.0", "header": "1.0"}; junk is ignored."""
+    if not header:
+        return {}
+    pairs = (item.partition("=") for item in header.split(","))
+    return {name.strip(): version.strip() for name, sep, version in pairs if sep and name.strip()}
 
 
 def _filtered(route: Route, headers: CIMultiDict[str]) -> CIMultiDict[str]:
@@ -243,11 +291,12 @@ def _preload(assets: tuple[Asset, ...]) -> str:
     return ", ".join(f'<{a.url}>; rel="preload"; as="{kinds[a.kind]}"' for a in assets)
 
 
-def _log_failure(fragment: Fragment, page: _Page, url: object, failed: Failed, duration: float,
+def _log_failure(fragment: Fragment, page: _Page, version: str, url: object, failed: Failed, duration: float,
                  shown: str) -> None:
     log.warning("fragment failed", extra={"fields": {
         "fragment": fragment.id,
-        "version": "",
+        "version": version,
+        "owner": fragment.owner,
         "route": page.route,
         "error_type": failed.reason.value,
         "detail": failed.detail,

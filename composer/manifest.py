@@ -180,6 +180,7 @@ def read_manifest(file: Path, label: str, allowed: tuple[str, ...]) -> tuple[Man
 class Fetched:
     """A manifest URL's answer: the body and its ETag, or `None` text for 304 Not Modified."""
 
+    url: str
     text: str | None
     etag: str | None
 
@@ -192,12 +193,12 @@ async def fetch_manifest(session: aiohttp.ClientSession, url: str, etag: str | N
         async with session.get(url, headers=headers, allow_redirects=False,
                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status == 304:
-                return Fetched(text=None, etag=etag)
+                return Fetched(url=url, text=None, etag=etag)
             if resp.status != 200:
                 raise ConfigError([f"{url}: manifest answered {resp.status}"])
             body = await resp.content.read(16 * 1024 * 1024 + 1)
             if len(body) > 16 * 1024 * 1024:
                 raise ConfigError([f"{url}: manifest larger than 16 MB"])
-            return Fetched(text=body.decode("utf-8"), etag=resp.headers.get("etag"))
+            return Fetched(url=url, text=body.decode("utf-8"), etag=resp.headers.get("etag"))
     except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{url}: cannot fetch the manifest: {str(exc) or type(exc).__name__}"]) from None

@@ -13,6 +13,8 @@ any worker's /metrics answers with the sum.
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,10 +32,37 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
 
+class Recent:
+    """Failures and fallbacks per fragment over the last few minutes, for GET /manifest.
+
+    Prometheus has the full history; this answers "is it failing right now?" at a glance,
+    without a query. Counts are kept per minute and only the last `minutes` are summed.
+    """
+
+    def __init__(self, minutes: int = 5) -> None:
+        self.minutes = minutes
+        self._counts: dict[str, deque[list[int]]] = {}  # name → [minute, failures, fallbacks]
+
+    def record(self, name: str, *, fallback: bool) -> None:
+        minute = int(time.time() // 60)
+        slots = self._counts.setdefault(name, deque(maxlen=self.minutes))
+        if not slots or slots[-1][0] != minute:
+            slots.append([minute, 0, 0])
+        slots[-1][1] += 1
+        slots[-1][2] += fallback
+
+    def get(self, name: str) -> tuple[int, int]:
+        """(failures, fallbacks) of `name` in the last `minutes` minutes."""
+        since = int(time.time() // 60) - self.minutes
+        slots = [s for s in self._counts.get(name, ()) if s[0] > since]
+        return sum(s[1] for s in slots), sum(s[2] for s in slots)
+
+
 class Metrics:
     """The metric families of one composer process."""
 
     def __init__(self) -> None:
+        self.recent = Recent()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.fragment_duration = Histogram(

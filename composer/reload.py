@@ -21,7 +21,14 @@ import aiohttp
 
 from .config import Config, file_stamp, read_config
 from .errors import ConfigError, Stamp
-from .manifest import Fetched, Manifest, fetch_manifest, is_url, parse_manifest, read_manifest
+from .manifest import (
+    Fetched,
+    Manifest,
+    fetch_manifest,
+    is_url,
+    parse_manifest,
+    read_manifest,
+)
 from .metrics import Metrics
 from .routing import RouteTable, build_table
 
@@ -47,7 +54,7 @@ def load(path: str | Path, *, manifest: str | None = None,
         allowed = config.settings.allowed_origins
         try:
             if is_url(source):
-                if remote is None or remote.text is None:
+                if remote is None or remote.url != source or remote.text is None:
                     remote = asyncio.run(_fetch_once(source))
                 assert remote.text is not None
                 external = parse_manifest(remote.text, source, allowed, source=source, etag=remote.etag,
@@ -87,13 +94,16 @@ class Reloader:
     """Watches the files the current table came from; `apply` receives each good new config."""
 
     def __init__(self, path: str | Path, current: Callable[[], RouteTable],
-                 apply: Callable[[Config, RouteTable], None], metrics: Metrics) -> None:
+                 apply: Callable[[Config, RouteTable], None], metrics: Metrics, *,
+                 manifest: str | None = None) -> None:
         self.path = path
+        self.manifest = manifest  # --manifest / COMPOSER_MANIFEST, kept across reloads
         self._current = current
         self._apply = apply
         self._metrics = metrics
         self._failed: tuple[tuple[Path, Stamp], ...] | None = None
         self._wake = asyncio.Event()
+        self._refused_text: str | None = None
 
     def trigger(self) -> None:
         """Check now (SIGHUP), even if no file looks changed."""
@@ -115,19 +125,52 @@ class Reloader:
             self._wake.clear()
             await self.check(force=forced)
 
-    async def check(self, *, force: bool = False) -> bool | None:
-        """Reload if something changed: True applied, False refused, None nothing to do."""
+    async def poll_manifest(self) -> None:
+        """Poll a URL manifest (ETag-aware); a new body is validated and applied like a file edit."""
+        async with aiohttp.ClientSession(trust_env=False) as session:
+            while True:
+                settings = self._current().settings
+                await asyncio.sleep(settings.manifest_poll_s if settings is not None else 10)
+                manifest = self._current().manifest
+                if manifest is None or not is_url(manifest.source):
+                    continue
+                try:
+                    fetched = await fetch_manifest(session, manifest.source, manifest.etag)
+                except ConfigError as exc:
+                    self._refused(exc, "manifest fetch failed; still serving the previous manifest")
+                    continue
+                if fetched.text is None or fetched.text in (manifest.text, self._refused_text):
+                    continue
+                if await self.check(force=True, remote=fetched) is False:
+                    self._refused_text = fetched.text  # not again until the body changes
+                else:
+                    self._refused_text = None
+
+    def _remote(self) -> Fetched | None:
+        manifest = self._current().manifest
+        if manifest is None or manifest.text is None:
+            return None
+        return Fetched(url=manifest.source, text=manifest.text, etag=manifest.etag)
+
+    def _refused(self, exc: ConfigError, message: str) -> None:
+        self._metrics.config_reloads.labels("error").inc()
+        for problem in exc.problems:
+            log.error(message, extra={"fields": {"problem": problem}})
+
+    async def check(self, *, force: bool = False, remote: Fetched | None = None) -> bool | None:
+        """Reload if something changed: True applied, False refused, None nothing to do.
+
+        `remote` is a newly fetched URL manifest; otherwise the current one is reused.
+        """
         watched = self._failed if self._failed is not None else self._current().sources
         if not force and not changed(watched):
             return None
         try:
-            config, table = await asyncio.to_thread(load, self.path)
+            config, table = await asyncio.to_thread(load, self.path, manifest=self.manifest,
+                                                    remote=remote or self._remote())
         except ConfigError as exc:
             self._failed = exc.sources or ((Path(self.path), file_stamp(Path(self.path))),)
-            self._metrics.config_reloads.labels("error").inc()
-            for problem in exc.problems:
-                log.error("config reload failed; still serving the previous config",
-                          extra={"fields": {"problem": problem}})
+            self._refused(exc, "config reload failed; still serving the previous config")
             return False
         except Exception:  # a bug must not end the watcher, or reloads would silently stop
             log.exception("config reload failed")

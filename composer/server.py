@@ -10,10 +10,13 @@ listener, lets in-flight requests finish within the grace period, then closes th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import socket
 import time
+from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
@@ -54,7 +57,8 @@ class ComposerServer:
 
     def __init__(self, config: Config, table: RouteTable, *, host: str = "0.0.0.0", port: int = 8080,
                  admin_host: str | None = None, admin_port: int = 9911,
-                 grace: float = GRACE_SECONDS, sockets: list[socket.socket] | None = None) -> None:
+                 grace: float = GRACE_SECONDS, sockets: list[socket.socket] | None = None,
+                 manifest: str | None = None) -> None:
         self.config = config
         self.table = table
         self.host, self.port = host, port
@@ -63,7 +67,7 @@ class ComposerServer:
         self.sockets = sockets  # pre-bound page sockets (gunicorn workers); the admin port is shared
         self.metrics = Metrics()
         self.ready = False
-        self.reloader = Reloader(config.path, lambda: self.table, self._swap, self.metrics)
+        self.reloader = Reloader(config.path, lambda: self.table, self._swap, self.metrics, manifest=manifest)
         self._sessions: list[aiohttp.ClientSession] = []
         self._composer: Composer | None = None
         self._proxy: Proxy | None = None
@@ -72,9 +76,18 @@ class ComposerServer:
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
+        """composer_fragment_info = 1 for every active and canary version, and every plain `src`."""
+        info = self.metrics.fragment_info
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # multiprocess mode cannot drop series
+            info.clear()
+        for entry in table.manifest.fragments.values() if table.manifest else ():
+            info.labels(entry.name, entry.active, entry.owner).set(1)
+            if entry.canary is not None:
+                info.labels(entry.name, entry.canary.version, entry.owner).set(1)
         for route in table.routes:
             for fragment in route.template.fragments if route.template else ():
-                self.metrics.fragment_info.labels(fragment.id, "", "").set(1)
+                if fragment.name is None:
+                    info.labels(fragment.id, "", "").set(1)
 
     def _swap(self, config: Config, table: RouteTable) -> None:
         self.config, self.table = config, table
@@ -106,6 +119,7 @@ class ComposerServer:
         self.port = _bound_port(pages)
         self.admin_port = _bound_port(admin)
         self._tasks.append(asyncio.create_task(self.reloader.run()))
+        self._tasks.append(asyncio.create_task(self.reloader.poll_manifest()))
         self.ready = True
 
     @property
@@ -180,6 +194,28 @@ class ComposerServer:
             f.on_response(headers)
         return web.Response(status=route.redirect.status, headers=headers)
 
+    def _manifest_view(self) -> dict[str, object]:
+        """GET /manifest: what runs now, per fragment, and how it fared in the last minutes."""
+        manifest = self.table.manifest
+        recent = self.metrics.recent
+        fragments: dict[str, object] = {}
+        for entry in manifest.fragments.values() if manifest else ():
+            failures, fallbacks = recent.get(entry.name)
+            fragments[entry.name] = {
+                "owner": entry.owner,
+                "active": entry.active,
+                "canary": {"version": entry.canary.version, "percent": entry.canary.percent}
+                if entry.canary else None,
+                "enabled": entry.enabled,
+                "versions": list(entry.versions),
+                "recent": {"minutes": recent.minutes, "failures": failures, "fallbacks": fallbacks},
+            }
+        return {
+            "source": manifest.source if manifest else None,
+            "loaded_at": _iso(manifest.loaded_at) if manifest else None,
+            "fragments": fragments,
+        }
+
     def _admin_app(self) -> web.Application:
         app = web.Application()
 
@@ -194,10 +230,18 @@ class ComposerServer:
                 return web.Response(text="ready\n")
             return web.Response(status=503, text="draining\n" if self._runners else "starting\n")
 
+        async def manifest(_: web.Request) -> web.Response:
+            return web.json_response(self._manifest_view(), dumps=_pretty)
+
+        app.router.add_get("/manifest", manifest)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         return app
+
+
+def _pretty(value: object) -> str:
+    return json.dumps(value, indent=2) + "\n"
 
 
 def _page(status: int, body: bytes, allow: str | None = None) -> web.Response:
@@ -205,6 +249,10 @@ def _page(status: int, body: bytes, allow: str | None = None) -> web.Response:
     if allow is not None:
         headers["allow"] = allow
     return web.Response(status=status, body=body, headers=headers)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

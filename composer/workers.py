@@ -28,6 +28,7 @@ from prometheus_client import multiprocess, values
 from .config import Config, file_stamp
 from .errors import ConfigError, Stamp
 from .logs import JsonFormatter
+from .manifest import Fetched
 from .reload import changed, load
 from .routing import RouteTable
 from .server import GRACE_SECONDS, ComposerServer
@@ -60,7 +61,7 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
         app: _Arbiter = self.app
         server = self.server = ComposerServer(app.config, app.table, admin_host=app.host,
                                               admin_port=app.admin_port, grace=GRACE_SECONDS,
-                                              sockets=self.sockets)
+                                              sockets=self.sockets, manifest=app.manifest)
         # A worker started later (a replacement) must not serve the config of the arbiter's
         # start if the files changed since, even with polling off.
         await server.reloader.check()
@@ -75,8 +76,8 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
 
 class _Arbiter(BaseApplication):  # type: ignore[misc]
     def __init__(self, config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
-                 workers: int) -> None:
-        self.config, self.table = config, table
+                 workers: int, manifest: str | None) -> None:
+        self.config, self.table, self.manifest = config, table, manifest
         self.host, self.port, self.admin_port, self.workers = host, port, admin_port, workers
         self._failed: tuple[tuple[Path, Stamp], ...] | None = None
         super().__init__()
@@ -90,7 +91,9 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
         if not changed(watched):
             return
         try:
-            self.config, self.table = load(self.config.path)
+            manifest = self.table.manifest
+            remote = Fetched(manifest.source, manifest.text, manifest.etag) if manifest and manifest.text else None
+            self.config, self.table = load(self.config.path, manifest=self.manifest, remote=remote)
             self._failed = None
         except ConfigError as exc:
             self._failed = exc.sources or ((self.config.path, file_stamp(self.config.path)),)
@@ -170,7 +173,7 @@ def _child_exit(_arbiter: Any, worker: Any) -> None:
 
 
 def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
-                  workers: int) -> int:
+                  workers: int, manifest: str | None = None) -> int:
     """Run the arbiter until TERM/INT; gunicorn drains workers within the grace period."""
     metrics_dir = tempfile.mkdtemp(prefix="composer-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
@@ -179,7 +182,8 @@ def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, ad
     values.ValueClass = values.get_value_class()
     logging.getLogger("composer").info("starting workers", extra={"fields": {"workers": workers}})
     try:
-        _Arbiter(config, table, host=host, port=port, admin_port=admin_port, workers=workers).run()
+        _Arbiter(config, table, host=host, port=port, admin_port=admin_port, workers=workers,
+                 manifest=manifest).run()
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
