@@ -15,9 +15,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .config import load_config
 from .errors import ConfigError
-from .routing import build_table
+from .reload import load
 from .server import ComposerServer, stop_event
 
 __all__ = ["DEMO_PORT", "demo_app", "example_config", "run_demo"]
@@ -68,9 +67,11 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     async def reviews(_: web.Request) -> web.Response:
         return web.Response(status=503, text="reviews are down")
 
-    async def footer(_: web.Request) -> web.Response:
-        return web.Response(text="<footer>composer demo · fragments from 127.0.0.1:9101</footer>",
-                            content_type="text/html")
+    async def footer(request: web.Request) -> web.Response:
+        version = request.match_info.get("version", "")
+        style = ' style="border-top:3px solid #36c"' if version == "2.4.0" else ""
+        return web.Response(text=f"<footer{style}>composer demo · footer {version or 'static'} · "
+                                 "fragments from 127.0.0.1:9101</footer>", content_type="text/html")
 
     async def stock(request: web.Request) -> web.Response:
         sku = request.match_info["sku"]
@@ -88,7 +89,8 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     app.router.add_get("/product/{sku}", product)
     app.router.add_get("/recommendations", recommendations)
     app.router.add_get("/reviews", reviews)
-    app.router.add_get("/footer", footer)
+    app.router.add_get("/footer", footer)  # the manifest's fallback for the footer
+    app.router.add_get("/footer/{version}", footer)  # one URL per deployed version
     app.router.add_get("/stock/{sku}", stock)
     app.router.add_get("/static/site.css", static(_SITE_CSS, "text/css"))
     app.router.add_get("/static/product.css", static(_CSS, "text/css"))
@@ -108,8 +110,7 @@ def example_config() -> Path:
 async def run_demo(*, port: int = 8080, admin_port: int = 9911) -> int:
     """Start the fragment services and the example; run until SIGINT/SIGTERM."""
     try:
-        config = load_config(example_config())
-        table = build_table(config)
+        config, table = load(example_config())
     except (ConfigError, FileNotFoundError) as exc:
         print(f"composer demo: the shipped example is broken: {exc}", file=sys.stderr)
         return 2
