@@ -73,21 +73,33 @@ class ComposerServer:
         self._proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._declared: set[tuple[str, str, str]] = set()
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
-        """composer_fragment_info = 1 for every active and canary version, and every plain `src`."""
-        info = self.metrics.fragment_info
-        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # multiprocess mode cannot drop series
-            info.clear()
+        """composer_fragment_info = 1 for every active and canary version, and every plain `src`.
+
+        A version no longer declared drops out; with several workers (multiprocess mode, which
+        cannot remove series) it is set to 0 instead.
+        """
+        declared: set[tuple[str, str, str]] = set()
         for entry in table.manifest.fragments.values() if table.manifest else ():
-            info.labels(entry.name, entry.active, entry.owner).set(1)
+            declared.add((entry.name, entry.active, entry.owner))
             if entry.canary is not None:
-                info.labels(entry.name, entry.canary.version, entry.owner).set(1)
+                declared.add((entry.name, entry.canary.version, entry.owner))
         for route in table.routes:
             for fragment in route.template.fragments if route.template else ():
                 if fragment.name is None:
-                    info.labels(fragment.id, "", "").set(1)
+                    declared.add((fragment.id, "", ""))
+        info = self.metrics.fragment_info
+        for labels in self._declared - declared:
+            if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+                info.labels(*labels).set(0)
+            else:
+                info.remove(*labels)
+        for labels in declared:
+            info.labels(*labels).set(1)
+        self._declared = declared
 
     def _swap(self, config: Config, table: RouteTable) -> None:
         self.config, self.table = config, table
