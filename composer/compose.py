@@ -248,7 +248,9 @@ def bucket_of(request: web.BaseRequest) -> int:
     if "cookie" not in request.headers:
         return -1
     value = request.cookies.get(BUCKET_COOKIE, "")
-    return int(value) if value.isdigit() and len(value) <= 2 else -1
+    # ASCII only: str.isdigit() also accepts "²" (int() raises: a 500 the cookie would cause
+    # on every page) and "٣" (not a bucket composer ever sets).
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 2 else -1
 
 
 def _overrides(header: str) -> dict[str, str]:

@@ -10,6 +10,7 @@ polled with `If-None-Match`; whatever fails to load or validate never replaces a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ def parse_fragments(reader: Reader, node: yaml.Node, allowed: tuple[str, ...]) -
     if not isinstance(node, yaml.MappingNode):
         reader.error(node, "fragments must be a mapping of fragment names to their entries")
         return entries
+    _join_surrogates(reader, node)
     for key_node, value_node in node.value:
         name = str(key_node.value)
         if name in entries:
@@ -81,6 +83,27 @@ def parse_fragments(reader: Reader, node: yaml.Node, allowed: tuple[str, ...]) -
         if entry is not None:
             entries[name] = entry
     return entries
+
+
+def _join_surrogates(reader: Reader, node: yaml.Node) -> None:
+    """Join surrogate pairs in every scalar under `node`, in place.
+
+    PyYAML reads the escape pair `\\ud83d\\ude00` (how `json.dumps` writes 😀) as two lone
+    surrogates, which cannot be encoded: an owner holding them fails every /metrics scrape.
+    A surrogate without its pair is a problem.
+    """
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, yaml.MappingNode):
+            stack.extend(n for pair in item.value for n in pair)
+        elif isinstance(item, yaml.SequenceNode):
+            stack.extend(item.value)
+        elif isinstance(item, yaml.ScalarNode) and any("\ud800" <= c <= "\udfff" for c in item.value):
+            try:
+                item.value = item.value.encode("utf-16", "surrogatepass").decode("utf-16")
+            except UnicodeDecodeError:
+                reader.error(item, "not valid Unicode: a \\u escape is half of a surrogate pair")
 
 
 def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple[str, ...]) -> Entry | None:
@@ -147,6 +170,10 @@ def parse_manifest(text: str, label: str, allowed: tuple[str, ...], *, source: s
                    etag: str | None = None, keep_text: bool = False) -> Manifest:
     """A manifest document (YAML or JSON, `fragments:` at the top); raises ConfigError."""
     root, problem = compose(text, label)
+    if problem is not None and "\t" in text and _is_json(text):
+        # JSON allows tabs between tokens, YAML does not. A valid JSON text has no raw tab
+        # inside a string, so spaces in their place change nothing else (lines included).
+        root, problem = compose(text.replace("\t", " "), label)
     if problem is not None:
         raise ConfigError([problem])
     reader = Reader(label)
@@ -159,6 +186,14 @@ def parse_manifest(text: str, label: str, allowed: tuple[str, ...], *, source: s
     if reader.problems:
         raise ConfigError(reader.problems)
     return Manifest(fragments=fragments, source=source, text=text if keep_text else None, etag=etag)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def read_manifest(file: Path, label: str, allowed: tuple[str, ...]) -> tuple[Manifest, Stamp]:

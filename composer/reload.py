@@ -64,8 +64,9 @@ def load(path: str | Path, *, manifest: str | None = None,
                 external, stamp = read_manifest(file, str(file), allowed)
                 sources = ((file, stamp),)
         except ConfigError as exc:
-            problems.extend(exc.problems)
-            sources = exc.sources or sources
+            # Templates naming its fragments would only add "not in the manifest" noise.
+            raise ConfigError(problems + exc.problems,
+                              ((config.path, config.stamp), *(exc.sources or sources))) from None
     config = replace(config, manifest=_merge(config, external, problems), problems=tuple(problems),
                      manifest_sources=sources)
     return config, build_table(config)
@@ -104,10 +105,13 @@ class Reloader:
         self._failed: tuple[tuple[Path, Stamp], ...] | None = None
         self._wake = asyncio.Event()
         self._refused_text: str | None = None
+        self._refetch = False
+        self._lock = asyncio.Lock()  # the file watcher and the manifest poller never overlap
 
     def trigger(self) -> None:
-        """Check now (SIGHUP), even if no file looks changed."""
+        """Check now (SIGHUP), even if no file looks changed, fetching a URL manifest afresh."""
         self._failed = None
+        self._refetch = True
         self._wake.set()
 
     async def run(self) -> None:
@@ -127,11 +131,13 @@ class Reloader:
 
     async def poll_manifest(self) -> None:
         """Poll a URL manifest (ETag-aware); a new body is validated and applied like a file edit."""
+        refused_by: RouteTable | None = None  # the table that was running when _refused_text was refused
         async with aiohttp.ClientSession(trust_env=False) as session:
             while True:
                 settings = self._current().settings
                 await asyncio.sleep(settings.manifest_poll_s if settings is not None else 10)
-                manifest = self._current().manifest
+                current = self._current()
+                manifest = current.manifest
                 if manifest is None or not is_url(manifest.source):
                     continue
                 try:
@@ -139,12 +145,16 @@ class Reloader:
                 except ConfigError as exc:
                     self._refused(exc, "manifest fetch failed; still serving the previous manifest")
                     continue
-                if fetched.text is None or fetched.text in (manifest.text, self._refused_text):
+                if fetched.text is None or fetched.text == manifest.text:
+                    continue
+                # A body is refused with the whole config (a broken routes.yaml refuses it too):
+                # not again until the body changes or another config is swapped in.
+                if fetched.text == self._refused_text and refused_by is current:
                     continue
                 if await self.check(force=True, remote=fetched) is False:
-                    self._refused_text = fetched.text  # not again until the body changes
+                    self._refused_text, refused_by = fetched.text, self._current()
                 else:
-                    self._refused_text = None
+                    self._refused_text, refused_by = None, None
 
     def _remote(self) -> Fetched | None:
         manifest = self._current().manifest
@@ -162,12 +172,18 @@ class Reloader:
 
         `remote` is a newly fetched URL manifest; otherwise the current one is reused.
         """
+        async with self._lock:
+            return await self._check(force=force, remote=remote)
+
+    async def _check(self, *, force: bool, remote: Fetched | None) -> bool | None:
         watched = self._failed if self._failed is not None else self._current().sources
         if not force and not changed(watched):
             return None
+        if remote is None and not self._refetch:
+            remote = self._remote()
+        self._refetch = False
         try:
-            config, table = await asyncio.to_thread(load, self.path, manifest=self.manifest,
-                                                    remote=remote or self._remote())
+            config, table = await asyncio.to_thread(load, self.path, manifest=self.manifest, remote=remote)
         except ConfigError as exc:
             self._failed = exc.sources or ((Path(self.path), file_stamp(Path(self.path))),)
             self._refused(exc, "config reload failed; still serving the previous config")
