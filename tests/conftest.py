@@ -6,12 +6,16 @@ a routes.yaml and templates into tmp_path and starts a `ComposerServer` on free 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -41,6 +45,41 @@ class Records(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+@contextmanager
+def captured(name: str) -> Iterator[Records]:
+    """Records logged on logger `name` while the block runs (whatever propagation is set up)."""
+    logger = logging.getLogger(name)
+    handler, level = Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], what: str, deadline: float = 15.0) -> Any:
+    """Await `probe()` every 50 ms until it returns something truthy; fail after `deadline` s."""
+    end = time.monotonic() + deadline
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline} s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(0.05)
+
+
+async def stays(probe: Callable[[], Awaitable[Any]], what: str, seconds: float = 1.5) -> None:
+    """`probe()` must stay truthy for `seconds` (checked every 100 ms)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        value = await probe()
+        assert value, f"{what} stopped holding (got {value!r})"
+        await asyncio.sleep(0.1)
 
 
 @dataclass

@@ -21,8 +21,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Self
@@ -31,15 +30,23 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import Composer, FragmentServer, Records, free_port, html, write_config
+from conftest import (
+    Composer,
+    FragmentServer,
+    Records,
+    captured,
+    eventually,
+    free_port,
+    html,
+    stays,
+    write_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.errors import ConfigError
 from composer.reload import load
 from composer.server import ComposerServer
 
-DEADLINE = 15.0  # seconds allowed for anything that should happen "soon"
-QUIET = 1.5  # seconds to watch for something that must NOT happen (several reload intervals)
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
 PAGE = '<html><body><h1>page</h1>\n<fragment name="footer"></fragment>\n</body></html>\n'
 PAGE_ROUTE = """\
@@ -116,27 +123,6 @@ def replace_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str, deadline: float = DEADLINE) -> Any:
-    """Await `probe()` every 50 ms until it returns something truthy; fail after `deadline` s."""
-    end = time.monotonic() + deadline
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline} s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(0.05)
-
-
-async def stays(probe: Callable[[], Awaitable[Any]], what: str, seconds: float = QUIET) -> None:
-    """`probe()` must stay truthy for `seconds` (checked every 100 ms)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        value = await probe()
-        assert value, f"{what} stopped holding (got {value!r})"
-        await asyncio.sleep(0.1)
-
-
 # --------------------------------------------------------------------------- metrics and logs
 
 
@@ -177,20 +163,6 @@ async def status_of(url: str) -> int:
     async with aiohttp.ClientSession() as session, \
             session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
         return resp.status
-
-
-@contextmanager
-def captured(name: str) -> Iterator[Records]:
-    """Records logged on logger `name` while the block runs (whatever propagation is set up)."""
-    logger = logging.getLogger(name)
-    handler, level = Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def fields_of(records: Records) -> list[dict[str, Any]]:

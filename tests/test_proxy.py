@@ -17,14 +17,14 @@ import re
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from conftest import Records, free_port, write_config
+from conftest import captured, free_port, write_config
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -135,20 +135,6 @@ async def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[str, C
         writer.close()
         with suppress(Exception):
             await writer.wait_closed()
-
-
-@contextmanager
-def captured(name: str = "composer.proxy") -> Iterator[Records]:
-    """Records logged on `name` while the block runs (whatever propagation is set up)."""
-    logger = logging.getLogger(name)
-    handler, level = Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def sample(metrics: str, name: str, **labels: str) -> float:
@@ -396,7 +382,7 @@ async def test_backend_gets_the_request_id_composer_logs(start_composer):
 
     async with raw_backend(handle) as origin:
         composer = await start_composer({}, routes=one_route(origin, extra="    timeout_ms: 300\n"))
-        with captured() as log:
+        with captured("composer.proxy") as log:
             resp, _ = await composer.get("/r", headers={"x-request-id": "x" * 200})
         assert resp.status == 504
     [record] = [r for r in log.records if r.getMessage() == "backend failed"]
@@ -530,7 +516,7 @@ async def test_connection_refused_is_502_with_a_small_page_and_a_log_line(start_
     dead = f"http://127.0.0.1:{free_port()}"
     composer = await start_composer({}, routes=one_route(
         dead, name="down", extra="    filters:\n      - set_response_header: {x-route: down}\n"))
-    with captured() as log:
+    with captured("composer.proxy") as log:
         resp, body = await composer.get("/anything?x=1")
     assert resp.status == 502
     assert resp.headers["content-type"].startswith("text/html")
@@ -557,7 +543,7 @@ async def test_silent_backend_is_504_promptly(start_composer):
 
     async with raw_backend(handle) as origin:
         composer = await start_composer({}, routes=one_route(origin, name="silent", extra="    timeout_ms: 300\n"))
-        with captured() as log:
+        with captured("composer.proxy") as log:
             started = time.monotonic()
             resp, body = await composer.get("/slow")
             elapsed = time.monotonic() - started
@@ -629,7 +615,7 @@ async def broken_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 async def test_backend_dying_mid_body_breaks_the_response_and_composer_carries_on(start_composer):
     async with raw_backend(broken_backend) as origin:
         composer = await start_composer({}, routes=one_route(origin, name="broken"))
-        with captured() as log:
+        with captured("composer.proxy") as log:
             async with composer.session.get(composer.url + "/die") as resp:
                 assert resp.status == 200
                 with pytest.raises(aiohttp.ClientPayloadError):
@@ -646,7 +632,7 @@ async def test_chunked_body_cut_short_never_looks_complete(start_composer):
     the failure is one `backend failed` line (no traceback), and the sent status is counted."""
     async with raw_backend(broken_backend) as origin:
         composer = await start_composer({}, routes=one_route(origin, name="broken"))
-        with captured() as log, captured("aiohttp.server") as server_log:
+        with captured("composer.proxy") as log, captured("aiohttp.server") as server_log:
             async with composer.session.get(composer.url + "/chunked-die") as resp:
                 assert resp.status == 200
                 with pytest.raises(aiohttp.ClientPayloadError):
@@ -675,7 +661,7 @@ async def test_client_leaving_mid_download_is_not_blamed_on_the_backend(backend,
         return response
 
     composer = await start_composer({}, routes=one_route(await backend(endless), name="dl"))
-    with captured() as log:
+    with captured("composer.proxy") as log:
         async with aiohttp.ClientSession() as client:
             async with client.get(composer.url + "/big") as resp:
                 await resp.content.readexactly(65536)
@@ -689,7 +675,7 @@ async def test_client_leaving_mid_download_is_not_blamed_on_the_backend(backend,
 async def test_backend_stalling_mid_body_is_cut_after_timeout(start_composer):
     async with raw_backend(broken_backend) as origin:
         composer = await start_composer({}, routes=one_route(origin, name="stall", extra="    timeout_ms: 300\n"))
-        with captured() as log:
+        with captured("composer.proxy") as log:
             async with composer.session.get(composer.url + "/stall",
                                             timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 assert resp.status == 200

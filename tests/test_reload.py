@@ -21,21 +21,18 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO, Self
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import free_port, html
+from conftest import eventually, free_port, html, stays
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.config import file_stamp
 
-DEADLINE = 10.0  # seconds allowed for anything that should happen "soon"
 POLL_MS = 200  # reload_interval_ms of most configs here, so the tests stay quick
-QUIET = 1.2  # seconds (6 poll intervals) to watch for something that must NOT happen
 
 
 # --------------------------------------------------------------------------- helpers
@@ -146,27 +143,6 @@ def rewrite_keeping_stamp(path: Path, text: str) -> None:
         f.write(text)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert file_stamp(path) == stamp
-
-
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str, deadline: float = DEADLINE) -> Any:
-    """Await `probe()` every 50 ms until it returns something truthy; fail after `deadline` s."""
-    end = time.monotonic() + deadline
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline} s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(0.05)
-
-
-async def stays(probe: Callable[[], Awaitable[Any]], what: str, seconds: float = QUIET) -> None:
-    """`probe()` must stay truthy for `seconds` (checked every 100 ms)."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        value = await probe()
-        assert value, f"{what} stopped holding (got {value!r})"
-        await asyncio.sleep(0.1)
 
 
 def reload_counts(metrics_text: str) -> dict[str, float]:
