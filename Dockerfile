@@ -6,6 +6,7 @@ WORKDIR /app
 
 COPY pyproject.toml README.md routes.yaml ./
 COPY templates ./templates
+COPY manifests ./manifests
 COPY composer ./composer
 RUN pip install . \
  && useradd --system --uid 10001 --no-create-home composer
@@ -14,5 +15,6 @@ USER composer
 EXPOSE 8080 9911
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9911/healthz', timeout=2).status == 200 else 1)"]
-# Mount your own routes.yaml and templates/ over /app to serve them.
+# Mount your own routes.yaml, templates/ and manifests/ over /app to serve them (or pass
+# --manifest / COMPOSER_MANIFEST); edits are picked up without a restart.
 CMD ["composer", "serve"]
