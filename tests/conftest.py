@@ -7,15 +7,19 @@ a routes.yaml and templates into tmp_path and starts a `ComposerServer` on free 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import socket
+import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import pytest
@@ -80,6 +84,114 @@ async def stays(probe: Callable[[], Awaitable[Any]], what: str, seconds: float =
         value = await probe()
         assert value, f"{what} stopped holding (got {value!r})"
         await asyncio.sleep(0.1)
+
+
+def json_lines(stderr: str) -> list[dict[str, Any]]:
+    """Every non-empty stderr line, each of which must be a JSON object."""
+    records = []
+    for line in stderr.splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            pytest.fail(f"stderr line is not JSON: {line!r}")
+        assert isinstance(record, dict), line
+        records.append(record)
+    return records
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a composer subprocess: ours, without an inherited COMPOSER_MANIFEST."""
+    env = {k: v for k, v in os.environ.items() if k != "COMPOSER_MANIFEST"}
+    env.update(extra)
+    return env
+
+
+class Serve:
+    """`python -m composer serve --config routes.yaml` in `cwd`, on free loopback ports.
+
+    stdout is piped (the ready line), stderr goes to a file (JSON log lines). Leaving the
+    block sends SIGTERM, then kills the process, and any gunicorn worker recorded in
+    `seen_workers`, if it does not exit.
+    """
+
+    def __init__(self, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.cwd, self.extra, self.env = cwd, extra, env or cli_env()
+        self.port, self.admin_port = free_port(), free_port()
+        self.stderr_path = cwd / f"stderr-{time.monotonic_ns()}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.seen_workers: set[int] = set()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def __aenter__(self) -> Self:
+        with open(self.stderr_path, "wb") as err:  # handed to the child, closed once it has it
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "composer", "serve", "--config", "routes.yaml", "--host", "127.0.0.1",
+                "--port", str(self.port), "--admin-port", str(self.admin_port), *self.extra,
+                cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=err)
+        try:
+            assert self.proc.stdout is not None
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
+            assert b"composer serving" in line, f"no ready line (got {line!r}); stderr:\n{self.stderr()}"
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.returncode is None:
+                self.proc.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(self.proc.communicate(), 15)
+        finally:
+            if self.proc.returncode is None:
+                self.proc.kill()
+                await self.proc.communicate()
+            for pid in self.seen_workers:  # gunicorn workers orphaned by a killed arbiter
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def alive(self) -> bool:
+        assert self.proc is not None
+        return self.proc.returncode is None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        return json_lines(self.stderr())
+
+    def reload_problems(self) -> list[str]:
+        """The `problem` of each error line the reloader logged."""
+        return [r["problem"] for r in self.records()
+                if r.get("logger") == "composer.reload" and r.get("level") == "error" and "problem" in r]
+
+    async def metrics(self) -> str:
+        async with aiohttp.ClientSession() as session, \
+                session.get(self.admin + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            assert resp.status == 200
+            return await resp.text()
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import signal
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import free_port, html, write_config
+from conftest import free_port, html, json_lines, write_config
 
 PAGE = """\
 <!DOCTYPE html>
@@ -201,20 +200,6 @@ async def poll(condition, deadline: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def assert_json_lines(stderr: str) -> list[dict]:
-    records = []
-    for line in stderr.splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            pytest.fail(f"stderr line is not JSON: {line!r}")
-        assert isinstance(record, dict), line
-        records.append(record)
-    return records
-
-
 async def test_serve_composes_then_drains_on_sigterm(tmp_path, fragments):
     svc = await fragments({"/a": html("<p>fragment A</p>"),
                            "/slow": html("<p>slow fragment</p>", delay=1.5)})
@@ -274,7 +259,7 @@ async def test_serve_composes_then_drains_on_sigterm(tmp_path, fragments):
         code, rest = await composer.wait()
         assert code == 0, composer.stderr
         assert rest == "", "serve prints one line only"
-        records = assert_json_lines(composer.stderr)
+        records = json_lines(composer.stderr)
         assert records, "no log lines on stderr"
         assert refuses(port) and refuses(admin)
 
@@ -292,7 +277,7 @@ async def test_serve_exits_0_on_sigint(tmp_path):
         composer.proc.send_signal(signal.SIGINT)
         code, _ = await composer.wait()
         assert code == 0, composer.stderr
-        assert_json_lines(composer.stderr)
+        json_lines(composer.stderr)
         assert refuses(port) and refuses(admin)
 
 

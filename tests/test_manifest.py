@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Self
+from typing import Any
 
 import aiohttp
 import pytest
@@ -35,12 +34,14 @@ from conftest import (
     FragmentServer,
     Records,
     captured,
+    cli_env,
     eventually,
     free_port,
     html,
     stays,
     write_config,
 )
+from conftest import Serve as ServeBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.errors import ConfigError
@@ -261,13 +262,6 @@ async def manifest_server(aiohttp_server) -> Callable[[str], Awaitable[ManifestS
 # --------------------------------------------------------------------------- composer subprocesses
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for a composer subprocess: ours, without an inherited COMPOSER_MANIFEST."""
-    env = {k: v for k, v in os.environ.items() if k != "COMPOSER_MANIFEST"}
-    env.update(extra)
-    return env
-
-
 async def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
                   timeout: float = 30) -> tuple[int, str, str]:
     """`python -m composer ARGS` to completion: (exit status, stdout, stderr)."""
@@ -284,80 +278,8 @@ async def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
     return proc.returncode, out.decode(), err.decode()
 
 
-class Serve:
-    """`python -m composer serve --config routes.yaml` in `cwd` on free loopback ports.
-
-    stderr (JSON log lines) goes to a file; leaving the block sends SIGTERM, then kills.
-    """
-
-    def __init__(self, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.cwd, self.extra, self.env = cwd, extra, env or cli_env()
-        self.port, self.admin_port = free_port(), free_port()
-        self.stderr_path = cwd / f"stderr-{time.monotonic_ns()}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def _open_stderr(self) -> BinaryIO:
-        return open(self.stderr_path, "wb")  # handed to the child, closed once it has it
-
-    async def __aenter__(self) -> Self:
-        with self._open_stderr() as err:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "composer", "serve", "--config", "routes.yaml", "--host", "127.0.0.1",
-                "--port", str(self.port), "--admin-port", str(self.admin_port), *self.extra,
-                cwd=self.cwd, env=self.env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=err)
-        try:
-            assert self.proc.stdout is not None
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
-            assert b"composer serving" in line, f"no ready line (got {line!r}); stderr:\n{self.stderr()}"
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            if self.proc.returncode is None:
-                self.proc.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(self.proc.communicate(), 15)
-        finally:
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.communicate()
-
-    def alive(self) -> bool:
-        assert self.proc is not None
-        return self.proc.returncode is None
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    def reload_problems(self) -> list[str]:
-        """The `problem` of each error line the reloader logged."""
-        out = []
-        for line in self.stderr().splitlines():
-            record = json.loads(line)
-            if record.get("logger") == "composer.reload" and record.get("level") == "error":
-                out.append(record["problem"])
-        return out
+class Serve(ServeBase):
+    """A composer subprocess (conftest's) that can ask which footer version a bucket sees."""
 
     async def version(self, bucket: int) -> str | None:
         """What /page shows for the footer to a user in `bucket` (fresh connection each time)."""

@@ -14,20 +14,18 @@ block of the event loop that lands a trigger exactly as a poll interval ends.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
-import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Self
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import eventually, free_port, html, stays
+from conftest import Serve as ServeBase
+from conftest import eventually, html, stays
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.config import file_stamp
@@ -209,107 +207,17 @@ def listens(pid: int, port: int) -> bool:
     return False
 
 
-class Serve:
-    """`python -m composer serve --config routes.yaml` in `cwd`, on free loopback ports.
-
-    stdout is piped (the ready line), stderr goes to a file (JSON log lines). Leaving the
-    block sends SIGTERM, then kills the process (and any worker left) if it does not exit.
-    """
-
-    def __init__(self, cwd: Path, *extra: str) -> None:
-        self.cwd, self.extra = cwd, extra
-        self.port, self.admin_port = free_port(), free_port()
-        self.stderr_path = cwd / f"stderr-{time.monotonic_ns()}.log"
-        self.proc: asyncio.subprocess.Process | None = None
-        self.seen_workers: set[int] = set()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> Self:
-        err = self._open_stderr()
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "composer", "serve", "--config", "routes.yaml", "--host", "127.0.0.1",
-                "--port", str(self.port), "--admin-port", str(self.admin_port), *self.extra,
-                cwd=self.cwd, stdout=asyncio.subprocess.PIPE, stderr=err, stdin=asyncio.subprocess.DEVNULL)
-        finally:
-            err.close()
-        try:
-            assert self.proc.stdout is not None
-            line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
-            assert b"composer serving" in line, f"no ready line (got {line!r}); stderr:\n{self.stderr()}"
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    def _open_stderr(self) -> BinaryIO:
-        return open(self.stderr_path, "wb")  # handed to the child; the caller closes it
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+class Serve(ServeBase):
+    """A composer subprocess (conftest's), with probes for redirects, reloads and workers."""
 
     async def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            if self.proc.returncode is None:
-                self.seen_workers |= children(self.proc.pid)
-                self.proc.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(self.proc.communicate(), 15)
-        finally:
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.communicate()
-            for pid in self.seen_workers:  # gunicorn workers orphaned by a killed arbiter
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    def alive(self) -> bool:
-        assert self.proc is not None
-        return self.proc.returncode is None
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(encoding="utf-8", errors="replace")
-
-    def records(self) -> list[dict[str, Any]]:
-        """Every stderr line, each of which must be a JSON object."""
-        out = []
-        for line in self.stderr().splitlines():
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                pytest.fail(f"stderr line is not JSON: {line!r}")
-            assert isinstance(record, dict), line
-            out.append(record)
-        return out
-
-    def reload_problems(self) -> list[str]:
-        """The `problem` of each error line the reloader logged."""
-        return [r["problem"] for r in self.records()
-                if r.get("logger") == "composer.reload" and r.get("level") == "error" and "problem" in r]
+        if self.proc is not None and self.proc.returncode is None:
+            self.seen_workers |= children(self.proc.pid)  # so none outlives a killed arbiter
+        await super().stop()
 
     async def location(self, path: str = "/home") -> str:
         status, location, _ = await fetch(self.base + path)
         return location if status == 302 else f"<{status}>"
-
-    async def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.admin_port}/metrics"
-        async with aiohttp.ClientSession() as session, \
-                session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            assert resp.status == 200
-            return await resp.text()
 
     async def reloads(self) -> dict[str, float]:
         return reload_counts(await self.metrics())
