@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Settings
+from .errors import error_page
 from .fragments import Asset, Failed, Fetched, fetch
 from .logs import REQUEST_ID
 from .metrics import Metrics
@@ -36,8 +37,7 @@ __all__ = ["BARE_500", "Composer", "Outcome"]
 
 log = logging.getLogger("composer.fragments")
 
-BARE_500 = (b"<!DOCTYPE html><html><head><title>500 Internal Server Error</title></head>"
-            b"<body><h1>500 Internal Server Error</h1></body></html>")
+BARE_500 = error_page(500)
 _CACHE_CONTROL = "no-cache, no-store, must-revalidate"
 BUCKET_COOKIE = "composer_bucket"
 # A year: the bucket is the only canary state, so it must outlive the browser session.

@@ -11,13 +11,14 @@ same enum used as the `reason` metric label and the `error_type` log field.
 from __future__ import annotations
 
 import enum
+from http import HTTPStatus
 from pathlib import Path
 
 # What identifies a version of a file: (mtime in ns, size, inode); None when it is missing.
 # The inode catches Kubernetes ConfigMap updates, which swap a symlink to a new file.
 Stamp = tuple[int, int, int] | None
 
-__all__ = ["ConfigError", "Reason", "Stamp"]
+__all__ = ["ConfigError", "Reason", "Stamp", "error_page"]
 
 
 class ConfigError(Exception):
@@ -37,3 +38,14 @@ class Reason(enum.StrEnum):
     STATUS = "status"
     TOO_LARGE = "too_large"
     INVALID = "invalid"
+
+
+def error_page(status: int, detail: str = "") -> bytes:
+    """The small HTML body of every page composer answers itself (400, 404, 405, 500, 502, 504).
+
+    `detail` must be plain text without markup; it is a fixed message, never user input.
+    """
+    title = f"{status} {HTTPStatus(status).phrase}"
+    extra = f"<p>{detail}</p>" if detail else ""
+    return (f"<!DOCTYPE html><html><head><title>{title}</title></head>"
+            f"<body><h1>{title}</h1>{extra}</body></html>").encode()

@@ -18,6 +18,8 @@ from urllib.parse import quote
 
 from multidict import CIMultiDict
 
+from .predicates import within
+
 __all__ = [
     "FILTERS",
     "Outgoing",
@@ -217,9 +219,8 @@ class StripPrefix:
         return cls(prefix=prefix)
 
     def on_request(self, out: Outgoing) -> None:
-        path, prefix = out.path, self.prefix
-        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
-            out.path = path[len(prefix):] or "/"
+        if within(out.path, self.prefix):
+            out.path = out.path[len(self.prefix):] or "/"
 
 
 @dataclass(frozen=True, slots=True)

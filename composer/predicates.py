@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 from aiohttp import web
 
 __all__ = ["PREDICATES", "Condition", "CookiesPredicate", "HeadersPredicate", "HostPredicate",
-           "MethodsPredicate", "PathPredicate", "PathPrefixPredicate", "compile_path", "host_of"]
+           "MethodsPredicate", "PathPredicate", "PathPrefixPredicate", "compile_path", "host_of", "within"]
 
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([^{}]*(?:\{[^{}]*\}[^{}]*)*))?\}")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -64,6 +64,15 @@ def compile_path(pattern: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
         return re.compile("^" + "".join(parts) + "$"), tuple(names)
     except re.error as exc:
         raise ValueError(f"invalid regex in path {pattern!r}: {exc}") from None
+
+
+def within(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or below it, in whole segments: /api/x is within /api, /apix is not.
+
+    `prefix` has no trailing slash ("" is the root). Shared by path_prefix and strip_prefix,
+    so what a route matches and what it strips can never disagree.
+    """
+    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
 
 
 def _path_value(value: Any, key: str) -> str:
@@ -115,10 +124,7 @@ class PathPrefixPredicate:
         return cls(prefix=prefix, literal=tuple(prefix[1:].split("/")) if prefix else ())
 
     def match(self, path: str) -> dict[str, str] | None:
-        prefix = self.prefix
-        if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
-            return {}
-        return None
+        return {} if within(path, self.prefix) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Backend
+from .errors import error_page
 from .filters import Outgoing
 from .logs import REQUEST_ID
 from .routing import Route
@@ -39,7 +40,7 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
 # The WebSocket handshake is negotiated again on each side.
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                            "sec-websocket-protocol", "sec-websocket-accept"})
-_ERROR_PAGE = ("<!DOCTYPE html><html><head><title>{0}</title></head><body><h1>{0}</h1></body></html>")
+_ERROR_PAGES = {502: error_page(502), 504: error_page(504)}
 _CHUNK = 256 * 1024
 
 
@@ -258,11 +259,10 @@ def _response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 def _error(status: int, route: Route) -> web.Response:
-    title = {502: "502 Bad Gateway", 504: "504 Gateway Timeout"}[status]
     headers = CIMultiDict({"content-type": "text/html; charset=utf-8", "cache-control": "no-store"})
     for f in route.filters:
         f.on_response(headers)
-    return web.Response(status=status, body=_ERROR_PAGE.format(title).encode(), headers=headers)
+    return web.Response(status=status, body=_ERROR_PAGES[status], headers=headers)
 
 
 def _log_failure(request: web.BaseRequest, route: Route, backend: Backend, url: URL, exc: BaseException,

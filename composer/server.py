@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from .compose import BARE_500, Composer, request_id_of
 from .config import Config
+from .errors import error_page
 from .fragments import new_session
 from .guard import request_problem
 from .logs import REQUEST_ID, ROUTE, AccessLogger
@@ -42,11 +43,8 @@ GRACE_SECONDS = 10.0
 MAX_LINE_SIZE = 8190
 MAX_FIELD_SIZE = 8190
 MAX_HEADERS = 128
-_NOT_FOUND = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>404 Not Found</h1></body></html>"
-_NOT_ALLOWED = (b"<!DOCTYPE html><html><head><title>405 Method Not Allowed</title></head>"
-                b"<body><h1>405 Method Not Allowed</h1></body></html>")
-_BAD_REQUEST = ("<!DOCTYPE html><html><head><title>400 Bad Request</title></head>"
-                "<body><h1>400 Bad Request</h1><p>{}</p></body></html>")
+_NOT_FOUND = error_page(404)
+_NOT_ALLOWED = error_page(405)
 _HTML = "text/html; charset=utf-8"
 # The `method` label takes these values; anything else counts as "other" (bounded series).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -166,7 +164,7 @@ class ComposerServer:
             path, query = split_target(request.raw_path)
             problem = request_problem(request, path)
             if problem is not None:
-                response = _page(400, _BAD_REQUEST.format(problem).encode())
+                response = _page(400, error_page(400, problem))
             else:
                 match = table.match(request, path)
                 route = match.route
