@@ -16,7 +16,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote
@@ -24,14 +24,17 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from .breaker import Breaker, Breakers, State
+from .cache import FragmentCache, LastGood
 from .config import Settings
-from .errors import error_page
+from .errors import Reason, error_page
 from .fragments import Asset, Failed, Fetched, fetch
 from .logs import REQUEST_ID
 from .metrics import Metrics
-from .routing import Route
-from .template import ASYNC_SLOT, Fragment, Template
+from .routing import Route, RouteTable
+from .template import ASYNC_SLOT, Fragment, Template, UrlTemplate
 
 __all__ = ["BARE_500", "Composer", "Outcome"]
 
@@ -77,6 +80,7 @@ class _Page:
     headers: CIMultiDict[str]
     public_headers: CIMultiDict[str]
     max_bytes: int
+    deadline: float  # time.monotonic() after which pending fragments render their fallback
     bucket: int = -1  # the user's canary bucket, 0–99 (-1: the page has no manifest fragment)
     overrides: Mapping[str, str] = field(default_factory=dict)  # QA: fragment name → version
 
@@ -90,11 +94,69 @@ def request_id_of(request: web.BaseRequest) -> str:
 
 
 class Composer:
-    """Composes pages for one server; holds the shared client session and metrics."""
+    """Composes pages for one server; holds what outlives a page: the client session, metrics,
+    circuit breakers, the fragment cache and the last good copy of each fallback."""
 
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics, *,
+                 cache_bytes: int = Settings.cache_max_bytes) -> None:
         self.session = session
         self.metrics = metrics
+        self.breakers = Breakers(self._circuit_changed)
+        self.cache = FragmentCache(cache_bytes)
+        self.last_good = LastGood()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def apply(self, table: RouteTable) -> None:
+        """Take up a (re)loaded table: resize the cache, refetch manifest fragments' fallbacks."""
+        settings = table.settings
+        if settings is not None and settings.cache_max_bytes != self.cache.max_bytes:
+            old, self.cache = self.cache, FragmentCache(settings.cache_max_bytes)
+            self._spawn(old.close())
+        fallbacks: dict[str, Fragment] = {}
+        for route in table.routes:
+            for fragment in route.template.fragments if route.template else ():
+                if fragment.name is not None and fragment.fallback_src is not None \
+                        and fragment.fallback_src.static is not None:
+                    fallbacks.setdefault(str(fragment.fallback_src.static), fragment)
+        self.last_good.track(frozenset(fallbacks))
+        for url, fragment in fallbacks.items():
+            self._spawn(self._prefetch(url, fragment, table.settings))
+
+    async def _prefetch(self, url: str, fragment: Fragment, settings: Settings | None) -> None:
+        assert fragment.fallback_src is not None and fragment.fallback_src.static is not None
+        max_bytes = settings.max_fragment_bytes if settings else Settings.max_fragment_bytes
+        headers = CIMultiDict({"accept-encoding": _ACCEPT_ENCODING})
+        answer = await fetch(self.session, fragment.fallback_src.static, headers, timeout=fragment.timeout,
+                             max_bytes=max_bytes, allow_redirect=False)
+        if isinstance(answer, Fetched) and answer.status < 300:
+            self.last_good.put(url, answer)
+        else:
+            log.warning("fallback prefetch failed", extra={"fields": {
+                "fragment": fragment.id, "url": url, "owner": fragment.owner,
+                "error_type": answer.reason.value if isinstance(answer, Failed) else "status",
+                "detail": answer.detail if isinstance(answer, Failed) else f"status {answer.status}"}})
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop background work: fallback prefetches and cache refreshes."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cache.close()
+
+    def _circuit_changed(self, breaker: Breaker) -> None:
+        self.metrics.circuit_state.labels(breaker.fragment).set(self.breakers.worst(breaker.fragment))
+        fields = {"fragment": breaker.fragment, "origin": breaker.origin, "state": breaker.state.name.lower(),
+                  "consecutive_failures": breaker.consecutive, "cooldown_ms": breaker.policy.cooldown_ms}
+        if breaker.state is State.CLOSED:
+            log.info("circuit closed", extra={"fields": fields})
+        else:
+            log.warning("circuit opened" if breaker.state is State.OPEN else "circuit half-open",
+                        extra={"fields": fields})
 
     @staticmethod
     def _page(request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings,
@@ -111,7 +173,8 @@ class Composer:
         overrides = _overrides(incoming.get(settings.version_override_header or "", ""))
         return _Page(route=route, params={k: unquote(v) for k, v in params.items()}, request_id=rid,
                      headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes,
-                     bucket=bucket, overrides=overrides)
+                     deadline=time.monotonic() + settings.page_timeout_ms / 1000, bucket=bucket,
+                     overrides=overrides)
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
                       settings: Settings) -> web.StreamResponse:
@@ -217,30 +280,85 @@ class Composer:
                 return await self._fallback(fragment, page, headers)
         started = time.perf_counter()
         url = src.render(page.params)
-        result = await fetch(self.session, url, headers, timeout=fragment.timeout,
-                             max_bytes=page.max_bytes, allow_redirect=fragment.primary)
-        metrics = self.metrics
-        metrics.fragment_duration.labels(fragment.id, page.route, version).observe(time.perf_counter() - started)
-        if isinstance(result, Fetched):
-            return Outcome("src", result.body, result.assets, result.status, result.headers)
-        metrics.fragment_failures.labels(fragment.id, page.route, version, result.reason.value).inc()
+        failure: Failed | None
+        if src.keeps_origin(url):
+            load = self._loader(fragment, page, src, url, headers, version)
+            answer, how, failure = await self.cache.get(
+                str(url), headers, load, timeout=_budget(fragment, page), refresh_timeout=fragment.timeout)
+            self.metrics.fragment_cache.labels(fragment.id, how).inc()
+        else:
+            answer = failure = Failed(Reason.INVALID, "the URL left its origin after {param} interpolation")
+            how = "miss"
+        if failure is not None:
+            self.metrics.fragment_failures.labels(fragment.id, page.route, version, failure.reason.value).inc()
+        if isinstance(answer, Fetched):
+            if failure is not None:  # a stale copy stands in: the page is whole, the failure is still logged
+                _log_failure(fragment, page, version, url, failure, time.perf_counter() - started, "stale")
+            return Outcome("src", answer.body, answer.assets, answer.status, answer.headers)
+        assert failure is not None
         outcome = await self._fallback(fragment, page, headers)
         if outcome is not _NONE:
-            metrics.fragment_fallbacks.labels(fragment.id, page.route).inc()
-        metrics.recent.record(fragment.name or fragment.id, fallback=outcome is not _NONE)
-        _log_failure(fragment, page, version, url, result, time.perf_counter() - started, outcome.source)
+            self.metrics.fragment_fallbacks.labels(fragment.id, page.route).inc()
+        self.metrics.recent.record(fragment.name or fragment.id, fallback=outcome is not _NONE)
+        if failure.reason is not Reason.CIRCUIT_OPEN:  # an open circuit logs its transitions, not each page
+            _log_failure(fragment, page, version, url, failure, time.perf_counter() - started, outcome.source)
         return outcome
 
+    def _loader(self, fragment: Fragment, page: _Page, src: UrlTemplate, url: URL, headers: CIMultiDict[str],
+                version: str) -> Callable[[float], Awaitable[Fetched | Failed]]:
+        """The upstream fetch of `url` for the cache to call: through the breaker, timed."""
+        breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
+            if fragment.breaker.enabled else None
+
+        async def load(timeout: float) -> Fetched | Failed:
+            if breaker is not None and not breaker.allow(time.monotonic()):
+                return Failed(Reason.CIRCUIT_OPEN, f"circuit open for {breaker.origin}")
+            if timeout <= 0:
+                return Failed(Reason.TIMEOUT, "the page deadline (settings.page_timeout_ms) passed")
+            started = time.perf_counter()
+            try:
+                result = await fetch(self.session, url, headers, timeout=timeout, max_bytes=page.max_bytes,
+                                     allow_redirect=fragment.primary)
+            except BaseException:
+                if breaker is not None:
+                    breaker.release()
+                raise
+            self.metrics.fragment_duration.labels(fragment.id, page.route, version).observe(
+                time.perf_counter() - started)
+            if breaker is not None:
+                breaker.record(isinstance(result, Fetched), time.monotonic())
+            return result
+
+        return load
+
     async def _fallback(self, fragment: Fragment, page: _Page, headers: CIMultiDict[str]) -> Outcome:
-        """`fallback-src` (2xx only), else the inline markup (never for a primary), else nothing."""
-        if fragment.fallback_src is not None:
-            fallback = await fetch(self.session, fragment.fallback_src.render(page.params), headers,
-                                   timeout=fragment.timeout, max_bytes=page.max_bytes, allow_redirect=False)
+        """`fallback-src` (2xx only; its last good copy when it fails), else the inline markup
+        (never for a primary), else nothing."""
+        fallback_src = fragment.fallback_src
+        if fallback_src is not None:
+            url = fallback_src.render(page.params)
+            timeout = _budget(fragment, page)
+            fallback: Fetched | Failed | None = None
+            if timeout > 0 and fallback_src.keeps_origin(url):
+                fallback, _, _ = await self.cache.get(
+                    str(url), headers, lambda t: fetch(self.session, url, headers, timeout=t, max_bytes=page.max_bytes,
+                                                       allow_redirect=False),
+                    timeout=timeout, refresh_timeout=fragment.timeout)
+            key = str(url) if fallback_src.static is not None else ""
             if isinstance(fallback, Fetched) and fallback.status < 300:
+                self.last_good.put(key, fallback)
+            else:
+                fallback = self.last_good.get(key)
+            if fallback is not None:
                 return Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
         if not fragment.primary and fragment.fallback_html.strip():
             return Outcome("inline", fragment.fallback_html)
         return _NONE
+
+
+def _budget(fragment: Fragment, page: _Page) -> float:
+    """The fragment's timeout, cut short by the page's deadline."""
+    return min(fragment.timeout, page.deadline - time.monotonic())
 
 
 def bucket_of(request: web.BaseRequest) -> int:

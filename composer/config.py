@@ -22,6 +22,7 @@ from urllib.parse import quote
 import yaml
 from yarl import URL
 
+from .breaker import DEFAULT_POLICY, BreakerPolicy, merged, parse_policy
 from .errors import ConfigError, Stamp
 from .filters import FILTERS, PathTemplate, RequestFilter, ResponseFilter
 from .manifest import Manifest, parse_fragments
@@ -76,6 +77,11 @@ class Settings:
     manifest: str | None = None  # a manifest file (relative to routes.yaml) or http(s) URL
     manifest_poll_s: int = 10  # how often a URL manifest is polled
     version_override_header: str | None = None  # e.g. x-composer-versions: footer=2.4.0 (QA)
+    circuit_breaker: BreakerPolicy = DEFAULT_POLICY  # per manifest fragment: its `circuit_breaker`
+    cache_max_bytes: int = 64 * 1024 * 1024  # `cache: {max_bytes}`; 0 turns caching off
+    page_timeout_ms: int = 10_000  # then every fragment still pending renders its fallback
+    max_fragments_per_template: int = 100
+    max_connections_per_origin: int = 256  # read when the process starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +151,8 @@ class Config:
 
 _SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowed_origins",
                   "max_fragment_bytes", "manifest", "manifest_poll_s", "version_override_header",
-                  "reload_interval_ms")
+                  "reload_interval_ms", "circuit_breaker", "cache", "page_timeout_ms",
+                  "max_fragments_per_template", "max_connections_per_origin")
 _TOP_KEYS = ("settings", "fragments", "routes")
 _TARGETS = ("template", "backend", "redirect")
 _BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
@@ -225,6 +232,17 @@ def _settings(reader: Reader, node: yaml.Node | None, base: Path) -> Settings | 
     if "version_override_header" in keys and not is_null(keys["version_override_header"]):
         header = reader.string(keys["version_override_header"], "settings.version_override_header")
         values["version_override_header"] = header.lower() if header else None
+    if "circuit_breaker" in keys:
+        override = parse_policy(reader, keys["circuit_breaker"], "settings.circuit_breaker")
+        values["circuit_breaker"] = None if override is None else merged(DEFAULT_POLICY, override)
+    if "cache" in keys:
+        cache = reader.mapping(keys["cache"], "settings.cache", ("max_bytes",))
+        if "max_bytes" in cache:
+            values["cache_max_bytes"] = reader.integer(cache["max_bytes"], "settings.cache.max_bytes", 0, 1 << 40)
+    for key, low, high in (("page_timeout_ms", 1, MAX_TIMEOUT_MS), ("max_fragments_per_template", 1, 10_000),
+                           ("max_connections_per_origin", 1, 100_000)):
+        if key in keys:
+            values[key] = reader.integer(keys[key], f"settings.{key}", low, high)
     if "allowed_origins" in keys:
         origins = reader.strings(keys["allowed_origins"], "settings.allowed_origins")
         if origins is not None:
@@ -383,11 +401,10 @@ def _backend(reader: Reader, keys: dict[str, yaml.Node], settings: Settings) -> 
         return None
     preserve_host = False
     if "preserve_host" in keys:
-        flag = keys["preserve_host"]
-        if not isinstance(flag, yaml.ScalarNode) or flag.tag != "tag:yaml.org,2002:bool":
-            reader.error(flag, "preserve_host must be true or false")
+        flag = reader.boolean(keys["preserve_host"], "preserve_host")
+        if flag is None:
             return None
-        preserve_host = bool(yaml.safe_load(flag.value))
+        preserve_host = flag
     timeout_ms = reader.integer(keys["timeout_ms"], "timeout_ms", 1, MAX_TIMEOUT_MS) \
         if "timeout_ms" in keys else 30_000
     connect_ms = reader.integer(keys["connect_timeout_ms"], "connect_timeout_ms", 1, MAX_TIMEOUT_MS) \

@@ -37,6 +37,7 @@ class Reason(enum.StrEnum):
     CONNECTION = "connection"
     STATUS = "status"
     TOO_LARGE = "too_large"
+    CIRCUIT_OPEN = "circuit_open"
     INVALID = "invalid"
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from .breaker import parse_policy
 from .errors import ConfigError, Stamp
 from .nodes import MAX_TIMEOUT_MS, Reader, compose, file_stamp
 from .urls import url_problem
 
 __all__ = ["Canary", "Entry", "Manifest", "fetch_manifest", "is_url", "parse_manifest", "read_manifest"]
 
-_ENTRY_KEYS = ("owner", "timeout_ms", "fallback", "versions", "active", "canary", "enabled")
+_ENTRY_KEYS = ("owner", "timeout_ms", "fallback", "versions", "active", "canary", "enabled", "circuit_breaker")
 _CANARY_KEYS = ("version", "percent")
 
 
@@ -50,6 +51,7 @@ class Entry:
     timeout_ms: int | None = None
     fallback: str | None = None
     line: int = 0
+    circuit_breaker: Mapping[str, int] | None = None  # overrides settings.circuit_breaker, key by key
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,10 +139,12 @@ def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple
     fallback = reader.string(keys["fallback"], f"{what}: fallback") if "fallback" in keys else None
     if fallback is not None:
         _check_url(reader, keys["fallback"], fallback, f"{what} fallback", allowed)
+    breaker = parse_policy(reader, keys["circuit_breaker"], f"{what}: circuit_breaker") \
+        if "circuit_breaker" in keys else None
     if len(reader.problems) > before or active is None or owner is None or enabled is None:
         return None
     return Entry(name=name, owner=owner, versions=versions, active=active, canary=canary, enabled=enabled,
-                 timeout_ms=timeout_ms, fallback=fallback, line=line)
+                 timeout_ms=timeout_ms, fallback=fallback, line=line, circuit_breaker=breaker)
 
 
 def _canary(reader: Reader, node: yaml.Node, what: str, versions: dict[str, str]) -> Canary | None:
@@ -203,7 +207,7 @@ def read_manifest(file: Path, label: str, allowed: tuple[str, ...]) -> tuple[Man
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{label}:1: manifest not found"], ((file, stamp),)) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL in the name
         raise ConfigError([f"{label}:1: cannot read the manifest: {exc}"], ((file, stamp),)) from None
     try:
         return parse_manifest(text, label, allowed, source=str(file)), stamp

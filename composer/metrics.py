@@ -87,6 +87,15 @@ class Metrics:
         self.fragment_info = Gauge(
             "composer_fragment_info", "Declared fragments (value 1), with version and owner.",
             ("fragment", "version", "owner"), registry=r, multiprocess_mode="max")
+        self.circuit_state = Gauge(
+            "composer_fragment_circuit_state",
+            "Circuit breaker of each fragment: 0 closed, 1 half-open, 2 open (its worst origin).",
+            ("fragment",), registry=r, multiprocess_mode="livemax")
+        self.fragment_cache = Counter(
+            "composer_fragment_cache_total",
+            "Fragment lookups by cache result: hit, miss (fetched), stale (served while refreshing), "
+            "stale_if_error (served because the fetch failed), coalesced (shared another page's fetch).",
+            ("fragment", "result"), registry=r)
         self.config_reloads = Counter(
             "composer_config_reloads_total", "Attempts to load a changed config, by result (ok, error).",
             ("result",), registry=r)

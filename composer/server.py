@@ -22,8 +22,9 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .breaker import State
 from .compose import BARE_500, Composer, request_id_of
-from .config import Config
+from .config import Config, Settings
 from .errors import error_page
 from .fragments import new_session
 from .guard import request_problem
@@ -72,6 +73,7 @@ class ComposerServer:
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._declared: set[tuple[str, str, str]] = set()
+        self._circuits: set[str] = set()
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
@@ -98,15 +100,31 @@ class ComposerServer:
         for labels in declared:
             info.labels(*labels).set(1)
         self._declared = declared
+        circuits = self.metrics.circuit_state
+        for route in table.routes:  # every fragment's circuit shows from the start, closed
+            for fragment in route.template.fragments if route.template else ():
+                if fragment.id not in self._circuits:
+                    self._circuits.add(fragment.id)
+                    circuits.labels(fragment.id).set(State.CLOSED)
 
     def _swap(self, config: Config, table: RouteTable) -> None:
+        old = self.table.settings
         self.config, self.table = config, table
         self._declare_fragments(table)
+        if self._composer is not None:
+            self._composer.apply(table)
+        new = table.settings
+        if old is not None and new is not None and old.max_connections_per_origin != new.max_connections_per_origin:
+            log.warning("settings.max_connections_per_origin changed; it applies when composer restarts",
+                        extra={"fields": {"running": old.max_connections_per_origin,
+                                          "configured": new.max_connections_per_origin}})
 
     async def start(self) -> None:
-        fragments, backends = new_session(), backend_session()
+        settings = self.table.settings or Settings(templates=self.config.path.parent)
+        fragments, backends = new_session(limit_per_host=settings.max_connections_per_origin), backend_session()
         self._sessions += (fragments, backends)
-        self._composer = Composer(fragments, self.metrics)
+        self._composer = Composer(fragments, self.metrics, cache_bytes=settings.cache_max_bytes)
+        self._composer.apply(self.table)
         self._proxy = Proxy(backends)
         pages = web.ServerRunner(
             web.Server(self.handle, access_log_class=AccessLogger, handler_cancellation=True,
@@ -150,6 +168,8 @@ class ComposerServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        if self._composer is not None:
+            await self._composer.close()
         for session in self._sessions:
             await session.close()
         self._sessions.clear()
@@ -176,7 +196,15 @@ class ComposerServer:
                     response = await self._dispatch(request, table, route, match.params, path, query)
             status = response.status
             return response
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            status = 499  # the client went away while we wrote; nothing more can be sent
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                raise
+            # Not an error of ours: aiohttp finishes this quietly (its write fails too) and logs
+            # the access line, where re-raising would log a traceback per departed browser.
+            return web.Response(status=499)
+        except asyncio.CancelledError:
             status = 499  # the client went away; nothing more can be sent
             raise
         except Exception:
@@ -208,9 +236,12 @@ class ComposerServer:
         """GET /manifest: what runs now, per fragment, and how it fared in the last minutes."""
         manifest = self.table.manifest
         recent = self.metrics.recent
+        breakers = self._composer.breakers if self._composer else None
+        now = breakers.now() if breakers else 0.0
         fragments: dict[str, object] = {}
         for entry in manifest.fragments.values() if manifest else ():
             failures, fallbacks = recent.get(entry.name)
+            circuits = breakers.of(entry.name) if breakers else []
             fragments[entry.name] = {
                 "owner": entry.owner,
                 "active": entry.active,
@@ -219,11 +250,14 @@ class ComposerServer:
                 "enabled": entry.enabled,
                 "versions": list(entry.versions),
                 "recent": {"minutes": recent.minutes, "failures": failures, "fallbacks": fallbacks},
+                "circuit": max((b.state for b in circuits), default=State.CLOSED).name.lower(),
             }
         return {
             "source": manifest.source if manifest else None,
             "loaded_at": _iso(manifest.loaded_at) if manifest else None,
             "fragments": fragments,
+            # every circuit composer has opened a request through, manifest fragment or plain `src`
+            "circuits": [b.view(now) for b in breakers.all()] if breakers else [],
         }
 
     def _admin_app(self) -> web.Application:

@@ -23,6 +23,7 @@ from urllib.parse import quote
 from selectolax.lexbor import LexborHTMLParser
 from yarl import URL
 
+from .breaker import DEFAULT_POLICY, BreakerPolicy, merged
 from .errors import ConfigError
 from .nodes import MAX_TIMEOUT_MS
 from .urls import url_problem
@@ -68,13 +69,16 @@ class UrlTemplate:
 
     parts: tuple[str, ...]
     static: URL | None
+    origin: str = ""  # scheme://host:port, fixed at load (a circuit breaker's key)
 
     @classmethod
     def parse(cls, raw: str) -> UrlTemplate:
+        """`raw` must have passed `urls.url_problem` (params only in the path or query)."""
         pieces = _PLACEHOLDER.split(raw)
         if len(pieces) == 1:
-            return cls(parts=(raw,), static=URL(raw))
-        return cls(parts=tuple(pieces), static=None)
+            url = URL(raw)
+            return cls(parts=(raw,), static=url, origin=origin_of(url))
+        return cls(parts=tuple(pieces), static=None, origin=origin_of(URL(_PLACEHOLDER.sub("p", raw))))
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -91,6 +95,15 @@ class UrlTemplate:
             else:
                 out.append(part)
         return URL("".join(out), encoded=True)
+
+    def keeps_origin(self, url: URL) -> bool:
+        """Does a rendered `url` still go where the load-time check allowed? (Defence in depth:
+        quoting already keeps a param out of the origin.)"""
+        return self.static is not None or origin_of(url) == self.origin
+
+
+def origin_of(url: URL) -> str:
+    return f"{url.scheme}://{url.raw_host}:{url.port}"
 
 
 def _quote_param(value: str) -> str:
@@ -124,6 +137,7 @@ class Fragment:
     canary_percent: int = 0
     versions: Mapping[str, UrlTemplate] = field(default_factory=dict)
     enabled: bool = True
+    breaker: BreakerPolicy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +188,11 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
         raise ConfigError([f"{label}:1: cannot read: {exc.strerror}"]) from None
     problems = _Problems(label, source)
     found, body_close = _locate(source, problems)
+    limit = settings.max_fragments_per_template
+    if len(found) > limit:
+        problems.add(found[limit].start, f"more than {limit} fragments in one template "
+                                         f"(settings.max_fragments_per_template); this is fragment {limit + 1}")
+        raise ConfigError(problems.items)
     fragments: list[Fragment] = []
     for index, item in enumerate(found):
         fragment = _fragment(item, index, source, problems, params=params, settings=settings,
@@ -233,6 +252,10 @@ def _merge(chunks: list[bytes | Fragment | _AsyncSlot]) -> list[bytes | Fragment
 
 def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]:
     """Find fragment elements and the real `</body>` by asking selectolax about candidates."""
+    for reserved in (_AT, _MARK):  # markup of our own making would be taken for the markers
+        if (used := re.search(reserved, source, re.IGNORECASE | re.ASCII)) is not None:
+            problems.add(used.start(), f"{reserved!r} is reserved for composer's own use in templates")
+            return [], None
     opens: dict[int, re.Match[str]] = {}
     inserts: list[tuple[int, str]] = []
     for m in _OPEN.finditer(source):
@@ -240,7 +263,7 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
         if rest is None:
             continue
         opens[m.start()] = rest
-        inserts.append((m.end(), f" {_AT}={m.start()}"))
+        inserts.append((m.end(), f' {_AT}="{m.start()}"'))  # quoted: `<fragment/>` must not read as "0/"
         if m.group(1).lower() == "fragment" and _self_closing(source, rest.end()):
             # `<fragment/>` is not self-closing to an HTML parser; make it so for this parse.
             inserts.append((rest.end() - 2, "></fragment"))
@@ -260,10 +283,10 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
             if (attrs.get("type") or "").strip().lower() != "fragment":
                 continue
             close = _CLOSE_SCRIPT.search(source, open_end)
-            if close is None:
+            gt = source.find(">", close.start()) if close is not None else -1
+            if close is None or gt < 0:  # `</script` cut off by the end of the file closes nothing
                 problems.add(start, '<script type="fragment"> is never closed')
                 continue
-            gt = source.find(">", close.start())
             found.append(_Found(start, open_end, close.start(), gt + 1, attrs))
             continue
         if _self_closing(source, open_end):
@@ -351,7 +374,7 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *, par
     timeout_ms = entry.timeout_ms if entry is not None and entry.timeout_ms else settings.fragment_timeout_ms
     raw_timeout = attrs.get("timeout")
     if raw_timeout is not None:
-        if raw_timeout.strip().isdigit() and 0 < int(raw_timeout) <= MAX_TIMEOUT_MS:
+        if re.fullmatch(r"0*[0-9]{1,9}", raw_timeout.strip()) and 0 < int(raw_timeout) <= MAX_TIMEOUT_MS:
             timeout_ms = int(raw_timeout)
         else:
             problems.add(item.start, f"timeout must be a whole number of milliseconds between 1 and "
@@ -374,20 +397,21 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *, par
             "name": entry.name, "owner": entry.owner, "version": entry.active, "versions": versions,
             "canary": entry.canary.version if entry.canary else None,
             "canary_percent": entry.canary.percent if entry.canary else 0, "enabled": entry.enabled}),
+        breaker=merged(settings.circuit_breaker, dict(entry.circuit_breaker or {}) if entry else None),
     )
 
 
 def _url(offset: int, attr: str, raw: str, problems: _Problems, params: tuple[str, ...],
          settings: Settings) -> UrlTemplate | None:
     """Check a URL attribute at load: http(s), known params only in path/query, allowed origin."""
+    problem = url_problem(raw.strip(), settings.allowed_origins)
+    if problem is not None:
+        problems.add(offset, f"{attr} {problem}")
+        return None
     template = UrlTemplate.parse(raw.strip())
     unknown = [p for p in template.params if p not in params]
     if unknown:
         known = ", ".join(f"{{{p}}}" for p in params) or "none"
         problems.add(offset, f"{attr} uses unknown {{{unknown[0]}}} (the route's params: {known})")
-        return None
-    problem = url_problem(raw.strip(), settings.allowed_origins)
-    if problem is not None:
-        problems.add(offset, f"{attr} {problem}")
         return None
     return template

@@ -15,7 +15,7 @@ import aiohttp
 import brotli
 import pytest
 from aiohttp import web
-from conftest import Records, html
+from conftest import Records, captured, html
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -1124,3 +1124,33 @@ async def test_primary_status_without_body_gives_an_empty_page_of_that_status(
         assert resp.status == status
         assert body == ""
         assert resp.headers.getall("set-cookie") == ["a=1"]
+
+
+async def test_browsers_leaving_mid_page_log_no_errors(fragments, start_composer):
+    """50 browsers dropping their connections at once while pages stream: no traceback per
+    departed browser (aiohttp logs one at ERROR when a handler raises a write failure)."""
+    import random
+
+    async def frag(_: web.Request) -> web.Response:
+        await asyncio.sleep(random.uniform(0, 0.03))
+        return web.Response(text="<p>x</p>" * 200, content_type="text/html")
+
+    svc = await fragments({"/f": frag})
+    frags = "".join(f'<fragment id="f{i}" src="{svc.url("/f")}"></fragment><p>between</p>' for i in range(6))
+    composer = await start_composer({"page.html": f"<html><body><p>start</p>{frags}<p>end</p></body></html>"})
+    with captured("aiohttp.server") as records:
+        for _ in range(3):
+            async with aiohttp.ClientSession() as session:
+                async def browse() -> None:
+                    while True:
+                        async with session.get(composer.url + "/page") as resp:
+                            await resp.read()
+
+                tasks = [asyncio.create_task(browse()) for _ in range(50)]
+                await asyncio.sleep(0.6)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.3)
+    assert [r.getMessage() for r in records.records if r.levelno >= logging.ERROR] == []
+    assert (await composer.get("/page"))[0].status == 200

@@ -107,3 +107,39 @@ def test_dashboard_has_a_row_per_fragment_with_the_four_panels():
     used = {m for e in exprs for m in re.findall(r"\b(composer_[a-z_]+)\b", e)}
     assert used <= exported_names(), used - exported_names()
     assert any("by (version)" in e for e in exprs)
+
+
+def test_circuit_open_alert_fires_after_five_minutes_open_and_names_the_owner(tmp_path):
+    """Open (2) on one of two instances for 6 minutes pages the owner; open for 3 does not."""
+    case = tmp_path / "test.yaml"
+    case.write_text(textwrap.dedent(f"""\
+        rule_files: [{RULES}]
+        evaluation_interval: 1m
+        tests:
+          - interval: 1m
+            input_series:
+              - series: 'composer_fragment_circuit_state{{fragment="recos",instance="a"}}'
+                values: '0 0 2 2 2 2 2 2 2 2'
+              - series: 'composer_fragment_circuit_state{{fragment="recos",instance="b"}}'
+                values: '0x9'
+              - series: 'composer_fragment_circuit_state{{fragment="footer",instance="a"}}'
+                values: '0 0 0 0 0 2 2 2 2 2'
+              - series: 'composer_fragment_info{{fragment="recos",version="1.0",owner="recos-team"}}'
+                values: '1x9'
+              - series: 'composer_fragment_info{{fragment="footer",version="2.0",owner="platform-team"}}'
+                values: '1x9'
+            alert_rule_test:
+              - eval_time: 8m
+                alertname: ComposerFragmentCircuitOpen
+                exp_alerts:
+                  - exp_labels: {{severity: page, fragment: recos, owner: recos-team}}
+                    exp_annotations:
+                      summary: "Fragment recos: circuit open"
+                      description: >-
+                        composer stopped calling fragment recos (owner recos-team):
+                        it kept failing and every probe since has failed too. GET /manifest shows which
+                        origin; composer's "circuit opened" log line says when.
+        """), encoding="utf-8")
+    result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
