@@ -1,0 +1,537 @@
+"""Fault injection: real misbehaving fragment services on 127.0.0.1, a real composer.
+
+Each faulty service sits on a page next to a healthy fragment and carries an inline
+fallback. Whatever the fault, the page must end (last body byte at the client) within the
+fragment's timeout + 200 ms, the failure must be counted under the right `reason` in
+`composer_fragment_failures_total`, the fallback and the healthy fragment must be on the
+page, and composer must go on serving (a following page works).
+
+aiohttp handlers play the faults aiohttp can produce; raw `asyncio.start_server`
+connections write the bytes aiohttp never would (lying Content-Length, resets, garbage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import re
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import html
+from multidict import CIMultiDict
+
+from composer.errors import error_page
+
+TIMEOUT_MS = 400
+BUDGET = TIMEOUT_MS / 1000 + 0.2  # the page's whole answer, request sent → last body byte
+MB10 = 10 * 1024 * 1024  # twice the default max_fragment_bytes (5 MB)
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=8)  # a broken composer fails a test, never hangs it
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+ROUTES = """
+    routes:
+      - name: page
+        match: {path: /page}
+        template: page.html
+      - name: next
+        match: {path: /next}
+        template: next.html
+"""
+
+
+# ---------------------------------------------------------------- servers
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
+    """Factory: a plain TCP server on 127.0.0.1 running `handler` per connection → its origin.
+
+    Teardown closes every connection and cancels every handler still running (hangs included).
+    """
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handler: RawHandler) -> str:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            writers.append(writer)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                tasks.discard(task)
+
+        server = await asyncio.start_server(connection, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+    for writer in writers:
+        writer.close()  # a handler waiting to read sees EOF and returns
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=2)
+    for task in list(tasks):  # only a handler stuck elsewhere (3.11 logs these cancellations)
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for server in servers:
+        await server.wait_closed()
+
+
+def refused_origin() -> str:
+    """A loopback origin nobody listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Abort with SO_LINGER 0: the peer gets an RST, not a FIN."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def respond(data: bytes, then: str = "hang") -> RawHandler:
+    """A raw handler: read the request head, write `data`, then hang, close (FIN) or reset (RST)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if data:
+            writer.write(data)
+            await writer.drain()
+        if then == "hang":
+            await reader.read()  # until composer gives up
+        elif then == "reset":
+            await asyncio.sleep(0.02)  # let the bytes arrive first
+            reset(writer)
+        else:
+            await asyncio.sleep(0.02)
+            writer.close()
+
+    return handler
+
+
+def gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+async def until_gone(request: web.Request, limit: float = 5.0) -> None:
+    """Wait until composer hangs up (keeps teardown fast); never longer than `limit`."""
+    end = time.monotonic() + limit
+    while not gone(request) and time.monotonic() < end:
+        await asyncio.sleep(0.01)
+
+
+async def hang_before_headers(request: web.Request) -> web.StreamResponse:
+    await until_gone(request)
+    return web.Response(text="<p>too late</p>", content_type="text/html")
+
+
+async def hang_mid_body(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/html", "Content-Length": "1000"})
+    await resp.prepare(request)
+    await resp.write(b"<p>half" + b"." * 100)
+    await until_gone(request)
+    return resp
+
+
+async def trickle(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/html", "Content-Length": "100"})
+    await resp.prepare(request)
+    for _ in range(100):
+        if gone(request):
+            break
+        try:
+            await resp.write(b"t")
+        except ConnectionError:
+            break
+        await asyncio.sleep(0.1)
+    return resp
+
+
+def compressed(body: bytes, content_encoding: str = "gzip", content_type: str = "text/html"):
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Content-Encoding": content_encoding, "Content-Type": content_type})
+
+    return handler
+
+
+def raw_bytes(body: bytes, content_type: str = "text/html"):
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return handler
+
+
+async def big_chunked(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/html"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    block = b"c" * 65536
+    try:
+        for _ in range(MB10 // len(block)):
+            if gone(request):
+                break
+            await resp.write(block)
+        await resp.write_eof()
+    except ConnectionError:
+        pass
+    return resp
+
+
+async def endless_chunked(request: web.Request) -> web.StreamResponse:
+    """A body that never ends: only the size cap (not the deadline) can stop it in time."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/html"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    block = b"e" * 65536
+    try:
+        while not gone(request):
+            await resp.write(block)
+    except ConnectionError:
+        pass
+    return resp
+
+
+async def redirect_to_self(request: web.Request) -> web.Response:
+    return web.Response(status=302, headers={"Location": str(request.url)})
+
+
+GZIP_BOMB = gzip.compress(b"\0" * MB10, compresslevel=9)
+assert len(GZIP_BOMB) < 20_000  # small on the wire, 10 MB decoded
+
+
+# ---------------------------------------------------------------- composer side
+
+@dataclass
+class Timed:
+    status: int
+    elapsed: float  # request sent → last body byte
+    body: str
+    headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+
+
+async def timed(composer, path: str) -> Timed:
+    started = time.monotonic()
+    async with composer.session.get(composer.url + path, allow_redirects=False, timeout=CLIENT_TIMEOUT) as resp:
+        data = await resp.read()
+        return Timed(resp.status, time.monotonic() - started, data.decode("utf-8"), CIMultiDict(resp.headers))
+
+
+_SAMPLE = re.compile(r'^(\w+)\{(.*)\} (\S+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+async def counted(composer, metric: str) -> dict[tuple[str, str], float]:
+    """{(fragment, reason): value} of a per-fragment counter (reason "" when it has none)."""
+    out: dict[tuple[str, str], float] = {}
+    for line in (await composer.metrics()).splitlines():
+        m = _SAMPLE.match(line)
+        if m and m[1] == metric:
+            labels = dict(_LABEL.findall(m[2]))
+            out[(labels["fragment"], labels.get("reason", ""))] = float(m[3])
+    return out
+
+
+async def failures(composer) -> dict[tuple[str, str], float]:
+    return await counted(composer, "composer_fragment_failures_total")
+
+
+HEALTHY = "<p>HEALTHY</p>"
+INLINE = "<p>INLINE FALLBACK</p>"
+
+
+async def start_page(fragments, start_composer, faulty_url: str, *, extra: str = "", settings: str = ""):
+    """The page under test: [faulty fragment with inline fallback][healthy fragment]; /next: healthy only."""
+    svc = await fragments({"/healthy": html(HEALTHY)})
+    composer = await start_composer({
+        "page.html": (f'<body>[<fragment id="faulty" src="{faulty_url}" timeout="{TIMEOUT_MS}" {extra}>'
+                      f'{INLINE}</fragment>][<fragment id="healthy" src="{svc.url("/healthy")}"></fragment>]</body>'),
+        "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>',
+    }, routes=ROUTES, settings=settings)
+    return composer, svc
+
+
+async def still_serving(composer) -> None:
+    t = await timed(composer, "/next")
+    assert (t.status, t.body) == (200, f"<body>{HEALTHY}</body>")
+    async with composer.session.get(composer.admin_url + "/healthz", timeout=CLIENT_TIMEOUT) as resp:
+        assert resp.status == 200
+
+
+async def check_faulty_page(composer, reason: str) -> Timed:
+    t = await timed(composer, "/page")
+    assert t.status == 200
+    assert t.body == f"<body>[{INLINE}][{HEALTHY}]</body>", t.body
+    assert t.elapsed < BUDGET, f"page took {t.elapsed * 1000:.0f} ms, budget {BUDGET * 1000:.0f} ms"
+    assert await failures(composer) == {("faulty", reason): 1.0}
+    assert (await counted(composer, "composer_fragment_fallbacks_total")).get(("faulty", "")) == 1.0
+    await still_serving(composer)
+    return t
+
+
+# ---------------------------------------------------------------- one fault per case
+
+# name → (where the fault lives: "aiohttp" handler or "raw" handler, the handler, reason)
+AIOHTTP_FAULTS = {
+    "hang_before_headers": (hang_before_headers, "timeout"),
+    "hang_mid_body": (hang_mid_body, "timeout"),
+    "trickle_1_byte_per_100ms": (trickle, "timeout"),
+    "invalid_gzip": (compressed(b"this is not gzip, not even close " * 10), "invalid"),
+    # a valid gzip header, then a deflate block of the reserved type 11: zlib refuses it
+    "corrupt_deflate_after_gzip_header": (compressed(gzip.compress(b"<p>ok</p>")[:10] + b"\x07" + b"\0" * 40),
+                                          "invalid"),
+    "body_10mb_content_length": (raw_bytes(b"x" * MB10), "too_large"),
+    "body_10mb_chunked_no_length": (big_chunked, "too_large"),
+    "gzip_bomb": (compressed(GZIP_BOMB), "too_large"),
+    "endless_chunked_body": (endless_chunked, "too_large"),  # not timeout: cut at 5 MB, not at the deadline
+    "not_utf8_no_charset": (raw_bytes("<p>café</p>".encode("latin-1")), "invalid"),
+    "not_utf8_declared_utf8": (raw_bytes(b"<p>\xff\xfe</p>", "text/html; charset=utf-8"), "invalid"),
+    "unknown_charset": (raw_bytes(b"<p>x</p>", "text/html; charset=x-no-such-charset"), "invalid"),
+    "utf7_charset_refused": (raw_bytes(b"+ADw-script+AD4-", "text/html; charset=utf-7"), "invalid"),
+    "redirect_loop": (redirect_to_self, "status"),
+    "status_503": (html("<p>error page</p>", status=503), "status"),
+}
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+RAW_FAULTS = {
+    "close_before_headers": (respond(b"", then="close"), "connection"),
+    "reset_before_headers": (respond(b"", then="reset"), "connection"),
+    "close_mid_headers": (respond(b"HTTP/1.1 200 OK\r\nContent-Ty", then="close"), "connection"),
+    "reset_mid_body_content_length": (
+        respond(HEAD + b"Content-Length: 1000\r\n\r\n<p>part", then="reset"), "connection"),
+    "reset_mid_body_chunked": (
+        respond(HEAD + b"Transfer-Encoding: chunked\r\n\r\n7\r\n<p>part\r\n", then="reset"), "connection"),
+    "content_length_more_than_sent_then_close": (
+        respond(HEAD + b"Content-Length: 1000\r\n\r\n<p>short</p>", then="close"), "connection"),
+    "chunked_unfinished_then_close": (
+        respond(HEAD + b"Transfer-Encoding: chunked\r\n\r\n7\r\n<p>part\r\n", then="close"), "connection"),
+    "content_length_more_than_sent_then_hang": (
+        respond(HEAD + b"Content-Length: 1000\r\n\r\n<p>short</p>", then="hang"), "timeout"),
+    # decided on the header: not timeout, which waiting for the body would give
+    "content_length_10mb_body_never_sent": (respond(HEAD + b"Content-Length: %d\r\n\r\n" % MB10), "too_large"),
+    "garbage_status_line": (respond(b"HTTP/1.1 abc Nonsense\r\n\r\n"), "invalid"),
+    "not_http_at_all": (respond(b"SSH-2.0-OpenSSH_9.6\r\n"), "invalid"),
+    "header_without_colon": (respond(b"HTTP/1.1 200 OK\r\nBad Header Line\r\n\r\n"), "invalid"),
+    "bad_chunk_size": (respond(HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"), "invalid"),
+    "content_length_and_chunked": (
+        respond(HEAD + b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "invalid"),
+}
+
+
+@pytest.mark.parametrize("case", list(AIOHTTP_FAULTS))
+async def test_aiohttp_fault(fragments, start_composer, case):
+    handler, reason = AIOHTTP_FAULTS[case]
+    bad = await fragments({"/frag": handler})
+    composer, _ = await start_page(fragments, start_composer, bad.url("/frag"))
+    await check_faulty_page(composer, reason)
+
+
+@pytest.mark.parametrize("case", list(RAW_FAULTS))
+async def test_raw_fault(fragments, start_composer, raw_server, case):
+    handler, reason = RAW_FAULTS[case]
+    origin = await raw_server(handler)
+    composer, _ = await start_page(fragments, start_composer, origin + "/frag")
+    await check_faulty_page(composer, reason)
+
+
+async def test_connection_refused(fragments, start_composer):
+    composer, _ = await start_page(fragments, start_composer, refused_origin() + "/frag")
+    await check_faulty_page(composer, "connection")
+
+
+async def test_dns_name_that_does_not_resolve(fragments, start_composer):
+    host = "composer-fault.invalid"  # RFC 6761: never resolves (no internet needed to fail)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(TIMEOUT_MS / 1000):
+            await loop.getaddrinfo(host, 80, type=socket.SOCK_STREAM)
+        pytest.skip(f"this machine's resolver answers for {host}")
+    except socket.gaierror:
+        reason = "connection"  # the usual: NXDOMAIN (or no resolver) comes back at once
+    except TimeoutError:
+        reason = "timeout"  # a resolver that hangs: the fragment's deadline still holds
+    composer, _ = await start_page(fragments, start_composer, f"http://{host}/frag")
+    await check_faulty_page(composer, reason)
+
+
+# ---------------------------------------------------------------- not failures
+
+async def test_invalid_link_header_is_ignored_not_a_failure(fragments, start_composer):
+    links = [
+        "garbage",
+        '<https://cdn.example/a.css>; rel="stylesheet"',
+        "<<<>>>; rel=stylesheet",
+        '<https://cdn.example/broken.css; rel="stylesheet',
+        "<javascript:alert(1)>; rel=fragment-script",
+        "<http://[::1/x.js>; rel=fragment-script",
+        '</static/a.js>; rel="fragment-script"',
+    ]
+
+    async def handler(_: web.Request) -> web.Response:
+        headers = CIMultiDict([("Content-Type", "text/html")] + [("Link", line) for line in links])
+        return web.Response(text="<p>CONTENT</p>", headers=headers)
+
+    bad = await fragments({"/frag": handler})
+    composer, _ = await start_page(fragments, start_composer, bad.url("/frag"))
+    t = await timed(composer, "/page")
+    assert t.status == 200
+    assert t.body == ('<body>[<link rel="stylesheet" href="https://cdn.example/a.css"><p>CONTENT</p>'
+                      f'<script src="/static/a.js" defer></script>][{HEALTHY}]</body>')
+    assert await failures(composer) == {}
+    await still_serving(composer)
+
+
+async def test_raw_link_header_with_non_ascii_bytes_is_ignored(fragments, start_composer, raw_server):
+    origin = await raw_server(respond(
+        HEAD + b"Link: <https://cdn.example/\xff\xfe.css>; rel=stylesheet\r\n"
+               b"Link: \xc3\x28 garbage \x80\r\n"
+               b'Link: <https://cdn.example/ok.css>; rel="stylesheet"\r\n'
+               b"Content-Length: 14\r\n\r\n<p>CONTENT</p>"))
+    composer, _ = await start_page(fragments, start_composer, origin + "/frag")
+    t = await timed(composer, "/page")
+    assert t.status == 200
+    assert '<link rel="stylesheet" href="https://cdn.example/ok.css"><p>CONTENT</p>' in t.body
+    assert HEALTHY in t.body
+    assert await failures(composer) == {}
+    await still_serving(composer)
+
+
+@pytest.mark.parametrize(("content_type", "body", "shown"), [
+    ("text/html; charset=iso-8859-1", "<p>café</p>".encode("latin-1"), "<p>café</p>"),
+    # WHATWG: ISO-8859-1 and US-ASCII labels are read as windows-1252, as a browser would
+    ("text/html; charset=ISO-8859-1", b"<p>\x80 \x93q\x94</p>", "<p>€ “q”</p>"),
+    ("text/html; charset=us-ascii", b"<p>\x80</p>", "<p>€</p>"),
+    ("text/html; charset=windows-1252", "<p>„Grüße“ – €</p>".encode("cp1252"), "<p>„Grüße“ – €</p>"),
+    ('text/html; charset="Shift_JIS"', "<p>日本語のテキスト</p>".encode("shift_jis"), "<p>日本語のテキスト</p>"),
+    ("text/html; charset=koi8-r", "<p>Привет</p>".encode("koi8-r"), "<p>Привет</p>"),
+    ("text/html; charset=utf-16", "<p>ünï</p>".encode("utf-16"), "<p>ünï</p>"),
+    ("text/html; charset=UTF-8", "<p>ünï €</p>".encode(), "<p>ünï €</p>"),
+    ("text/html", "<p>ünï €</p>".encode(), "<p>ünï €</p>"),
+], ids=["iso-8859-1", "iso-8859-1-is-windows-1252", "us-ascii-is-windows-1252", "windows-1252", "shift_jis",
+        "koi8-r", "utf-16", "utf-8-declared", "utf-8-undeclared"])
+async def test_declared_charset_is_transcoded_to_utf8(fragments, start_composer, content_type, body, shown):
+    ok = await fragments({"/frag": raw_bytes(body, content_type)})
+    composer, _ = await start_page(fragments, start_composer, ok.url("/frag"))
+    t = await timed(composer, "/page")
+    assert t.status == 200
+    assert t.headers["content-type"] == "text/html; charset=utf-8"
+    assert t.body == f"<body>[{shown}][{HEALTHY}]</body>"
+    assert await failures(composer) == {}
+
+
+async def test_gzip_with_declared_charset_is_decoded_then_transcoded(fragments, start_composer):
+    ok = await fragments({"/frag": compressed(gzip.compress("<p>Größe</p>".encode("latin-1")),
+                                              content_type="text/html; charset=latin1")})
+    composer, _ = await start_page(fragments, start_composer, ok.url("/frag"))
+    t = await timed(composer, "/page")
+    assert t.body == f"<body>[<p>Größe</p>][{HEALTHY}]</body>"
+    assert await failures(composer) == {}
+
+
+# ---------------------------------------------------------------- the pooled connection
+
+EVIL = b"<p>EVIL</p>"
+SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (len(EVIL), EVIL)
+
+
+@pytest.mark.parametrize(("extra", "late", "lie_shown", "lie_reason"), [
+    # The extra bytes arrive with the response: aiohttp's parser sees them at once.
+    (b"EXTRA-JUNK-NOT-HTTP", False, INLINE, "invalid"),
+    (SMUGGLED, False, "<p>LIE</p>", None),
+    # The extra bytes arrive later, on the idle pooled connection.
+    (b"EXTRA-JUNK-NOT-HTTP", True, "<p>LIE</p>", None),
+    (SMUGGLED, True, "<p>LIE</p>", None),  # queued by aiohttp as the next answer: aio-libs/aiohttp#13656
+], ids=["junk-at-once", "response-at-once", "junk-late", "response-late"])
+async def test_content_length_less_than_sent_never_poisons_the_next_fetch(
+        start_composer, raw_server, extra, late, lie_shown, lie_reason):
+    connections: list[int] = []
+    requests: list[bytes] = []
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ", 2)[1]
+            requests.append(path)
+            if path == b"/lie":  # declares 10 bytes, sends 10 + extra
+                writer.write(HEAD + b"Content-Length: 10\r\n\r\n<p>LIE</p>" + (b"" if late else extra))
+                await writer.drain()
+                if late:
+                    await asyncio.sleep(0.03)  # composer has the whole response and pooled the connection
+                    writer.write(extra)
+                    await writer.drain()
+            else:
+                body = b"<p>" + path[1:].upper() + b"</p>"
+                writer.write(HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+
+    origin = await raw_server(keep_alive)
+    composer = await start_composer({"page.html": (
+        f'<body>[<fragment id="lie" src="{origin}/lie" timeout="{TIMEOUT_MS}">{INLINE}</fragment>]'
+        f'[<fragment id="a" src="{origin}/a" timeout="{TIMEOUT_MS}">A-FALLBACK</fragment>]'
+        f'[<fragment id="b" src="{origin}/b" timeout="{TIMEOUT_MS}">B-FALLBACK</fragment>]</body>'),
+        "next.html": "<body>next</body>"}, routes=ROUTES)
+    for _ in range(3):
+        t = await timed(composer, "/page")
+        assert t.status == 200
+        assert t.body == f"<body>[{lie_shown}][<p>A</p>][<p>B</p>]</body>", t.body
+        assert t.elapsed < BUDGET
+        await asyncio.sleep(0.1)  # late bytes have arrived on the pooled connection by now
+    assert await failures(composer) == ({("lie", lie_reason): 3.0} if lie_reason else {})
+    assert len(requests) == 9
+    assert len(connections) < len(requests)  # connections were pooled and reused (what is at stake)
+
+
+# ---------------------------------------------------------------- the primary
+
+PRIMARY_FAULTS = {
+    "hang_before_headers": ("aiohttp", hang_before_headers, "timeout"),
+    "reset_mid_body": ("raw", respond(HEAD + b"Content-Length: 1000\r\n\r\n<p>part", then="reset"), "connection"),
+    "content_length_more_than_sent_then_close": (
+        "raw", respond(HEAD + b"Content-Length: 1000\r\n\r\n<p>short</p>", then="close"), "connection"),
+    "invalid_gzip": ("aiohttp", compressed(b"junk junk junk junk junk"), "invalid"),
+    "gzip_bomb": ("aiohttp", compressed(GZIP_BOMB), "too_large"),
+    "not_utf8": ("aiohttp", raw_bytes(b"<main>\xff</main>"), "invalid"),
+    "garbage_status_line": ("raw", respond(b"HTTP/1.1 abc Nonsense\r\n\r\n"), "invalid"),
+}
+
+
+@pytest.mark.parametrize("with_fallback_src", [False, True], ids=["bare-500", "fallback-src"])
+@pytest.mark.parametrize("case", list(PRIMARY_FAULTS))
+async def test_primary_fault(fragments, start_composer, raw_server, case, with_fallback_src):
+    kind, handler, reason = PRIMARY_FAULTS[case]
+    if kind == "raw":
+        url = await raw_server(handler) + "/main"
+    else:
+        url = (await fragments({"/main": handler})).url("/main")
+    svc = await fragments({"/healthy": html(HEALTHY), "/fallback": html("<main>FALLBACK MAIN</main>")})
+    fallback = f'fallback-src="{svc.url("/fallback")}"' if with_fallback_src else ""
+    composer = await start_composer({
+        "page.html": (f'<body>LITERAL<fragment id="main" src="{url}" primary timeout="{TIMEOUT_MS}" {fallback}>'
+                      f'{INLINE}</fragment>[<fragment id="healthy" src="{svc.url("/healthy")}"></fragment>]</body>'),
+        "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>',
+    }, routes=ROUTES)
+    t = await timed(composer, "/page")
+    assert t.elapsed < BUDGET, f"page took {t.elapsed * 1000:.0f} ms, budget {BUDGET * 1000:.0f} ms"
+    if with_fallback_src:
+        assert t.status == 200
+        assert t.body == f"<body>LITERAL<main>FALLBACK MAIN</main>[{HEALTHY}]</body>"
+    else:
+        assert t.status == 500
+        assert t.body.encode() == error_page(500)
+    assert await failures(composer) == {("main", reason): 1.0}
+    await still_serving(composer)
