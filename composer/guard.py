@@ -25,13 +25,18 @@ _DOT_SEGMENTS = frozenset({".", ".."})
 
 def request_problem(request: web.BaseRequest, path: str) -> str | None:
     """Why `request` (whose raw path is `path`) must be refused with 400, or None."""
+    if request.version < (1, 0):
+        # aiohttp's C parser takes `GET /x\r\n` (no version) as HTTP/0.9 and still reads the
+        # lines after it as headers; its pure-Python parser and strict peers refuse it.
+        return "HTTP/0.9 is not supported"
     if not path.startswith("/"):
         return "the request target must be a path"
     decoded = unquote(path) if "%" in path else path
     if decoded is not path and _CONTROL.search(decoded):
         return "control characters in the path"
     if "." in decoded or "\\" in decoded:
-        segments = decoded.replace("\\", "/").split("/")
+        # `..;x` counts too: servlet containers drop a segment's `;params` before normalising.
+        segments = {s.partition(";")[0] for s in decoded.replace("\\", "/").split("/")}
         if not _DOT_SEGMENTS.isdisjoint(segments):
             return "'.' or '..' segments in the path"
     host = request.headers.getall("host", ())
