@@ -182,6 +182,9 @@ class FragmentCache:
                                     "(waiting for the same fetch by another page)"))
             if shared is not None:
                 answer, vary, values, cacheable = shared
+                if isinstance(answer, Failed):  # a failure is nobody's content: spare the sick service
+                    shown, how, failure = self._or_stale(entry, answer)
+                    return shown, "coalesced" if how == "miss" else how, failure
                 if cacheable and _values(vary, request) == values:
                     return answer, "coalesced", None
             timeout -= time.monotonic() - started  # not shareable: fetch in the time that is left

@@ -28,7 +28,7 @@ from yarl import URL
 
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood
-from .config import Settings
+from .config import CACHE_BYTES, MAX_FRAGMENT_BYTES, Settings
 from .errors import Reason, error_page
 from .fragments import Asset, Failed, Fetched, fetch
 from .logs import REQUEST_ID
@@ -98,7 +98,7 @@ class Composer:
     circuit breakers, the fragment cache and the last good copy of each fallback."""
 
     def __init__(self, session: aiohttp.ClientSession, metrics: Metrics, *,
-                 cache_bytes: int = Settings.cache_max_bytes) -> None:
+                 cache_bytes: int = CACHE_BYTES) -> None:
         self.session = session
         self.metrics = metrics
         self.breakers = Breakers(self._circuit_changed)
@@ -124,7 +124,7 @@ class Composer:
 
     async def _prefetch(self, url: str, fragment: Fragment, settings: Settings | None) -> None:
         assert fragment.fallback_src is not None and fragment.fallback_src.static is not None
-        max_bytes = settings.max_fragment_bytes if settings else Settings.max_fragment_bytes
+        max_bytes = settings.max_fragment_bytes if settings else MAX_FRAGMENT_BYTES
         headers = CIMultiDict({"accept-encoding": _ACCEPT_ENCODING})
         answer = await fetch(self.session, fragment.fallback_src.static, headers, timeout=fragment.timeout,
                              max_bytes=max_bytes, allow_redirect=False)
@@ -293,6 +293,7 @@ class Composer:
             self.metrics.fragment_failures.labels(fragment.id, page.route, version, failure.reason.value).inc()
         if isinstance(answer, Fetched):
             if failure is not None:  # a stale copy stands in: the page is whole, the failure is still logged
+                self.metrics.recent.record(fragment.name or fragment.id, fallback=False)
                 _log_failure(fragment, page, version, url, failure, time.perf_counter() - started, "stale")
             return Outcome("src", answer.body, answer.assets, answer.status, answer.headers)
         assert failure is not None
@@ -314,7 +315,8 @@ class Composer:
             if breaker is not None and not breaker.allow(time.monotonic()):
                 return Failed(Reason.CIRCUIT_OPEN, f"circuit open for {breaker.origin}")
             if timeout <= 0:
-                return Failed(Reason.TIMEOUT, "the page deadline (settings.page_timeout_ms) passed")
+                return Failed(Reason.TIMEOUT, "no time left: the page deadline (settings.page_timeout_ms) "
+                                              "passed, or it went waiting for another page's fetch")
             started = time.perf_counter()
             try:
                 result = await fetch(self.session, url, headers, timeout=timeout, max_bytes=page.max_bytes,

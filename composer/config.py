@@ -37,6 +37,8 @@ from .predicates import (
 from .urls import origin_allowed
 
 __all__ = [
+    "CACHE_BYTES",
+    "MAX_FRAGMENT_BYTES",
     "DEFAULT_FORWARD_HEADERS",
     "TEMPLATE_METHODS",
     "Backend",
@@ -49,6 +51,8 @@ __all__ = [
     "read_config",
 ]
 
+MAX_FRAGMENT_BYTES = 5 * 1024 * 1024
+CACHE_BYTES = 64 * 1024 * 1024
 DEFAULT_FORWARD_HEADERS = (
     "accept-language",
     "cookie",
@@ -72,13 +76,13 @@ class Settings:
     fragment_timeout_ms: int = 3000
     forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
     allowed_origins: tuple[str, ...] = ()
-    max_fragment_bytes: int = 5 * 1024 * 1024
+    max_fragment_bytes: int = MAX_FRAGMENT_BYTES
     reload_interval_ms: int = 1000  # how often routes.yaml and templates are checked; 0: only on SIGHUP
     manifest: str | None = None  # a manifest file (relative to routes.yaml) or http(s) URL
     manifest_poll_s: int = 10  # how often a URL manifest is polled
     version_override_header: str | None = None  # e.g. x-composer-versions: footer=2.4.0 (QA)
     circuit_breaker: BreakerPolicy = DEFAULT_POLICY  # per manifest fragment: its `circuit_breaker`
-    cache_max_bytes: int = 64 * 1024 * 1024  # `cache: {max_bytes}`; 0 turns caching off
+    cache_max_bytes: int = CACHE_BYTES  # `cache: {max_bytes}`; 0 turns caching off
     page_timeout_ms: int = 10_000  # then every fragment still pending renders its fallback
     max_fragments_per_template: int = 100
     max_connections_per_origin: int = 256  # read when the process starts
