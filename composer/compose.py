@@ -285,12 +285,13 @@ class Composer:
             load = self._loader(fragment, page, src, url, headers, version)
             answer, how, failure = await self.cache.get(
                 str(url), headers, load, timeout=_budget(fragment, page), refresh_timeout=fragment.timeout)
-            self.metrics.fragment_cache.labels(fragment.id, how).inc()
+            self.metrics.child(self.metrics.fragment_cache, fragment.id, how).inc()
         else:
             answer = failure = Failed(Reason.INVALID, "the URL left its origin after {param} interpolation")
             how = "miss"
         if failure is not None:
-            self.metrics.fragment_failures.labels(fragment.id, page.route, version, failure.reason.value).inc()
+            self.metrics.child(self.metrics.fragment_failures, fragment.id, page.route, version,
+                               failure.reason.value).inc()
         if isinstance(answer, Fetched):
             if failure is not None:  # a stale copy stands in: the page is whole, the failure is still logged
                 self.metrics.recent.record(fragment.name or fragment.id, fallback=False)
@@ -299,7 +300,7 @@ class Composer:
         assert failure is not None
         outcome = await self._fallback(fragment, page, headers)
         if outcome is not _NONE:
-            self.metrics.fragment_fallbacks.labels(fragment.id, page.route).inc()
+            self.metrics.child(self.metrics.fragment_fallbacks, fragment.id, page.route).inc()
         self.metrics.recent.record(fragment.name or fragment.id, fallback=outcome is not _NONE)
         if failure.reason is not Reason.CIRCUIT_OPEN:  # an open circuit logs its transitions, not each page
             _log_failure(fragment, page, version, url, failure, time.perf_counter() - started, outcome.source)
@@ -325,7 +326,7 @@ class Composer:
                 if breaker is not None:
                     breaker.release()
                 raise
-            self.metrics.fragment_duration.labels(fragment.id, page.route, version).observe(
+            self.metrics.child(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
                 time.perf_counter() - started)
             if breaker is not None:
                 breaker.record(isinstance(result, Fetched), time.monotonic())

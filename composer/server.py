@@ -215,8 +215,9 @@ class ComposerServer:
             return web.Response(status=500, body=BARE_500, headers={"content-type": _HTML})
         finally:
             method = request.method if request.method in _METHODS else "other"
-            self.metrics.requests.labels(route_name, method, str(status)).inc()
-            self.metrics.request_duration.labels(route_name).observe(time.perf_counter() - started)
+            metrics = self.metrics
+            metrics.child(metrics.requests, route_name, method, str(status)).inc()
+            metrics.child(metrics.request_duration, route_name).observe(time.perf_counter() - started)
 
     async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
                         path: str, query: str) -> web.StreamResponse:
