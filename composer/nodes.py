@@ -22,21 +22,90 @@ MAX_TIMEOUT_MS = 600_000  # ten minutes: longer is a typo, not a fragment budget
 def file_stamp(path: Path) -> Stamp:
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing deep nesting before Python's recursion limit (and the
+    scanner's time, quadratic in the depth) is reached."""
+
+    max_depth = 100
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if self._depth >= self.max_depth:
+            raise yaml.composer.ComposerError(None, None, f"nested more than {self.max_depth} deep",
+                                              self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def compose(text: str, label: str) -> tuple[yaml.Node | None, str | None]:
     """The root node of `text`, or None and a `file:line: invalid YAML` problem."""
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader), None
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         return None, f"{label}:{line}: invalid YAML: {exc.problem or exc.context}"
+    except yaml.reader.ReaderError as exc:  # its str() spans two lines
+        line = text.count("\n", 0, exc.position) + 1
+        return None, f"{label}:{line}: invalid YAML: character U+{exc.character:04X} is not allowed"
     except yaml.YAMLError as exc:
-        return None, f"{label}:1: invalid YAML: {exc}"
+        return None, f"{label}:1: invalid YAML: {' '.join(str(exc).split())}"
+    except RecursionError:
+        return None, f"{label}:1: invalid YAML: nested too deeply"
+    return _check_aliases(root, label)
+
+
+_MAX_ALIASED = 100_000  # nodes that aliases may add: a "billion laughs" document adds 10**9
+
+
+def _check_aliases(root: yaml.Node | None, label: str) -> tuple[yaml.Node | None, str | None]:
+    """`root`, unless an alias (`*name`) is inside its own anchor or aliases expand past reason.
+
+    Composed nodes are shared, not copied, so either would make walking the tree endless.
+    """
+    sizes: dict[int, int] = {}  # id → nodes under it, aliases expanded
+    open_: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise _Cycle(node)
+        open_.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item)
+        open_.discard(key)
+        sizes[key] = total
+        return total
+
+    if root is None:
+        return None, None
+    try:
+        if size(root) - len(sizes) > _MAX_ALIASED:
+            return None, f"{label}:1: invalid YAML: aliases expand to more than {_MAX_ALIASED} nodes"
+    except _Cycle as cycle:
+        return None, (f"{label}:{cycle.node.start_mark.line + 1}: invalid YAML: "
+                      "an alias refers to the node that contains it")
+    return root, None
+
+
+class _Cycle(Exception):
+    def __init__(self, node: yaml.Node) -> None:
+        self.node = node
 
 
 class Reader:
@@ -81,9 +150,13 @@ class Reader:
         if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:int":
             self.error(node, f"{what} must be an integer")
             return None
-        value = int(yaml.safe_load(node.value))
+        try:
+            value = yaml.constructor.SafeConstructor().construct_yaml_int(node)
+        except (ValueError, IndexError):  # `!!int` on text that is no integer; more than 4300 digits
+            self.error(node, f"{what} must be an integer between {low} and {high}")
+            return None
         if not low <= value <= high:
-            self.error(node, f"{what} must be between {low} and {high}, not {value}")
+            self.error(node, f"{what} must be between {low} and {high}, not {node.value}")
             return None
         return value
 
@@ -97,10 +170,12 @@ class Reader:
         return tuple(v for v in values if v is not None)
 
     def boolean(self, node: yaml.Node, what: str) -> bool | None:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:bool":
+        value = yaml.constructor.SafeConstructor.bool_values.get(str(node.value).lower()) \
+            if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool" else None
+        if value is None:  # also `!!bool` on text that is no boolean
             self.error(node, f"{what} must be true or false")
             return None
-        return bool(yaml.safe_load(node.value))
+        return value
 
 
 def is_null(node: yaml.Node) -> bool:
