@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood
+from .client import Client
 from .config import CACHE_BYTES, MAX_FRAGMENT_BYTES, Settings
 from .errors import Reason, error_page
 from .fragments import Asset, Failed, Fetched, fetch
@@ -97,7 +97,7 @@ class Composer:
     """Composes pages for one server; holds what outlives a page: the client session, metrics,
     circuit breakers, the fragment cache and the last good copy of each fallback."""
 
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics, *,
+    def __init__(self, session: Client, metrics: Metrics, *,
                  cache_bytes: int = CACHE_BYTES) -> None:
         self.session = session
         self.metrics = metrics

@@ -1,16 +1,19 @@
 """Fetching one fragment: one HTTP attempt, turned into a value.
 
-This is the only module that touches aiohttp's client exceptions. `fetch()` never raises
-for anything the network or a fragment service can do: it returns `Fetched` (a status
-below 500, its decoded body as UTF-8 and declared assets) or `Failed` carrying a `Reason`.
-Its deadline covers connecting, the headers and the whole body (a trickling body cannot
-stretch it), and the decoded body is capped so a compression bomb costs nothing.
+`fetch()` never raises for anything the network or a fragment service can do: it returns
+`Fetched` (a status below 500, its decoded body as UTF-8 and declared assets) or `Failed`
+carrying a `Reason`. Its deadline covers connecting, the headers and the whole body (a
+trickling body cannot stretch it), and the decoded body is capped so a compression bomb
+costs nothing. The HTTP work is `client.Client`'s, a lean keep-alive HTTP/1.1 client on
+llhttp; this module turns its answers and errors into values.
 
 Reasons: no complete answer within the deadline is TIMEOUT; a refused, reset or closed
 connection is CONNECTION, also when it ends the body early (fewer bytes than
 Content-Length, an unfinished chunked body); a status of 500 or more, or an unasked-for
-3xx, is STATUS; a body over the cap is TOO_LARGE; what is not HTTP, a body that does not
-decompress, or text that is not in its charset is INVALID.
+3xx, is STATUS (its body is not read); a body over the cap is TOO_LARGE (a Content-Length
+over it, on an unencoded body, is decided on the header); what is not HTTP, a body that does
+not decompress (or whose gzip or br stream ends early), or text that is not in its charset
+is INVALID.
 
 Pages are UTF-8, so bodies are too: a body whose Content-Type names no charset (or UTF-8)
 must be valid UTF-8; one that names another charset is transcoded from it, with the
@@ -19,9 +22,9 @@ means its Windows form, ...). An unknown charset, or bytes that are not in it: I
 A 3xx body is never shown, so it is not checked.
 
 Pooled keep-alive connections are not trusted blindly: a service that sends more than it
-declared could have those bytes queued by aiohttp as the answer to the next request on
-that connection (aio-libs/aiohttp#13656); `new_session()`'s connector drops such a
-connection instead of reusing it.
+declared must not have those bytes taken as the answer to the next request on that
+connection (the bug aiohttp has, aio-libs/aiohttp#13656). The client never reuses a
+connection that received bytes past its response, or anything while idle.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from types import SimpleNamespace
 from typing import Literal
 
 import aiohttp
-from aiohttp.http_exceptions import ContentLengthError, TransferEncodingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .client import MAX_FIELD_SIZE, Client, ClientError, InvalidRequest, InvalidResponse, TooLarge
 from .errors import Reason
 
 __all__ = ["Asset", "Failed", "Fetched", "fetch", "new_session", "parse_assets"]
@@ -79,91 +82,128 @@ class _Identity:
         return url
 
 
-class _Connector(aiohttp.TCPConnector):
-    """A TCPConnector that never reuses a pooled connection holding bytes nobody asked for.
-
-    aiohttp keeps parsing what arrives on an idle keep-alive connection and queues it, so a
-    service that sent more than its Content-Length (late, or as a whole extra response)
-    would answer the next request on that connection — maybe another fragment's — with
-    stale bytes (aio-libs/aiohttp#13656). `should_close` is true for such a connection
-    (something queued or half-received); it is closed here and the next one tried.
-    """
-
-    async def _get(self, *args: object, **kwargs: object) -> aiohttp.connector.Connection | None:
-        while (conn := await super()._get(*args, **kwargs)) is not None:
-            protocol = conn.protocol
-            if protocol is not None and not protocol.should_close:
-                return conn
-            conn.close()  # released with should_close: the transport is closed, not pooled
-        return None
-
-
-def new_session(*, limit_per_host: int = 256, max_field_size: int = 16384) -> aiohttp.ClientSession:
-    """The one client session of a process: pooled keep-alive connections and a DNS cache.
+def new_session(*, limit_per_host: int = 256, max_field_size: int = MAX_FIELD_SIZE) -> Client:
+    """The one fragment client of a process: pooled keep-alive connections and a DNS cache.
 
     Cookies are never stored (a fragment's cookie must not reach another user), redirects
     are never followed, and timeouts are set per fetch as deadlines.
     """
-    connector = _Connector(limit=0, limit_per_host=limit_per_host, ttl_dns_cache=300, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None),
-        skip_auto_headers=("User-Agent",),
-        auto_decompress=True,
-        trust_env=False,
-        max_field_size=max_field_size,
-    )
+    return Client(limit_per_host=limit_per_host, max_field_size=max_field_size)
 
 
-async def fetch(session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str], *,
+def _not_content(status: int) -> bool:
+    """A status whose body is never read: 5xx, and 3xx unless redirects were asked for."""
+    return status >= 500 or 300 <= status < 400
+
+
+def _not_content_but_redirects(status: int) -> bool:
+    return status >= 500
+
+
+async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *,
                 timeout: float, max_bytes: int, allow_redirect: bool) -> Fetched | Failed:
     """One GET with a deadline over connect, headers and body; never raises for I/O trouble."""
     try:
         async with asyncio.timeout(timeout):
-            async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                status = resp.status
-                if status >= 500 or (300 <= status < 400 and not allow_redirect):
-                    return Failed(Reason.STATUS, f"status {status}", status)
-                length = resp.content_length
-                if length is not None and length > max_bytes and "content-encoding" not in resp.headers:
-                    return Failed(Reason.TOO_LARGE, f"content-length {length} > {max_bytes}")
-                body = await _read_capped(resp.content, max_bytes)
-                if body is None:
-                    return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes")
-                if not 300 <= status < 400:  # a redirect's body is never shown
-                    charset = resp.charset
-                    text = _utf8(body, charset)
-                    if text is None:
-                        return Failed(Reason.INVALID, _not_text(charset))
-                    if len(text) > max_bytes:  # transcoding grew it
-                        return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes as UTF-8")
-                    body = text
-                return Fetched(status, body, resp.headers, parse_assets(resp.headers))
+            resp = await session.get(url, headers, max_bytes=max_bytes,
+                                     skip_body=_not_content_but_redirects if allow_redirect else _not_content)
     except TimeoutError:
         return Failed(Reason.TIMEOUT, f"no complete response within {timeout * 1000:.0f} ms")
-    except aiohttp.ClientPayloadError as exc:
-        # The connection ended before the body did (closed or reset short of Content-Length,
-        # or mid-chunk): the connection failed. Anything else (a body that does not
-        # decompress) is the body's fault.
-        if isinstance(exc.__cause__, (ContentLengthError, TransferEncodingError)):
-            return Failed(Reason.CONNECTION, f"body cut short: {exc}")
-        return Failed(Reason.INVALID, f"bad body: {exc}")
-    except aiohttp.ClientResponseError as exc:
-        return Failed(Reason.INVALID, f"bad response: {exc.message}")
-    except (aiohttp.ClientError, OSError) as exc:
-        return Failed(Reason.CONNECTION, f"{type(exc).__name__}: {exc}")
+    except TooLarge as exc:
+        if exc.declared is not None:
+            return Failed(Reason.TOO_LARGE, f"content-length {exc.declared} > {max_bytes}")
+        return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes")
+    except InvalidResponse as exc:
+        return Failed(Reason.INVALID, f"bad response: {exc}")
+    except InvalidRequest as exc:
+        return Failed(Reason.INVALID, f"bad request: {exc}")
+    except (ClientError, OSError) as exc:
+        # Refused, reset, or closed before the response ended (short of Content-Length, or
+        # mid-chunk): the connection failed.
+        return Failed(Reason.CONNECTION, str(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}")
+    status = resp.status
+    body = resp.body
+    if body is None:  # 5xx, or an unasked-for 3xx: the body was not read
+        return Failed(Reason.STATUS, f"status {status}", status)
+    headers_ = resp.headers
+    if not 300 <= status < 400:  # a redirect's body is never shown
+        charset = _charset(headers_.get("content-type"))
+        text = _utf8(body, charset)
+        if text is None:
+            return Failed(Reason.INVALID, _not_text(charset))
+        if len(text) > max_bytes:  # transcoding grew it
+            return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes as UTF-8")
+        body = text
+    return Fetched(status, body, headers_, parse_assets(headers_))
 
 
-async def _read_capped(content: aiohttp.StreamReader, max_bytes: int) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > max_bytes:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+_charsets: dict[str, str | None] = {}  # Content-Type → its charset: services repeat themselves
+
+
+def _charset(content_type: str | None) -> str | None:
+    """The `charset` parameter of a Content-Type, unquoted (as aiohttp's `charset` reads it):
+    None when there is none, "" when it is there without a value."""
+    if content_type is None or ";" not in content_type:
+        return None
+    try:
+        return _charsets[content_type]
+    except KeyError:
+        pass
+    found = _parse_charset(content_type)
+    if len(content_type) <= 256:
+        if len(_charsets) >= 1024:
+            _charsets.clear()
+        _charsets[content_type] = found
+    return found
+
+
+def _parse_charset(content_type: str) -> str | None:
+    for param in _params(content_type):
+        name, eq, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            if not eq:
+                return ""
+            value = value.strip()
+            if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+                value = _unquote(value[1:-1])
+            if value:
+                return value
+    return None
+
+
+def _unquote(quoted: str) -> str:
+    out: list[str] = []
+    escaped = False
+    for ch in quoted:
+        if escaped or ch != "\\":
+            out.append(ch)
+            escaped = False
+        else:
+            escaped = True
+    return "".join(out)
+
+
+def _params(content_type: str) -> list[str]:
+    """The `;`-separated parameters after the media type; `;` inside quotes does not split."""
+    if '"' not in content_type:
+        return content_type.split(";")[1:]
+    params: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for ch in content_type:
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            params.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    params.append("".join(current))
+    return params[1:]
 
 
 # Charsets. Labels as WHATWG's Encoding standard reads them (what a browser would do with
@@ -236,26 +276,49 @@ def parse_assets(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[Ass
     """Stylesheets and scripts from `Link` headers; malformed entries are skipped, not fatal.
 
     Each header line is parsed on its own by aiohttp's parser, so one bad line loses only
-    itself. Only absolute http(s) and root-relative (`/x.css`) targets are kept.
+    itself. Only absolute http(s) and root-relative (`/x.css`) targets are kept. A service
+    sends the same lines again and again, so what a line gives is remembered (lines up to
+    `_LINE_CACHED` characters, `_LINES_CACHED` of them).
     """
     lines = headers.getall("link", ())
     if not lines:
         return ()
+    if len(lines) == 1:
+        return _line_assets(lines[0])
+    return tuple(asset for line in lines for asset in _line_assets(line))
+
+
+_LINE_CACHED = 2048
+_LINES_CACHED = 4096
+_by_line: dict[str, tuple[Asset, ...]] = {}
+
+
+def _line_assets(line: str) -> tuple[Asset, ...]:
+    assets = _by_line.get(line)
+    if assets is None:
+        assets = _parse_line(line)
+        if len(line) <= _LINE_CACHED:
+            if len(_by_line) >= _LINES_CACHED:
+                _by_line.clear()
+            _by_line[line] = assets
+    return assets
+
+
+def _parse_line(line: str) -> tuple[Asset, ...]:
+    try:
+        links = _links(SimpleNamespace(headers=CIMultiDict(link=line), url=_Identity))
+    except ValueError:
+        return ()
     assets: list[Asset] = []
-    for line in lines:
-        try:
-            links = _links(SimpleNamespace(headers=CIMultiDict(link=line), url=_Identity))
-        except ValueError:
+    for link in links.values():
+        url = link.get("url")
+        rels = str(link.get("rel", "")).lower().split()
+        if not isinstance(url, URL) or not _usable(url):
             continue
-        for link in links.values():
-            url = link.get("url")
-            rels = str(link.get("rel", "")).lower().split()
-            if not isinstance(url, URL) or not _usable(url):
-                continue
-            if "stylesheet" in rels:
-                assets.append(Asset("stylesheet", str(url)))
-            elif "fragment-script" in rels:
-                assets.append(Asset("script", str(url)))
+        if "stylesheet" in rels:
+            assets.append(Asset("stylesheet", str(url)))
+        elif "fragment-script" in rels:
+            assets.append(Asset("script", str(url)))
     return tuple(assets)
 
 

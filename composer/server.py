@@ -23,6 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .breaker import State
+from .client import Client
 from .compose import BARE_500, Composer, request_id_of
 from .config import Config, Settings
 from .errors import error_page
@@ -67,7 +68,7 @@ class ComposerServer:
         self.metrics = Metrics()
         self.ready = False
         self.reloader = Reloader(config.path, lambda: self.table, self._swap, self.metrics, manifest=manifest)
-        self._sessions: list[aiohttp.ClientSession] = []
+        self._sessions: list[aiohttp.ClientSession | Client] = []  # fragments, backends
         self._composer: Composer | None = None
         self._proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []

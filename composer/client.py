@@ -1,0 +1,728 @@
+"""A lean HTTP/1.1 client for fragment GETs: keep-alive pools on llhttp (httptools).
+
+aiohttp's `ClientSession` spends ~70-110 µs of CPU per fragment fetch on uvloop; a page of
+20 fragments would cost what Tailor spends on a whole page. This client does only what a
+fragment fetch needs, on an `asyncio.Protocol` per connection with llhttp parsing the
+responses, at a fraction of that (`bench/client.py` measures both):
+
+- `GET` only: the request line, `Host` (unless the caller gives one) and the caller's
+  headers, nothing of its own (no User-Agent, no Accept, no cookies kept); redirects are
+  never followed; 1xx answers are skipped.
+- Bodies framed by Content-Length, chunked (trailers read and dropped) or the end of the
+  connection. `Content-Encoding` gzip / x-gzip / deflate (zlib or raw) / br is decoded as
+  it streams in, with `max_bytes` applied to the decoded size while decoding (a bomb costs
+  nothing), and a compressed stream must end inside the body (cut short: InvalidResponse).
+  A Content-Length over `max_bytes` on an unencoded body fails at the head (TooLarge).
+- One pool per origin (scheme, host, port): at most `limit_per_host` connections, callers
+  over the limit wait in order (their deadline keeps running); an idle connection expires
+  after `keepalive` seconds and is closed, never reused, as soon as it receives anything —
+  bytes nobody asked for, or EOF. A connection that read bytes past its response is closed
+  too. When a reused connection is closed before any byte of the answer, the request is
+  sent once more on a fresh connection (never after a fresh one fails).
+- No timeouts of its own: the caller's deadline (`asyncio.timeout`) cancels the request,
+  and a cancelled request always closes its connection.
+- Limits: a header line over `max_field_size` bytes, more than `MAX_HEADERS` header lines or
+  a head past what those allow is an InvalidResponse, as is anything llhttp refuses.
+- https with `ssl.create_default_context()` (or the context given) and SNI; DNS answers
+  from `loop.getaddrinfo` are kept for `dns_ttl` seconds.
+
+Errors are `ClientError`s: `ConnectError` (refused, reset, closed before the answer ended,
+DNS, TLS), `InvalidResponse` (not HTTP, limits, a body that does not decode), `TooLarge`,
+`InvalidRequest` (CR/LF in a header: never sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import zlib
+from collections import deque
+from collections.abc import Callable
+
+import brotli
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+__all__ = ["KEEPALIVE", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
+           "InvalidRequest", "InvalidResponse", "Response", "TooLarge"]
+
+KEEPALIVE = 30.0
+DNS_TTL = 300.0
+MAX_FIELD_SIZE = 16384
+MAX_HEADERS = 128
+_DNS_ENTRIES = 1024  # more distinct hosts than this: the cache starts over
+_SCHEMES = frozenset({"http", "https"})
+
+
+class ClientError(Exception):
+    """A request that produced no response."""
+
+
+class ConnectError(ClientError):
+    """No connection, or the connection failed before the response ended."""
+
+
+class InvalidResponse(ClientError):
+    """What came back is not acceptable HTTP, or its body does not decode."""
+
+
+class InvalidRequest(ClientError):
+    """The request cannot be sent as given (CR or LF inside a header line or the target)."""
+
+
+class TooLarge(ClientError):
+    """The decoded body is over `max_bytes`; `declared` is the Content-Length that said so."""
+
+    def __init__(self, declared: int | None = None) -> None:
+        super().__init__("content-length over the limit" if declared is not None else "body over the limit")
+        self.declared = declared
+
+
+class _Stale(ConnectError):
+    """A reused connection was closed before any byte of the response."""
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop llhttp; the reason is already recorded. (A new
+    one each time: re-raising one instance would grow its traceback without end.)"""
+
+
+class Response:
+    """A complete response. `body` is the decoded body, or None when `skip_body` said so."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {len(self.body) if self.body is not None else '-'} bytes>"
+
+
+# ---------------------------------------------------------------- content decoding
+
+class _Zlib:
+    """gzip or deflate (a zlib stream, or raw deflate as some servers send it)."""
+
+    __slots__ = ("_d", "_gzip", "fed")
+
+    def __init__(self, gzip: bool) -> None:
+        self._gzip = gzip
+        self._d: zlib._Decompress | None = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
+        self.fed = False
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        d = self._d
+        if d is None:  # deflate: a zlib header (RFC 1950) or, as browsers accept, raw deflate
+            first = data[0]
+            zlib_header = first & 0x0F == 8 and (len(data) < 2 or ((first << 8) | data[1]) % 31 == 0)
+            d = self._d = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+        elif d.eof:
+            return b""  # after the end of the stream: ignored, and not kept
+        self.fed = True
+        try:
+            out = d.decompress(data, room + 1)  # max_length 0 would mean "no limit"; room + 1 >= 1
+        except zlib.error as exc:
+            raise InvalidResponse(f"{'gzip' if self._gzip else 'deflate'} body does not decompress: {exc}") from None
+        if len(out) > room:
+            raise TooLarge
+        return out
+
+    def finish(self) -> None:
+        if self.fed and self._d is not None and not self._d.eof:
+            raise InvalidResponse(f"{'gzip' if self._gzip else 'deflate'} stream cut short")
+
+
+class _Brotli:
+    __slots__ = ("_d", "fed")
+
+    def __init__(self) -> None:
+        self._d = brotli.Decompressor()
+        self.fed = False
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        d = self._d
+        if d.is_finished():
+            return b""
+        self.fed = True
+        try:
+            out = d.process(data, output_buffer_limit=room + 1)
+        except brotli.error as exc:
+            raise InvalidResponse(f"br body does not decompress: {exc}") from None
+        if len(out) > room:
+            raise TooLarge
+        return out
+
+    def finish(self) -> None:
+        if self.fed and not self._d.is_finished():
+            raise InvalidResponse("br stream cut short")
+
+
+def _decoder(encoding: str) -> _Zlib | _Brotli | None:
+    """The decoder for a Content-Encoding; None for identity and codings not known here
+    (whose bodies are kept as they are, as aiohttp does)."""
+    enc = encoding.strip().lower()
+    if enc == "gzip" or enc == "x-gzip":
+        return _Zlib(True)
+    if enc == "deflate":
+        return _Zlib(False)
+    if enc == "br":
+        return _Brotli()
+    return None
+
+
+# ---------------------------------------------------------------- one connection
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection and the request in flight on it.
+
+    Ownership: a connection is either in its pool's idle list (`idle`), or owned by one
+    caller of `Client.get`, who gives it back (`_Pool.release`) or drops it (`close`, then
+    `_Pool.free_slot`). The protocol never frees a slot except for an idle connection.
+    """
+
+    __slots__ = ("_chunks", "_decoder", "_head_room", "_headers", "_informational", "_max_bytes",
+                 "_raw", "_received", "_response", "_size", "_skip", "_status", "_until_close", "closed", "complete", "error",
+                 "fut", "headers_done", "idle", "idle_since", "keep_alive", "max_field", "parser", "pool", "requests",
+                 "transport")
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.max_field = pool.client.max_field_size
+        self.fut: asyncio.Future[Response] | None = None
+        self.idle = False
+        self.idle_since = 0.0
+        self.closed = False
+        self.requests = 0
+        self.keep_alive = False
+        self.complete = False
+        self.headers_done = False
+        self.error: BaseException | None = None
+
+    # -------- the caller's side
+
+    def send(self, data: bytes, max_bytes: int, skip: Callable[[int], bool] | None) -> asyncio.Future[Response]:
+        self.fut = fut = self.pool.loop.create_future()
+        self.requests += 1
+        self._received = False
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.error = None
+        self._informational = False
+        self._raw = []
+        self._head_room = self.pool.client.max_head
+        self._chunks = []
+        self._size = 0
+        self._decoder = None
+        self._until_close = False
+        self._max_bytes = max_bytes
+        self._skip = skip
+        transport = self.transport
+        if transport.is_closing():  # type: ignore[union-attr]
+            # Closed under us, its connection_lost still to come (uvloop would raise on write).
+            self._lost(None)
+        else:
+            transport.write(data)  # type: ignore[union-attr]
+        return fut
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            fut = self.fut
+            if fut is not None:  # only from Client.close(): a request still in flight fails
+                self.fut = None
+                if not fut.done():
+                    fut.set_exception(ConnectError("the client was closed"))
+            if self.transport is not None:
+                self.transport.abort()
+
+    # -------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        fut = self.fut
+        if fut is None:
+            self._unrequested()
+            return
+        self._received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if self.error is None and not self.complete:  # a bug here, not the peer: let it show
+                self.error = exc.__context__ or exc
+        except httptools.HttpParserUpgrade:
+            if not self.complete:
+                self.error = InvalidResponse("unexpected protocol upgrade")
+        except httptools.HttpParserError as exc:
+            # Also after a complete response: bytes following it that are not HTTP.
+            self.error = InvalidResponse(str(exc) or type(exc).__name__)
+        if not self.headers_done:  # llhttp keeps a header line until it ends: bound the head
+            self._head_room -= len(data)
+            if self._head_room < 0 and self.error is None:
+                self.error = InvalidResponse("response head too large")
+        if self.error is not None or self.complete:
+            self._deliver(fut)
+
+    def _deliver(self, fut: asyncio.Future[Response]) -> None:
+        self.fut = None
+        if self.error is not None:
+            self.keep_alive = False
+            if not fut.done():  # else cancelled: its owner closes the connection
+                fut.set_exception(self.error)
+        elif not fut.done():
+            fut.set_result(self._response)
+        self._response = self._headers = self._chunks = self._raw = None  # nothing kept while idle
+
+    def eof_received(self) -> bool | None:
+        self._lost(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc)
+        self.pool.client._conns.discard(self)
+
+    def _unrequested(self) -> None:
+        """Bytes or EOF with no request waiting for them: this connection is done for."""
+        self.keep_alive = False
+        if self.idle:
+            self.idle = False
+            self.pool.idle.remove(self)
+            self.close()
+            self.pool.free_slot()
+        else:
+            self.close()
+
+    def _lost(self, exc: Exception | None) -> None:
+        fut = self.fut
+        if fut is None or fut.done():
+            if not self.closed:
+                self._unrequested()
+            self.closed = True
+            return
+        self.closed = True
+        why = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        if self.error is not None:
+            pass
+        elif not self.headers_done:
+            if not self._received:
+                if self.requests > 1:
+                    self.error = _Stale(f"reused connection closed before the response{why}")
+                else:
+                    self.error = ConnectError(f"connection closed before the response{why}")
+            else:
+                self.error = ConnectError(f"connection closed inside the response head{why}")
+        elif self._until_close and exc is None:  # the end of the connection is the end of the body
+            try:
+                self.on_message_complete()
+            except _Stop:
+                pass
+        else:
+            self.error = ConnectError(f"body cut short: connection closed before the body ended{why}")
+        self.keep_alive = False
+        self._deliver(fut)
+
+    # -------- llhttp callbacks (inside feed_data)
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Bytes after our response, in the same read: nobody asked for them, so the
+            # connection is not reused. They are parsed on (and dropped: the callbacks below
+            # ignore them) so that what is not HTTP fails the fetch, as aiohttp's parser did.
+            self.keep_alive = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Trailers (and the lines of bytes after our response) land in `_raw` too, after the
+        # headers were taken from it: dropped, but counted against the limit.
+        raw = self._raw
+        if len(name) + len(value) > self.max_field or len(raw) >= MAX_HEADERS:
+            self.error = InvalidResponse("too many headers" if len(raw) >= MAX_HEADERS else "header line too long")
+            raise _Stop
+        raw.append((name.decode("utf-8", "surrogateescape"), value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        if self.complete:
+            return
+        parser = self.parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                self.error = InvalidResponse("unexpected 101 Switching Protocols")
+                raise _Stop
+            self._informational = True  # 1xx: skipped, its headers too
+            self._raw = []
+            return
+        self.headers_done = True
+        self._status = status
+        self.keep_alive = parser.should_keep_alive()
+        self._headers = headers = CIMultiDictProxy(CIMultiDict(self._raw))
+        skip = self._skip
+        if skip is not None and skip(status):
+            self._response = Response(status, headers, None)
+            self.complete = True
+            self.keep_alive = False
+            raise _Stop
+        length = headers.get("content-length")
+        encoding = headers.get("content-encoding")
+        if encoding is None:
+            if length is not None and int(length) > self._max_bytes:
+                self.error = TooLarge(int(length))
+                raise _Stop
+        else:
+            self._decoder = _decoder(encoding)
+        if length is None and status != 204 and status != 304:
+            te = headers.get("transfer-encoding")
+            self._until_close = te is None or te.rsplit(",", 1)[-1].strip().lower() != "chunked"
+
+    def on_body(self, data: bytes) -> None:
+        if self.complete:
+            return
+        room = self._max_bytes - self._size
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                data = decoder.feed(data, room)
+            except ClientError as exc:
+                self.error = exc
+                raise _Stop from None
+        elif len(data) > room:
+            self.error = TooLarge()
+            raise _Stop
+        if data:
+            self._size += len(data)
+            self._chunks.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.complete:
+            return
+        if self._informational:
+            self._informational = False
+            return
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                decoder.finish()
+            except ClientError as exc:
+                self.error = exc
+                raise _Stop from None
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._response = Response(self._status, self._headers, body)
+        self.complete = True
+
+
+# ---------------------------------------------------------------- pools
+
+class _Pool:
+    """The connections to one origin: idle ones (a stack), a count, and callers waiting."""
+
+    __slots__ = ("client", "host", "host_header", "idle", "limit", "loop", "port", "size", "tls", "waiters")
+
+    def __init__(self, client: Client, loop: asyncio.AbstractEventLoop, scheme: str, host: str, port: int,
+                 host_header: str) -> None:
+        self.client = client
+        self.loop = loop
+        self.host = host
+        self.port = port
+        self.tls = scheme == "https"
+        self.host_header = host_header
+        self.idle: list[_Conn] = []
+        self.size = 0  # connections open or opening, each holding one slot
+        self.limit = client.limit_per_host or 1 << 62
+        self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
+
+    def release(self, conn: _Conn) -> None:
+        """A connection whose response was read whole, for the next caller."""
+        if self.client._closed:
+            conn.close()
+            return
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        conn.idle = True
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+        self.client._expire_later()
+
+    def free_slot(self) -> None:
+        """A connection is gone: its slot goes to the first waiter (who opens one), or back."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.size -= 1
+
+
+# ---------------------------------------------------------------- the client
+
+class Client:
+    """Pooled keep-alive HTTP/1.1 GETs; one per process (see the module docstring)."""
+
+    __slots__ = ("_closed", "_conns", "_dns", "_expiry", "_loop", "_pools", "_ssl", "dns_ttl", "keepalive",
+                 "limit_per_host", "max_field_size", "max_head")
+
+    def __init__(self, *, limit_per_host: int = 256, max_field_size: int = MAX_FIELD_SIZE,
+                 keepalive: float = KEEPALIVE, dns_ttl: float = DNS_TTL,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.limit_per_host = limit_per_host  # 0: no limit
+        self.max_field_size = max_field_size
+        self.max_head = (MAX_HEADERS + 2) * (max_field_size + 4)  # every line at its longest
+        self.keepalive = keepalive
+        self.dns_ttl = dns_ttl
+        self._ssl = ssl_context
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._dns: dict[tuple[str, int], tuple[float, list]] = {}
+        self._conns: set[_Conn] = set()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def get(self, url: URL, headers: CIMultiDict[str] | None = None, *, max_bytes: int,
+                  skip_body: Callable[[int], bool] | None = None) -> Response:
+        """GET `url` → the whole response, its body decoded and at most `max_bytes`.
+
+        `skip_body(status)` true: the body is not read (`Response.body` is None) and the
+        connection is closed. Raises ClientError; no deadline of its own.
+        """
+        if self._closed:
+            raise ConnectError("client is closed")
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        key = (url.scheme, url.raw_host, url.port)
+        pool = self._pools.get(key)  # type: ignore[arg-type]
+        if pool is None:
+            pool = self._pool(url, loop)
+        data = _request(url.raw_path_qs, pool.host_header, headers)
+        idle = pool.idle
+        if idle and idle[-1].idle_since > loop.time() - self.keepalive:  # the common case, inline
+            conn = idle.pop()
+            conn.idle = False
+        else:
+            conn = await self._acquire(pool)
+        retried = False
+        while True:
+            try:
+                response = await conn.send(data, max_bytes, skip_body)
+            except _Stale:
+                # The server had closed this pooled connection; one more try, on a new one
+                # (a _Stale comes only from a reused connection, never twice in a row).
+                if retried:  # pragma: no cover - defensive
+                    raise
+                retried = True
+                conn = await self._open(pool)  # the dead connection's slot is still ours
+                continue
+            except BaseException:
+                conn.close()  # cancelled, timed out, or failed: never back to the pool
+                pool.free_slot()
+                raise
+            break
+        if conn.keep_alive and not conn.closed:
+            pool.release(conn)
+        else:
+            conn.close()
+            pool.free_slot()
+        return response
+
+    def _pool(self, url: URL, loop: asyncio.AbstractEventLoop) -> _Pool:
+        scheme, host, port = url.scheme, url.raw_host, url.port
+        if scheme not in _SCHEMES:
+            raise ConnectError(f"not an http(s) URL: {str(url)[:200]!r}")
+        if not host or port is None:
+            raise ConnectError(f"URL has no host: {str(url)[:200]!r}")
+        pool = self._pools[(scheme, host, port)] = _Pool(self, loop, scheme, host, port, url.host_port_subcomponent)
+        return pool
+
+    async def _acquire(self, pool: _Pool) -> _Conn:
+        """An open connection to `pool`'s origin, its slot held: idle, new, or after a wait."""
+        idle = pool.idle
+        if idle:
+            oldest_usable = pool.loop.time() - self.keepalive
+            while idle:
+                conn = idle.pop()
+                conn.idle = False
+                if conn.idle_since > oldest_usable and not conn.closed:
+                    return conn
+                conn.close()  # expired
+                pool.size -= 1
+        if pool.size < pool.limit:
+            pool.size += 1
+            return await self._open(pool)
+        waiter: asyncio.Future[_Conn | None] = pool.loop.create_future()
+        pool.waiters.append(waiter)
+        try:
+            got = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed a connection or a slot just before the cancel: pass it on.
+                got = waiter.result()
+                if got is None or got.closed:
+                    pool.free_slot()
+                else:
+                    pool.release(got)
+            else:
+                waiter.cancel()
+                try:
+                    pool.waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+        if got is None or got.closed:  # a slot, not a connection: open one in it
+            return await self._open(pool)
+        return got
+
+    async def _open(self, pool: _Pool) -> _Conn:
+        """A new connection to `pool`'s origin, in a slot the caller holds (freed on failure)."""
+        try:
+            return await self._connect(pool)
+        except BaseException:
+            pool.free_slot()
+            raise
+
+    async def _connect(self, pool: _Pool) -> _Conn:
+        loop = pool.loop
+        infos = await self._resolve(loop, pool.host, pool.port)
+        sock = None
+        error: OSError | None = None
+        for family, type_, proto, _, address in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+                break
+            except OSError as exc:
+                sock.close()
+                sock = None
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        if sock is None:
+            raise ConnectError(f"cannot connect to {pool.host}:{pool.port}: {type(error).__name__}: {error}")
+        conn = _Conn(pool)
+        try:
+            if pool.tls:
+                context = self._ssl
+                if context is None:
+                    context = self._ssl = ssl.create_default_context()
+                await loop.create_connection(lambda: conn, sock=sock, ssl=context, server_hostname=pool.host)
+            else:
+                await loop.create_connection(lambda: conn, sock=sock)
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"cannot connect to {pool.host}:{pool.port}: {type(exc).__name__}: {exc}") from None
+        except BaseException:
+            sock.close()
+            if conn.transport is not None:
+                conn.transport.abort()
+            raise
+        if self._closed:
+            conn.close()
+            raise ConnectError("client is closed")
+        self._conns.add(conn)
+        return conn
+
+    async def _resolve(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list:
+        key = (host, port)
+        now = loop.time()
+        entry = self._dns.get(key)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectError(f"cannot resolve {host}: {exc}") from None
+        if not infos:
+            raise ConnectError(f"cannot resolve {host}: no address")
+        if len(self._dns) >= _DNS_ENTRIES:
+            self._dns.clear()
+        self._dns[key] = (now + self.dns_ttl, infos)
+        return infos
+
+    def _expire_later(self) -> None:
+        if self._expiry is None and not self._closed:
+            self._expiry = self._loop.call_later(self.keepalive, self._expire)  # type: ignore[union-attr]
+
+    def _expire(self) -> None:
+        """Close idle connections unused for `keepalive` seconds; again later while any are left."""
+        self._expiry = None
+        now = self._loop.time()  # type: ignore[union-attr]
+        oldest_usable = now - self.keepalive
+        next_due = None
+        for pool in self._pools.values():
+            idle = pool.idle
+            expired = 0
+            for conn in idle:  # oldest first: pushed in order of release
+                if conn.idle_since > oldest_usable:
+                    break
+                expired += 1
+            for conn in idle[:expired]:
+                conn.idle = False
+                conn.close()
+                pool.size -= 1
+            del idle[:expired]
+            if idle and (next_due is None or idle[0].idle_since < next_due):
+                next_due = idle[0].idle_since
+        if next_due is not None:
+            self._expiry = self._loop.call_at(next_due + self.keepalive + 0.01, self._expire)  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        """Close every connection; callers waiting for one get a ConnectError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        for pool in self._pools.values():
+            for waiter in pool.waiters:
+                if not waiter.done():
+                    waiter.set_exception(ConnectError("client is closed"))
+            pool.waiters.clear()
+            for conn in pool.idle:
+                conn.idle = False
+            pool.idle.clear()
+        for conn in list(self._conns):
+            conn.close()
+        self._conns.clear()
+        await asyncio.sleep(0)  # let the transports close their sockets
+
+
+def _request(target: str, host: str, headers: CIMultiDict[str] | None) -> bytes:
+    """`GET target HTTP/1.1`, Host (unless given) and the headers, as bytes; refuses CR/LF
+    inside a line (header injection) and text that cannot be sent."""
+    if headers:
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        count = len(headers) + 2
+        if "host" not in headers:
+            text = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{lines}\r\n"
+            count += 1
+        else:
+            text = f"GET {target} HTTP/1.1\r\n{lines}\r\n"
+    else:
+        text = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        count = 3
+    if text.count("\n") != count or text.count("\r") != count:
+        raise InvalidRequest("a request header or the target holds CR or LF")  # never sent
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        raise InvalidRequest("a request header cannot be encoded") from None
