@@ -158,7 +158,7 @@ class FragmentCache:
             # Never seen cacheable: nobody waits for this fetch, so an answer meant for one
             # user cannot reach another, and uncacheable fragments are never serialised.
             result = await load(timeout)
-            self._store(url, request, result)
+            self._store(url, request, result, known=names)
             return _missed(result)
         assert isinstance(names, tuple)
         key = (url, _values(names, request))
@@ -212,14 +212,18 @@ class FragmentCache:
                 del self._flights[flight_key]
             flight.done.set_result(shared)
 
-    def _store(self, url: str, request: CIMultiDict[str], result: Fetched | Failed
-               ) -> tuple[tuple[str, ...], _Values, bool] | None:
-        """Keep `result` if it may be kept; return (vary names, their values, cacheable)."""
+    def _store(self, url: str, request: CIMultiDict[str], result: Fetched | Failed,
+               known: tuple[str, ...] | str | None = None) -> tuple[tuple[str, ...], _Values, bool] | None:
+        """Keep `result` if it may be kept; return (vary names, their values, cacheable).
+
+        `known` is what `_names` held for `url` (saves re-marking an uncacheable URL per fetch).
+        """
         if not isinstance(result, Fetched):
             return None
         policy = freshness(result.headers, request)
         if policy is None:
-            self._names[url] = _PASS
+            if known is not _PASS:
+                self._names[url] = _PASS
             return None
         names = _vary_names(result.headers)
         values = _values(names, request)

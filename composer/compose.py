@@ -11,11 +11,9 @@ that records a fragment's metrics and failure log line.
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -90,7 +88,7 @@ def request_id_of(request: web.BaseRequest) -> str:
     rid = request.headers.get("x-request-id", "")
     if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable():
         return rid
-    return uuid.uuid4().hex
+    return f"{random.getrandbits(128):032x}"  # an id, not a secret: no urandom syscall per page
 
 
 class Composer:
@@ -219,15 +217,18 @@ class Composer:
             response = web.StreamResponse(status=status, headers=_filtered(route, headers))
             await response.prepare(request)
             if not head_only:
-                await self._stream(response, template, tasks)
-            await response.write_eof()
+                # The page's last bytes go out with the chunked terminator: one write, not two.
+                await response.write_eof(await self._stream(response, template, tasks))
+            else:
+                await response.write_eof()
             return response
         finally:
             for task in tasks.values():
                 task.cancel()
 
     async def _stream(self, response: web.StreamResponse, template: Template,
-                      tasks: dict[int, asyncio.Task[Outcome]]) -> None:
+                      tasks: dict[int, asyncio.Task[Outcome]]) -> bytes:
+        """Write the page in order as fragments get ready; return the bytes still to write."""
         seen: set[str] = set()
         out: list[bytes] = []
         for chunk in template.chunks:
@@ -246,7 +247,7 @@ class Composer:
                 if not task.done():
                     await _flush(response, out)
                 _render(await task, seen, out)
-        await _flush(response, out)
+        return b"".join(out)
 
     async def _stream_async(self, response: web.StreamResponse, template: Template,
                             tasks: dict[int, asyncio.Task[Outcome]], seen: set[str]) -> None:
@@ -401,12 +402,12 @@ def _render(outcome: Outcome, seen: set[str], out: list[bytes]) -> None:
     for asset in assets:
         if asset.kind == "stylesheet" and asset.url not in seen:
             seen.add(asset.url)
-            out.append(b'<link rel="stylesheet" href="%s">' % html.escape(asset.url).encode())
+            out.append(asset.tag)
     out.append(outcome.body)
     for asset in assets:
         if asset.kind == "script" and asset.url not in seen:
             seen.add(asset.url)
-            out.append(b'<script src="%s" defer></script>' % html.escape(asset.url).encode())
+            out.append(asset.tag)
 
 
 def _preload(assets: tuple[Asset, ...]) -> str:

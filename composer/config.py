@@ -38,8 +38,8 @@ from .urls import origin_allowed
 
 __all__ = [
     "CACHE_BYTES",
-    "MAX_FRAGMENT_BYTES",
     "DEFAULT_FORWARD_HEADERS",
+    "MAX_FRAGMENT_BYTES",
     "TEMPLATE_METHODS",
     "Backend",
     "Config",

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-from dataclasses import dataclass
+import html
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Literal
 
@@ -39,7 +40,14 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .client import MAX_FIELD_SIZE, Client, ClientError, InvalidRequest, InvalidResponse, TooLarge
+from .client import (
+    MAX_FIELD_SIZE,
+    Client,
+    ClientError,
+    InvalidRequest,
+    InvalidResponse,
+    TooLarge,
+)
 from .errors import Reason
 
 __all__ = ["Asset", "Failed", "Fetched", "fetch", "new_session", "parse_assets"]
@@ -53,6 +61,12 @@ class Asset:
 
     kind: Literal["stylesheet", "script"]
     url: str
+    tag: bytes = field(init=False, repr=False, compare=False)  # its markup, made once per asset
+
+    def __post_init__(self) -> None:
+        escaped = html.escape(self.url).encode()
+        markup = b'<link rel="stylesheet" href="%s">' if self.kind == "stylesheet" else b'<script src="%s" defer></script>'
+        object.__setattr__(self, "tag", markup % escaped)
 
 
 @dataclass(frozen=True, slots=True)
