@@ -31,6 +31,7 @@ from composer.routing import build_table
 from composer.server import ComposerServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 def free_port() -> int:
@@ -303,3 +304,45 @@ async def start_composer(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitabl
     for composer in started:
         await composer.session.close()
         await composer.server.stop()
+
+
+@pytest.fixture
+async def raw_origin() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
+    """Factory: a plain TCP server on 127.0.0.1 running `handler` per connection → its origin.
+
+    Teardown closes every connection and cancels every handler still running (hangs included).
+    """
+    servers: list[asyncio.Server] = []
+    tasks: set[asyncio.Task] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handler: RawHandler) -> str:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            writers.append(writer)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+                tasks.discard(task)
+
+        server = await asyncio.start_server(connection, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+    for writer in writers:
+        writer.close()  # a handler waiting to read sees EOF and returns
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=2)
+    for task in list(tasks):  # only a handler stuck elsewhere (3.11 logs these cancellations)
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for server in servers:
+        await server.wait_closed()

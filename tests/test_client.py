@@ -7,10 +7,8 @@ nobody asked for, chunked framing, truncated streams, limits); an aiohttp server
 from __future__ import annotations
 
 import asyncio
-import datetime
 import functools
 import gzip
-import ipaddress
 import shutil
 import socket
 import ssl
@@ -779,37 +777,9 @@ async def test_a_name_that_does_not_resolve_is_a_connect_error(client):
 
 # ---------------------------------------------------------------- TLS
 
-def _with_cryptography(folder: Path) -> None:
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "composer test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-
-
 def _with_openssl(folder: Path) -> None:
     openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("no openssl command")
+    assert openssl is not None, "the TLS tests need the openssl command (Debian's openssl package)"
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
                     "-keyout", str(folder / "key.pem"), "-out", str(folder / "cert.pem"), "-days", "1",
                     "-subj", "/CN=composer test", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
@@ -818,12 +788,12 @@ def _with_openssl(folder: Path) -> None:
                    check=True, capture_output=True, timeout=30)
 
 
-@pytest.fixture(scope="module", params=["cryptography", "openssl"])
-def certificate(request, tmp_path_factory) -> tuple[Path, Path]:
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost and 127.0.0.1, (cert.pem, key.pem), made with
-    the `cryptography` package or the `openssl` command (each skipped when missing)."""
-    folder = tmp_path_factory.mktemp(f"tls-{request.param}")
-    (_with_cryptography if request.param == "cryptography" else _with_openssl)(folder)
+    the `openssl` command."""
+    folder = tmp_path_factory.mktemp("tls")
+    _with_openssl(folder)
     return folder / "cert.pem", folder / "key.pem"
 
 

@@ -18,13 +18,12 @@ import re
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import html
+from conftest import RawHandler, html
 from multidict import CIMultiDict
 
 from composer.errors import error_page
@@ -33,8 +32,6 @@ TIMEOUT_MS = 400
 BUDGET = TIMEOUT_MS / 1000 + 0.2  # the page's whole answer, request sent → last body byte
 MB10 = 10 * 1024 * 1024  # twice the default max_fragment_bytes (5 MB)
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=8)  # a broken composer fails a test, never hangs it
-
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 ROUTES = """
     routes:
@@ -48,48 +45,6 @@ ROUTES = """
 
 
 # ---------------------------------------------------------------- servers
-
-@pytest.fixture
-async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[str]]]:
-    """Factory: a plain TCP server on 127.0.0.1 running `handler` per connection → its origin.
-
-    Teardown closes every connection and cancels every handler still running (hangs included).
-    """
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task] = set()
-    writers: list[asyncio.StreamWriter] = []
-
-    async def start(handler: RawHandler) -> str:
-        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            writers.append(writer)
-            try:
-                await handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-                tasks.discard(task)
-
-        server = await asyncio.start_server(connection, "127.0.0.1", 0)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-    yield start
-    for server in servers:
-        server.close()
-    for writer in writers:
-        writer.close()  # a handler waiting to read sees EOF and returns
-    if tasks:
-        await asyncio.wait(list(tasks), timeout=2)
-    for task in list(tasks):  # only a handler stuck elsewhere (3.11 logs these cancellations)
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        await server.wait_closed()
-
 
 def refused_origin() -> str:
     """A loopback origin nobody listens on (bound, then closed)."""
@@ -341,9 +296,9 @@ async def test_aiohttp_fault(fragments, start_composer, case):
 
 
 @pytest.mark.parametrize("case", list(RAW_FAULTS))
-async def test_raw_fault(fragments, start_composer, raw_server, case):
+async def test_raw_fault(fragments, start_composer, raw_origin, case):
     handler, reason = RAW_FAULTS[case]
-    origin = await raw_server(handler)
+    origin = await raw_origin(handler)
     composer, _ = await start_page(fragments, start_composer, origin + "/frag")
     await check_faulty_page(composer, reason)
 
@@ -395,8 +350,8 @@ async def test_invalid_link_header_is_ignored_not_a_failure(fragments, start_com
     await still_serving(composer)
 
 
-async def test_raw_link_header_with_non_ascii_bytes_is_ignored(fragments, start_composer, raw_server):
-    origin = await raw_server(respond(
+async def test_raw_link_header_with_non_ascii_bytes_is_ignored(fragments, start_composer, raw_origin):
+    origin = await raw_origin(respond(
         HEAD + b"Link: <https://cdn.example/\xff\xfe.css>; rel=stylesheet\r\n"
                b"Link: \xc3\x28 garbage \x80\r\n"
                b'Link: <https://cdn.example/ok.css>; rel="stylesheet"\r\n'
@@ -457,7 +412,7 @@ SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: %d\r\
     (SMUGGLED, True, "<p>LIE</p>", None),  # queued by aiohttp as the next answer: aio-libs/aiohttp#13656
 ], ids=["junk-at-once", "response-at-once", "junk-late", "response-late"])
 async def test_content_length_less_than_sent_never_poisons_the_next_fetch(
-        start_composer, raw_server, extra, late, lie_shown, lie_reason):
+        start_composer, raw_origin, extra, late, lie_shown, lie_reason):
     connections: list[int] = []
     requests: list[bytes] = []
 
@@ -479,7 +434,7 @@ async def test_content_length_less_than_sent_never_poisons_the_next_fetch(
                 writer.write(HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
 
-    origin = await raw_server(keep_alive)
+    origin = await raw_origin(keep_alive)
     composer = await start_composer({"page.html": (
         f'<body>[<fragment id="lie" src="{origin}/lie" timeout="{TIMEOUT_MS}">{INLINE}</fragment>]'
         f'[<fragment id="a" src="{origin}/a" timeout="{TIMEOUT_MS}">A-FALLBACK</fragment>]'
@@ -512,10 +467,10 @@ PRIMARY_FAULTS = {
 
 @pytest.mark.parametrize("with_fallback_src", [False, True], ids=["bare-500", "fallback-src"])
 @pytest.mark.parametrize("case", list(PRIMARY_FAULTS))
-async def test_primary_fault(fragments, start_composer, raw_server, case, with_fallback_src):
+async def test_primary_fault(fragments, start_composer, raw_origin, case, with_fallback_src):
     kind, handler, reason = PRIMARY_FAULTS[case]
     if kind == "raw":
-        url = await raw_server(handler) + "/main"
+        url = await raw_origin(handler) + "/main"
     else:
         url = (await fragments({"/main": handler})).url("/main")
     svc = await fragments({"/healthy": html(HEALTHY), "/fallback": html("<main>FALLBACK MAIN</main>")})

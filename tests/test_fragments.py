@@ -18,14 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import brotli
 import pytest
 from aiohttp import web
-from conftest import html
+from conftest import RawHandler, html
 from multidict import CIMultiDict
 from yarl import URL
 
 from composer.errors import Reason
 from composer.fragments import Asset, Failed, Fetched, fetch, new_session, parse_assets
-
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @pytest.fixture
@@ -36,41 +34,13 @@ async def session() -> AsyncIterator:
 
 
 @pytest.fixture
-async def raw_server() -> AsyncIterator[Callable[[RawHandler], Awaitable[URL]]]:
-    """Factory: a plain TCP server on 127.0.0.1 running `handler` per connection → its URL."""
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task] = set()
-    writers: list[asyncio.StreamWriter] = []
+async def raw_server(raw_origin) -> Callable[[RawHandler], Awaitable[URL]]:
+    """Factory: conftest's raw TCP server running `handler` per connection → its /frag URL."""
 
     async def start(handler: RawHandler) -> URL:
-        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            writers.append(writer)
-            try:
-                await handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-                tasks.discard(task)
+        return URL(await raw_origin(handler) + "/frag")
 
-        server = await asyncio.start_server(connection, "127.0.0.1", 0)
-        servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        return URL(f"http://127.0.0.1:{port}/frag")
-
-    yield start
-    for server in servers:
-        server.close()
-    for writer in writers:
-        writer.close()
-    for task in list(tasks):
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        await server.wait_closed()
+    return start
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
