@@ -187,6 +187,7 @@ class Composer:
             bucket = bucket_of(request)
             if bucket < 0:
                 bucket, new_bucket = random.randrange(100), True
+        started = time.perf_counter()
         page = self._page(request, route.name, params, settings, bucket)
         head_only = request.method == "HEAD"
         # HEAD needs only what decides the status and headers: the primary, if any.
@@ -198,8 +199,11 @@ class Composer:
             if new_bucket:
                 headers.add("set-cookie", _BUCKET_COOKIE.format(bucket))
             status = 200
+            waited = 0.0
             if template.primary is not None:
                 outcome = await tasks[template.primary.index]
+                waited = time.perf_counter() - started
+                headers["server-timing"] = _timing(template.primary, waited, waited)
                 if outcome.source == "none":
                     return web.Response(status=500, body=BARE_500, headers=_filtered(route, headers))
                 if outcome.source == "src":
@@ -214,6 +218,7 @@ class Composer:
                         return web.Response(status=status, headers=_filtered(route, headers))
                 if outcome.assets:
                     headers["link"] = _preload(outcome.assets)
+            headers["server-timing"] = _timing(template.primary, waited, time.perf_counter() - started)
             response = web.StreamResponse(status=status, headers=_filtered(route, headers))
             await response.prepare(request)
             if not head_only:
@@ -408,6 +413,17 @@ def _render(outcome: Outcome, seen: set[str], out: list[bytes]) -> None:
         if asset.kind == "script" and asset.url not in seen:
             seen.add(asset.url)
             out.append(asset.tag)
+
+
+def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
+    """`Server-Timing` as the head leaves: the wait for the primary fragment (its fetch, or its
+    fallback's) and composer's own time around it, in ms (browsers' devtools show both)."""
+    own = f"composer;dur={(elapsed - waited) * 1000:.1f}"
+    if primary is None:
+        return own
+    ident = primary.id
+    desc = ident.replace("\\", "\\\\").replace('"', '\\"') if ident.isascii() and ident.isprintable() else ""
+    return f'primary;dur={waited * 1000:.1f};desc="{desc}", {own}'
 
 
 def _preload(assets: tuple[Asset, ...]) -> str:

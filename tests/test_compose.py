@@ -1154,3 +1154,22 @@ async def test_browsers_leaving_mid_page_log_no_errors(fragments, start_composer
         await asyncio.sleep(0.3)
     assert [r.getMessage() for r in records.records if r.levelno >= logging.ERROR] == []
     assert (await composer.get("/page"))[0].status == 200
+
+
+async def test_server_timing_reports_the_primary_wait_and_composers_own_time(fragments, start_composer):
+    svc = await fragments({"/main": html("<main>M</main>", delay=0.12), "/side": html("<p>S</p>")})
+    composer = await start_composer({
+        "page.html": f'<fragment id=\'pro"duct\' src="{svc.url("/main")}" primary></fragment>'
+                     f'<fragment src="{svc.url("/side")}"></fragment>',
+        "plain.html": f'<p>plain</p><fragment src="{svc.url("/side")}"></fragment>'},
+        routes="routes:\n  - {name: page, match: {path: /page}, template: page.html}\n"
+               "  - {name: plain, match: {path: /plain}, template: plain.html}\n")
+    resp, body = await composer.get("/page")
+    assert resp.status == 200 and "<main>M</main>" in body
+    timing = resp.headers["server-timing"]
+    match = re.fullmatch(r'primary;dur=([\d.]+);desc="pro\\"duct", composer;dur=([\d.]+)', timing)
+    assert match, timing
+    primary, own = float(match[1]), float(match[2])
+    assert 115 <= primary < 2000 and 0 <= own < 50
+    resp, _ = await composer.get("/plain")
+    assert re.fullmatch(r"composer;dur=[\d.]+", resp.headers["server-timing"]), resp.headers["server-timing"]

@@ -558,7 +558,8 @@ async def test_fragment_response_headers_never_reach_the_page(fragments, start_c
             body = await resp.text()
         assert resp.status == 200
         assert page_header_names(resp) <= {"content-type", "cache-control", "transfer-encoding", "date", "server",
-                                           "set-cookie"}, dict(resp.headers)
+                                           "set-cookie", "server-timing"}, dict(resp.headers)
+        assert resp.headers["server-timing"].startswith('primary;dur=')  # composer's own, not a fragment's
         for name, value in PAGE_HEADERS.items():
             assert resp.headers.getall(name) == [value]
         assert resp.headers.getall("set-cookie") == ["session=primary; Path=/"]
@@ -584,7 +585,7 @@ async def test_a_primary_redirect_passes_only_location_and_set_cookie(fragments,
     resp, body = await composer.get("/p/1", timeout=CLIENT_TIMEOUT)
     assert resp.status == 302 and body == ""
     assert page_header_names(resp) <= {"cache-control", "content-length", "date", "server", "location",
-                                       "set-cookie"}, dict(resp.headers)
+                                       "set-cookie", "server-timing"}, dict(resp.headers)
     assert resp.headers.getall("location") == ["/elsewhere"]
     assert resp.headers.getall("set-cookie") == ["session=primary; Path=/"]
     assert resp.headers.getall("cache-control") == [PAGE_HEADERS["cache-control"]]
