@@ -319,11 +319,11 @@ class Composer:
             if fragment.breaker.enabled else None
 
         async def load(timeout: float) -> Fetched | Failed:
-            if breaker is not None and not breaker.allow(time.monotonic()):
-                return Failed(Reason.CIRCUIT_OPEN, f"circuit open for {breaker.origin}")
-            if timeout <= 0:
+            if timeout <= 0:  # before the breaker: a half-open circuit's one probe must really go
                 return Failed(Reason.TIMEOUT, "no time left: the page deadline (settings.page_timeout_ms) "
                                               "passed, or it went waiting for another page's fetch")
+            if breaker is not None and not breaker.allow(time.monotonic()):
+                return Failed(Reason.CIRCUIT_OPEN, f"circuit open for {breaker.origin}")
             started = time.perf_counter()
             try:
                 result = await fetch(self.session, url, headers, timeout=timeout, max_bytes=page.max_bytes,
