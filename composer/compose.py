@@ -203,9 +203,9 @@ class Composer:
             if template.primary is not None:
                 outcome = await tasks[template.primary.index]
                 waited = time.perf_counter() - started
-                headers["server-timing"] = _timing(template.primary, waited, waited)
                 if outcome.source == "none":
-                    return web.Response(status=500, body=BARE_500, headers=_filtered(route, headers))
+                    return web.Response(status=500, body=BARE_500,
+                                        headers=_head(route, headers, template.primary, waited, started))
                 if outcome.source == "src":
                     status = outcome.status
                     assert outcome.headers is not None
@@ -215,11 +215,12 @@ class Composer:
                         if "location" in outcome.headers:
                             headers["location"] = outcome.headers["location"]
                         del headers["content-type"]
-                        return web.Response(status=status, headers=_filtered(route, headers))
+                        return web.Response(status=status,
+                                            headers=_head(route, headers, template.primary, waited, started))
                 if outcome.assets:
                     headers["link"] = _preload(outcome.assets)
-            headers["server-timing"] = _timing(template.primary, waited, time.perf_counter() - started)
-            response = web.StreamResponse(status=status, headers=_filtered(route, headers))
+            response = web.StreamResponse(status=status,
+                                          headers=_head(route, headers, template.primary, waited, started))
             await response.prepare(request)
             if not head_only:
                 # The page's last bytes go out with the chunked terminator: one write, not two.
@@ -388,7 +389,10 @@ def _overrides(header: str) -> dict[str, str]:
     return {name.strip(): version.strip() for name, sep, version in pairs if sep and name.strip()}
 
 
-def _filtered(route: Route, headers: CIMultiDict[str]) -> CIMultiDict[str]:
+def _head(route: Route, headers: CIMultiDict[str], primary: Fragment | None, waited: float,
+          started: float) -> CIMultiDict[str]:
+    """The page's headers as they leave: with Server-Timing, through the route's filters."""
+    headers["server-timing"] = _timing(primary, waited, time.perf_counter() - started)
     for f in route.filters:
         f.on_response(headers)
     return headers

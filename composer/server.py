@@ -88,10 +88,14 @@ class ComposerServer:
             declared.add((entry.name, entry.active, entry.owner))
             if entry.canary is not None:
                 declared.add((entry.name, entry.canary.version, entry.owner))
+        circuits = self.metrics.circuit_state
         for route in table.routes:
             for fragment in route.template.fragments if route.template else ():
                 if fragment.name is None:
                     declared.add((fragment.id, "", ""))
+                if fragment.id not in self._circuits:  # every circuit shows from the start, closed
+                    self._circuits.add(fragment.id)
+                    circuits.labels(fragment.id).set(State.CLOSED)
         info = self.metrics.fragment_info
         for labels in self._declared - declared:
             if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
@@ -101,12 +105,6 @@ class ComposerServer:
         for labels in declared:
             info.labels(*labels).set(1)
         self._declared = declared
-        circuits = self.metrics.circuit_state
-        for route in table.routes:  # every fragment's circuit shows from the start, closed
-            for fragment in route.template.fragments if route.template else ():
-                if fragment.id not in self._circuits:
-                    self._circuits.add(fragment.id)
-                    circuits.labels(fragment.id).set(State.CLOSED)
 
     def _swap(self, config: Config, table: RouteTable) -> None:
         old = self.table.settings
