@@ -11,12 +11,13 @@ that records a fragment's metrics and failure log line.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -33,6 +34,11 @@ from .logs import REQUEST_ID
 from .metrics import Metrics
 from .routing import Route, RouteTable
 from .template import ASYNC_SLOT, Fragment, Template, UrlTemplate
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from .tracing import Tracing
 
 __all__ = ["BARE_500", "Composer", "Outcome"]
 
@@ -51,6 +57,17 @@ _MOVE_SCRIPT = (
     '<script>(function(p,c){{if(p&&c){{while(c.firstChild)p.parentNode.insertBefore(c.firstChild,p);'
     'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
     'document.getElementById("composer-async-{0}-content"))</script>'
+)
+# One script per page (settings.server_timing): a `performance.measure` per fragment, on a
+# "composer" track of Chrome DevTools' Performance panel (its extensibility API reads
+# `detail.devtools`); RUM reads them with performance.getEntriesByType("measure"). Times are
+# ms from the navigation's requestStart, the browser's closest mark to composer's start.
+_MARKS_SCRIPT = (
+    '<script>(function(m){{var p=performance,n=p.getEntriesByType("navigation")[0],o=n?n.requestStart:0;'
+    'm.forEach(function(f){{try{{p.measure("fragment "+f[0],{{start:o+f[1],duration:f[2],detail:{{'
+    'version:f[3],source:f[4],error:f[5],devtools:{{dataType:"track-entry",track:"composer",'
+    'color:f[5]?"error":"primary",properties:[["version",f[3]],["source",f[4]],["error",f[5]]],'
+    'tooltipText:f[0]+": "+(f[5]||f[4])}}}}}})}}catch(e){{}}}})}})({0})</script>'
 )
 
 
@@ -81,6 +98,9 @@ class _Page:
     deadline: float  # time.monotonic() after which pending fragments render their fallback
     bucket: int = -1  # the user's canary bucket, 0–99 (-1: the page has no manifest fragment)
     overrides: Mapping[str, str] = field(default_factory=dict)  # QA: fragment name → version
+    started: float = 0.0  # time.perf_counter() when composing began
+    marks: list[tuple[str, float, float, str, str, str]] | None = None  # settings.timing_marks
+    span: Span | None = None  # compose_page, when tracing is on
 
 
 def request_id_of(request: web.BaseRequest) -> str:
@@ -96,9 +116,10 @@ class Composer:
     circuit breakers, the fragment cache and the last good copy of each fallback."""
 
     def __init__(self, session: Client, metrics: Metrics, *,
-                 cache_bytes: int = CACHE_BYTES) -> None:
+                 cache_bytes: int = CACHE_BYTES, tracing: Tracing | None = None) -> None:
         self.session = session
         self.metrics = metrics
+        self.tracing = tracing
         self.breakers = Breakers(self._circuit_changed)
         self.cache = FragmentCache(cache_bytes)
         self.last_good = LastGood()
@@ -156,9 +177,8 @@ class Composer:
             log.warning("circuit opened" if breaker.state is State.OPEN else "circuit half-open",
                         extra={"fields": fields})
 
-    @staticmethod
-    def _page(request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings,
-              bucket: int) -> _Page:
+    def _page(self, request: web.BaseRequest, route: Route, params: dict[str, str], settings: Settings,
+              bucket: int, started: float) -> _Page:
         rid = request.get(REQUEST_ID) or request_id_of(request)
         public = CIMultiDict({"x-request-id": rid, "accept-encoding": _ACCEPT_ENCODING})
         headers = CIMultiDict(public)
@@ -169,10 +189,16 @@ class Composer:
         headers["x-request-uri"] = request.raw_path
         headers["x-request-host"] = incoming.get("host", "")
         overrides = _overrides(incoming.get(settings.version_override_header or "", ""))
-        return _Page(route=route, params={k: unquote(v) for k, v in params.items()}, request_id=rid,
+        span = None
+        if self.tracing is not None:
+            span = self.tracing.page("compose_page", incoming, {
+                "http.request.method": request.method, "http.route": route.name, "url.path": request.path,
+                "composer.template": route.template.name if route.template else ""})
+        return _Page(route=route.name, params={k: unquote(v) for k, v in params.items()}, request_id=rid,
                      headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes,
                      deadline=time.monotonic() + settings.page_timeout_ms / 1000, bucket=bucket,
-                     overrides=overrides)
+                     overrides=overrides, started=started, marks=[] if settings.timing_marks else None,
+                     span=span)
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
                       settings: Settings) -> web.StreamResponse:
@@ -188,22 +214,25 @@ class Composer:
             if bucket < 0:
                 bucket, new_bucket = random.randrange(100), True
         started = time.perf_counter()
-        page = self._page(request, route.name, params, settings, bucket)
+        page = self._page(request, route, params, settings, bucket, started)
         head_only = request.method == "HEAD"
         # HEAD needs only what decides the status and headers: the primary, if any.
         wanted = template.fragments if not head_only else (template.primary,) if template.primary else ()
         tasks: dict[int, asyncio.Task[Outcome]] = {
             f.index: asyncio.create_task(self._resolve(f, page)) for f in wanted}
+        status = 0
         try:
             headers = CIMultiDict({"content-type": _CONTENT_TYPE, "cache-control": _CACHE_CONTROL})
             if new_bucket:
                 headers.add("set-cookie", _BUCKET_COOKIE.format(bucket))
             status = 200
-            waited = 0.0
+            waited = 0.0 if settings.server_timing else None  # None: no Server-Timing
             if template.primary is not None:
                 outcome = await tasks[template.primary.index]
-                waited = time.perf_counter() - started
+                if waited is not None:
+                    waited = time.perf_counter() - started
                 if outcome.source == "none":
+                    status = 500
                     return web.Response(status=500, body=BARE_500,
                                         headers=_head(route, headers, template.primary, waited, started))
                 if outcome.source == "src":
@@ -224,16 +253,24 @@ class Composer:
             await response.prepare(request)
             if not head_only:
                 # The page's last bytes go out with the chunked terminator: one write, not two.
-                await response.write_eof(await self._stream(response, template, tasks))
+                await response.write_eof(await self._stream(response, template, tasks, page.marks))
             else:
                 await response.write_eof()
             return response
+        except BaseException as exc:
+            if page.span is not None and self.tracing is not None:
+                self.tracing.fail(page.span, type(exc).__name__, str(exc))
+            raise
         finally:
             for task in tasks.values():
                 task.cancel()
+            if page.span is not None:
+                page.span.set_attribute("http.response.status_code", status)
+                page.span.end()
 
     async def _stream(self, response: web.StreamResponse, template: Template,
-                      tasks: dict[int, asyncio.Task[Outcome]]) -> bytes:
+                      tasks: dict[int, asyncio.Task[Outcome]],
+                      marks: list[tuple[str, float, float, str, str, str]] | None) -> bytes:
         """Write the page in order as fragments get ready; return the bytes still to write."""
         seen: set[str] = set()
         out: list[bytes] = []
@@ -244,6 +281,8 @@ class Composer:
                 if template.async_fragments:
                     await _flush(response, out)
                     await self._stream_async(response, template, tasks, seen)
+                if marks:  # every fragment before </body> has finished by now
+                    out.append(_marks(marks))
             else:
                 assert isinstance(chunk, Fragment)
                 if chunk.is_async:
@@ -273,7 +312,9 @@ class Composer:
             await _flush(response, out)
 
     async def _resolve(self, fragment: Fragment, page: _Page) -> Outcome:
-        """Fetch `fragment`, falling back as SPEC §3 says; record metrics and failures once."""
+        """Fetch `fragment`, falling back as SPEC §3 says; record its metrics, failure log line,
+        timing mark and span, each once."""
+        started = time.perf_counter()
         headers = page.public_headers if fragment.public else page.headers
         src, version = fragment.src, fragment.version
         if fragment.name is not None:
@@ -283,9 +324,43 @@ class Composer:
             if forced in fragment.versions:  # only versions the manifest lists: QA, not an open door
                 version = forced
             src = fragment.versions[version]
-            if not fragment.enabled:  # flagged off: the fallback, and nothing fetched
-                return await self._fallback(fragment, page, headers)
-        started = time.perf_counter()
+        span, tracing = None, self.tracing
+        if page.span is not None and tracing is not None:
+            span = tracing.child("fetch_fragment", page.span, {
+                "composer.fragment.id": fragment.id, "composer.fragment.version": version,
+                "composer.fragment.owner": fragment.owner, "composer.fragment.primary": fragment.primary,
+                "composer.fragment.async": fragment.is_async,
+                "composer.fragment.timeout_ms": round(fragment.timeout * 1000)})
+            if not fragment.public:  # a public fragment gets no request context at all
+                headers = CIMultiDict(headers)
+                tracing.inject(span, headers)
+        try:
+            if fragment.enabled:
+                outcome, failure = await self._fetch(fragment, page, src, version, headers, started)
+            else:  # flagged off: the fallback, and nothing fetched
+                outcome, failure = await self._fallback(fragment, page, headers), None
+        except BaseException as exc:
+            if span is not None and tracing is not None:
+                tracing.fail(span, type(exc).__name__, "the page went away")
+                span.end()
+            raise
+        error = failure.reason.value if failure is not None else ""
+        if page.marks is not None:
+            page.marks.append((fragment.id, (started - page.started) * 1000, (time.perf_counter() - started) * 1000,
+                               version, outcome.source, error))
+        if span is not None and tracing is not None:
+            span.set_attribute("composer.fragment.source", outcome.source)
+            status = failure.status if failure is not None and failure.status else outcome.status
+            if status:
+                span.set_attribute("http.response.status_code", status)
+            if failure is not None:
+                tracing.fail(span, error, failure.detail)
+            span.end()
+        return outcome
+
+    async def _fetch(self, fragment: Fragment, page: _Page, src: UrlTemplate, version: str,
+                     headers: CIMultiDict[str], started: float) -> tuple[Outcome, Failed | None]:
+        """The fragment's outcome, and its failure if any (with a stale copy, both)."""
         url = src.render(page.params)
         failure: Failed | None
         if src.keeps_origin(url):
@@ -295,7 +370,6 @@ class Composer:
             self.metrics.child(self.metrics.fragment_cache, fragment.id, how).inc()
         else:
             answer = failure = Failed(Reason.INVALID, "the URL left its origin after {param} interpolation")
-            how = "miss"
         if failure is not None:
             self.metrics.child(self.metrics.fragment_failures, fragment.id, page.route, version,
                                failure.reason.value).inc()
@@ -303,7 +377,7 @@ class Composer:
             if failure is not None:  # a stale copy stands in: the page is whole, the failure is still logged
                 self.metrics.recent.record(fragment.name or fragment.id, fallback=False)
                 _log_failure(fragment, page, version, url, failure, time.perf_counter() - started, "stale")
-            return Outcome("src", answer.body, answer.assets, answer.status, answer.headers)
+            return Outcome("src", answer.body, answer.assets, answer.status, answer.headers), failure
         assert failure is not None
         outcome = await self._fallback(fragment, page, headers)
         if outcome is not _NONE:
@@ -311,7 +385,7 @@ class Composer:
         self.metrics.recent.record(fragment.name or fragment.id, fallback=outcome is not _NONE)
         if failure.reason is not Reason.CIRCUIT_OPEN:  # an open circuit logs its transitions, not each page
             _log_failure(fragment, page, version, url, failure, time.perf_counter() - started, outcome.source)
-        return outcome
+        return outcome, failure
 
     def _loader(self, fragment: Fragment, page: _Page, src: UrlTemplate, url: URL, headers: CIMultiDict[str],
                 version: str) -> Callable[[float], Awaitable[Fetched | Failed]]:
@@ -389,10 +463,11 @@ def _overrides(header: str) -> dict[str, str]:
     return {name.strip(): version.strip() for name, sep, version in pairs if sep and name.strip()}
 
 
-def _head(route: Route, headers: CIMultiDict[str], primary: Fragment | None, waited: float,
+def _head(route: Route, headers: CIMultiDict[str], primary: Fragment | None, waited: float | None,
           started: float) -> CIMultiDict[str]:
     """The page's headers as they leave: with Server-Timing, through the route's filters."""
-    headers["server-timing"] = _timing(primary, waited, time.perf_counter() - started)
+    if waited is not None:
+        headers["server-timing"] = _timing(primary, waited, time.perf_counter() - started)
     for f in route.filters:
         f.on_response(headers)
     return headers
@@ -428,6 +503,14 @@ def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
     ident = primary.id
     desc = ident.replace("\\", "\\\\").replace('"', '\\"') if ident.isascii() and ident.isprintable() else ""
     return f'primary;dur={waited * 1000:.1f};desc="{desc}", {own}'
+
+
+def _marks(marks: list[tuple[str, float, float, str, str, str]]) -> bytes:
+    """The page's per-fragment timing script (see _MARKS_SCRIPT); `<` escaped so no value can
+    close the script."""
+    data = json.dumps([[f, round(start, 1), round(dur, 1), v, source, error]
+                       for f, start, dur, v, source, error in marks], separators=(",", ":"))
+    return _MARKS_SCRIPT.format(data.replace("<", "\\u003c")).encode()
 
 
 def _preload(assets: tuple[Asset, ...]) -> str:

@@ -86,6 +86,10 @@ class Settings:
     page_timeout_ms: int = 10_000  # then every fragment still pending renders its fallback
     max_fragments_per_template: int = 100
     max_connections_per_origin: int = 256  # read when the process starts
+    server_timing: bool = True  # the Server-Timing header: the primary's wait, composer's own time
+    # One inline script at </body> with a `performance.measure` per fragment: off by default,
+    # since a strict Content-Security-Policy refuses inline scripts (a console error per page).
+    timing_marks: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,8 @@ class Config:
 _SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowed_origins",
                   "max_fragment_bytes", "manifest", "manifest_poll_s", "version_override_header",
                   "reload_interval_ms", "circuit_breaker", "cache", "page_timeout_ms",
-                  "max_fragments_per_template", "max_connections_per_origin")
+                  "max_fragments_per_template", "max_connections_per_origin", "server_timing",
+                  "timing_marks")
 _TOP_KEYS = ("settings", "fragments", "routes")
 _TARGETS = ("template", "backend", "redirect")
 _BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
@@ -247,6 +252,9 @@ def _settings(reader: Reader, node: yaml.Node | None, base: Path) -> Settings | 
                            ("max_connections_per_origin", 1, 100_000)):
         if key in keys:
             values[key] = reader.integer(keys[key], f"settings.{key}", low, high)
+    for key in ("server_timing", "timing_marks"):
+        if key in keys:
+            values[key] = reader.boolean(keys[key], f"settings.{key}")
     if "allowed_origins" in keys:
         origins = reader.strings(keys["allowed_origins"], "settings.allowed_origins")
         if origins is not None:

@@ -40,13 +40,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Send every `composer` and `aiohttp` record to stderr as JSON."""
+    """Send every `composer` and `aiohttp` record, and OpenTelemetry's warnings (a span export
+    that fails), to stderr as JSON."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("composer", "aiohttp"):
+    for name, at in (("composer", level), ("aiohttp", level), ("opentelemetry", max(level, logging.WARNING))):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
-        logger.setLevel(level)
+        logger.setLevel(at)
         logger.propagate = False
 
 

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -29,6 +30,11 @@ from .errors import error_page
 from .filters import Outgoing
 from .logs import REQUEST_ID
 from .routing import Route
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from .tracing import Tracing
 
 __all__ = ["Proxy", "backend_session", "is_websocket"]
 
@@ -92,11 +98,12 @@ class _Progress:
 class Proxy:
     """Forwards backend routes' requests; holds the backend session."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, tracing: Tracing | None = None) -> None:
         self.session = session
+        self.tracing = tracing
 
     def _outgoing(self, request: web.BaseRequest, route: Route, params: dict[str, str], path: str,
-                  handshake: bool = False) -> Outgoing:
+                  span: Span | None, handshake: bool = False) -> Outgoing:
         backend = route.backend
         assert backend is not None
         incoming = request.headers
@@ -114,6 +121,8 @@ class Proxy:
         headers["x-forwarded-host"] = _append(incoming.getall("x-forwarded-host", ()), host)
         # The id composer logs under (the incoming one when sane), so both sides' logs correlate.
         headers["x-request-id"] = request[REQUEST_ID]
+        if span is not None and self.tracing is not None:
+            self.tracing.inject(span, headers)  # the backend's spans hang under proxy_request
         out = Outgoing(path=path, headers=headers, params=params)
         for f in route.request_filters:
             f.on_request(out)
@@ -122,11 +131,34 @@ class Proxy:
     async def forward(self, request: web.BaseRequest, route: Route, params: dict[str, str], path: str,
                       query: str) -> web.StreamResponse:
         """Send `request` to the route's backend and stream the answer back."""
+        tracing = self.tracing
+        if tracing is None:
+            return await self._forward(request, route, params, path, query, None)
+        assert route.backend is not None
+        span = tracing.page("proxy_request", request.headers, {
+            "http.request.method": request.method, "http.route": route.name, "url.path": request.path,
+            "server.address": route.backend.origin})
+        status = 0
+        try:
+            response = await self._forward(request, route, params, path, query, span)
+            status = response.status
+            if status >= 500:
+                tracing.fail(span, str(status), f"status {status}")
+            return response
+        except BaseException as exc:
+            tracing.fail(span, type(exc).__name__, str(exc))
+            raise
+        finally:
+            span.set_attribute("http.response.status_code", status)
+            span.end()
+
+    async def _forward(self, request: web.BaseRequest, route: Route, params: dict[str, str], path: str,
+                       query: str, span: Span | None) -> web.StreamResponse:
         backend = route.backend
         assert backend is not None
         if is_websocket(request):
-            return await self._websocket(request, route, backend, params, path, query)
-        out = self._outgoing(request, route, params, path)
+            return await self._websocket(request, route, backend, params, path, query, span)
+        out = self._outgoing(request, route, params, path, span)
         url = URL(backend.origin + out.path + ("?" + query if query else ""), encoded=True)
         progress = _Progress(backend.timeout)
         body = _upload(request, progress) if request.body_exists else None
@@ -173,9 +205,9 @@ class Proxy:
             return _error(status, route)
 
     async def _websocket(self, request: web.BaseRequest, route: Route, backend: Backend,
-                         params: dict[str, str], path: str, query: str) -> web.StreamResponse:
+                         params: dict[str, str], path: str, query: str, span: Span | None) -> web.StreamResponse:
         """Relay a WebSocket: handshake with the backend first, then with the client."""
-        out = self._outgoing(request, route, params, path, handshake=True)
+        out = self._outgoing(request, route, params, path, span, handshake=True)
         out.headers.popall("host", None)  # ws_connect sets its own from the URL unless told
         if backend.preserve_host and request.headers.get("host"):
             out.headers["host"] = request.headers["host"]

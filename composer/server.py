@@ -34,6 +34,7 @@ from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .proxy import Proxy, backend_session
 from .reload import Reloader
 from .routing import Route, RouteTable, split_target
+from .tracing import Tracing, from_env
 
 __all__ = ["GRACE_SECONDS", "ComposerServer", "stop_event"]
 
@@ -58,13 +59,15 @@ class ComposerServer:
     def __init__(self, config: Config, table: RouteTable, *, host: str = "0.0.0.0", port: int = 8080,
                  admin_host: str | None = None, admin_port: int = 9911,
                  grace: float = GRACE_SECONDS, sockets: list[socket.socket] | None = None,
-                 manifest: str | None = None) -> None:
+                 manifest: str | None = None, tracing: Tracing | None = None) -> None:
         self.config = config
         self.table = table
         self.host, self.port = host, port
         self.admin_host, self.admin_port = admin_host or host, admin_port
         self.grace = grace
         self.sockets = sockets  # pre-bound page sockets (gunicorn workers); the admin port is shared
+        self.tracing = tracing  # None: from the environment (OTEL_EXPORTER_OTLP_ENDPOINT) at start()
+        self._own_tracing = False
         self.metrics = Metrics()
         self.ready = False
         self.reloader = Reloader(config.path, lambda: self.table, self._swap, self.metrics, manifest=manifest)
@@ -122,9 +125,13 @@ class ComposerServer:
         settings = self.table.settings or Settings(templates=self.config.path.parent)
         fragments, backends = new_session(limit_per_host=settings.max_connections_per_origin), backend_session()
         self._sessions += (fragments, backends)
-        self._composer = Composer(fragments, self.metrics, cache_bytes=settings.cache_max_bytes)
+        if self.tracing is None:  # here, not in __init__: its export thread must start after a fork
+            self.tracing = from_env()
+            self._own_tracing = self.tracing is not None
+        self._composer = Composer(fragments, self.metrics, cache_bytes=settings.cache_max_bytes,
+                                  tracing=self.tracing)
         self._composer.apply(self.table)
-        self._proxy = Proxy(backends)
+        self._proxy = Proxy(backends, self.tracing)
         pages = web.ServerRunner(
             web.Server(self.handle, access_log_class=AccessLogger, handler_cancellation=True,
                        access_log=logging.getLogger("composer.access"), auto_decompress=False,
@@ -172,6 +179,9 @@ class ComposerServer:
         for session in self._sessions:
             await session.close()
         self._sessions.clear()
+        if self._own_tracing and self.tracing is not None:
+            await self.tracing.close()
+            self.tracing, self._own_tracing = None, False
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import html as htmllib
+import json
 import logging
 import re
 import socket
@@ -1173,3 +1174,42 @@ async def test_server_timing_reports_the_primary_wait_and_composers_own_time(fra
     assert 115 <= primary < 2000 and 0 <= own < 50
     resp, _ = await composer.get("/plain")
     assert re.fullmatch(r"composer;dur=[\d.]+", resp.headers["server-timing"]), resp.headers["server-timing"]
+
+
+async def test_server_timing_false_sends_no_header(fragments, start_composer):
+    svc = await fragments({"/main": html("<main>M</main>")})
+    composer = await start_composer({"page.html": f'<fragment src="{svc.url("/main")}" primary></fragment>'},
+                                    settings="settings:\n  server_timing: false\n")
+    resp, body = await composer.get("/page")
+    assert resp.status == 200 and body == "<main>M</main>" and "server-timing" not in resp.headers
+
+
+TIMING_MARKS = re.compile(r'<script>\(function\(m\)\{.*\}\)\((\[.*\])\)</script></body>')
+
+
+async def test_timing_marks_write_one_script_with_every_fragments_time(fragments, start_composer):
+    """settings.timing_marks: one script before </body> listing each fragment's start, duration,
+    version, source and error (browsers run it: tests/test_browser.py); off, not a byte."""
+    svc = await fragments({"/a": html("<p>A</p>", delay=0.1), "/bad": html("no", status=503),
+                           "/late": html("<p>L</p>", delay=0.05)})
+    page = (f'<body><fragment id="a" src="{svc.url("/a")}"></fragment>'
+            f'<fragment id="b</script>" src="{svc.url("/bad")}"><i>fb</i></fragment>'
+            f'<fragment id="late" src="{svc.url("/late")}" async></fragment></body>')
+    composer = await start_composer({"page.html": page}, settings="settings:\n  timing_marks: true\n")
+    resp, body = await composer.get("/page")
+    assert resp.status == 200
+    match = TIMING_MARKS.search(body)
+    assert match, body
+    assert "</script>\"" not in body and body.count("</script>") == 2  # the async move, the marks
+    marks = {m[0]: m[1:] for m in json.loads(match[1])}
+    assert set(marks) == {"a", "b</script>", "late"}
+    start, duration, version, source, error = marks["a"]
+    assert 0 <= start < 50 and 95 <= duration < 2000 and (version, source, error) == ("", "src", "")
+    assert marks["b</script>"][2:] == ["", "inline", "status"]
+    assert marks["late"][3:] == ["src", ""] and marks["late"][1] >= 45
+    # The marks come after the async fragment's content: every fragment has finished by then.
+    assert body.index("<p>L</p>") < match.start()
+
+    plain = await start_composer({"page.html": page})
+    resp, body = await plain.get("/page")
+    assert resp.status == 200 and "performance" not in body

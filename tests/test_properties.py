@@ -510,6 +510,8 @@ _SETTINGS = _entry({
     "page_timeout_ms": _pick(["1", "5000"], ["0", "600001"], quote=False),
     "max_fragments_per_template": _pick(["1", "100"], ["0", "10001"], quote=False),
     "max_connections_per_origin": _pick(["1", "100"], ["0"], quote=False),
+    "server_timing": _pick(["true", "false", "off"], ["1", "!!bool maybe"], quote=False),
+    "timing_marks": _pick(["true", "no"], ["yes please", "~"], quote=False),
 })
 _BREAKER = _entry({key: _pick(["0", "1", "5", "100"], ["-1", "101", "!!int x", "1" * 5000], quote=False)
                    for key in ("failures", "failure_percent", "min_requests", "window_s", "cooldown_ms")})

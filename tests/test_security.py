@@ -636,6 +636,11 @@ SETTINGS_CASES = [
     ("circuit_breaker:\n    failures: 3\n    window_s: -1", 5, "settings.circuit_breaker.window_s must be between"),
     ("circuit_breaker:\n    failures: 3\n    Failures: 4", 5, "unknown key 'Failures' in settings.circuit_breaker"),
     ("circuit_breaker:\n    failures: 3\n    failures: 4", 5, "duplicate key 'failures'"),
+    ("server_timing: sometimes", 3, "settings.server_timing must be true or false"),
+    ("server_timing: 1", 3, "settings.server_timing must be true or false"),
+    ("timing_marks: 'true'", 3, "settings.timing_marks must be true or false"),
+    ("timing_marks: [true]", 3, "settings.timing_marks must be true or false"),
+    ("timing_marks:", 3, "settings.timing_marks must be true or false"),
 ]
 
 
