@@ -53,8 +53,11 @@ _CONTENT_TYPE = "text/html; charset=utf-8"
 _ACCEPT_ENCODING = "gzip, deflate, br"
 # A primary answering one of these says "no content": the page follows it, empty, like a 3xx.
 _NO_BODY = frozenset({204, 205})
+# Moves an async fragment's content from its hidden carrier to the placeholder, and removes
+# both (the placeholder also when nothing came). Its stylesheets stay outside the carrier: a
+# moved <link> is fetched again when it is not cacheable.
 _MOVE_SCRIPT = (
-    '<script>(function(p,c){{if(p&&c){{while(c.firstChild)p.parentNode.insertBefore(c.firstChild,p);'
+    '<script>(function(p,c){{if(p){{if(c)while(c.firstChild)p.parentNode.insertBefore(c.firstChild,p);'
     'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
     'document.getElementById("composer-async-{0}-content"))</script>'
 )
@@ -303,11 +306,11 @@ class Composer:
             for task in sorted(done, key=lambda t: pending[t].index):
                 fragment = pending.pop(task)
                 outcome = task.result()
-                if outcome.source == "none":
-                    continue
-                out.append(b'<div hidden id="composer-async-%d-content">' % fragment.index)
-                _render(outcome, seen, out)
-                out.append(b"</div>")
+                if outcome.source != "none":
+                    _styles(outcome.assets, seen, out)
+                    out.append(b'<div hidden id="composer-async-%d-content">' % fragment.index)
+                    _render(outcome, seen, out)
+                    out.append(b"</div>")
                 out.append(_MOVE_SCRIPT.format(fragment.index).encode())
             await _flush(response, out)
 
@@ -480,13 +483,17 @@ async def _flush(response: web.StreamResponse, out: list[bytes]) -> None:
         await response.write(data)
 
 
-def _render(outcome: Outcome, seen: set[str], out: list[bytes]) -> None:
-    """Append a fragment's stylesheets, body and scripts; each asset URL once per page."""
-    assets = outcome.assets
+def _styles(assets: tuple[Asset, ...], seen: set[str], out: list[bytes]) -> None:
     for asset in assets:
         if asset.kind == "stylesheet" and asset.url not in seen:
             seen.add(asset.url)
             out.append(asset.tag)
+
+
+def _render(outcome: Outcome, seen: set[str], out: list[bytes]) -> None:
+    """Append a fragment's stylesheets, body and scripts; each asset URL once per page."""
+    assets = outcome.assets
+    _styles(assets, seen, out)
     out.append(outcome.body)
     for asset in assets:
         if asset.kind == "script" and asset.url not in seen:

@@ -610,14 +610,19 @@ async def test_async_fallback_src_lands_at_its_placeholder(fragments, start_comp
 
 
 async def test_async_failure_without_inline_leaves_nothing(fragments, start_composer):
+    """No content and no carrier; only the script that removes the placeholder (the browser
+    test checks no element remains)."""
     svc = await fragments({"/bad": html("<p>error</p>", status=500)})
     composer = await start_composer(page(f"""\
         <body><fragment src="{svc.url('/bad')}" async></fragment><p>END</p></body>
     """))
     resp, raw = await raw_get(composer, "/page")
     assert resp.status == 200
-    assert b"<p>error</p>" not in raw
-    assert raw.endswith(b"<p>END</p></body>\n")
+    assert b"<p>error</p>" not in raw and b"-content\">" not in raw
+    (n,) = ASYNC_PH.findall(raw)
+    script = raw[raw.index(b"<p>END</p>") + len(b"<p>END</p>"):-len(b"</body>\n")]
+    assert script.startswith(b"<script>") and script.endswith(b"</script>") and script.count(b"<script>") == 1
+    assert b'getElementById("composer-async-' + n + b'")' in script
 
 
 async def test_async_content_with_assets(fragments, start_composer):
@@ -630,8 +635,9 @@ async def test_async_content_with_assets(fragments, start_composer):
     (n,) = ASYNC_PH.findall(raw)
     m = async_block(n).search(raw)
     assert m
-    assert m.group(1) == (b'<link rel="stylesheet" href="https://cdn.example/r.css"><p>ASYNC</p>'
-                          b'<script src="https://cdn.example/r.js" defer></script>')
+    # The stylesheet stays outside the carrier: moving a <link> makes browsers fetch it again.
+    assert raw[:m.start()].endswith(b'<link rel="stylesheet" href="https://cdn.example/r.css">')
+    assert m.group(1) == b'<p>ASYNC</p><script src="https://cdn.example/r.js" defer></script>'
 
 
 async def test_async_without_body_tag_goes_at_the_end(fragments, start_composer):
