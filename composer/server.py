@@ -81,7 +81,8 @@ class ComposerServer:
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
-        """composer_fragment_info = 1 for every active and canary version, and every plain `src`.
+        """composer_fragment_info = 1 for every active and canary version, and every plain `src`;
+        a manifest fragment whose tag has its own `id` is declared under that id too.
 
         A version no longer declared drops out; with several workers (multiprocess mode, which
         cannot remove series) it is set to 0 instead.
@@ -96,6 +97,10 @@ class ComposerServer:
             for fragment in route.template.fragments if route.template else ():
                 if fragment.name is None:
                     declared.add((fragment.id, "", ""))
+                elif fragment.id != fragment.name:  # its metrics carry the tag's id: so must the owner join
+                    for version in (fragment.version, fragment.canary):
+                        if version is not None:
+                            declared.add((fragment.id, version, fragment.owner))
                 if fragment.id not in self._circuits:  # every circuit shows from the start, closed
                     self._circuits.add(fragment.id)
                     circuits.labels(fragment.id).set(State.CLOSED)

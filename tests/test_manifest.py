@@ -933,6 +933,22 @@ async def test_metrics_label_the_version_actually_fetched_and_declare_active_and
         [("1.0.0", "team-x", 1.0), ("3.0.0", "team-x", 1.0)]
 
 
+async def test_a_named_fragment_with_its_own_id_is_declared_under_that_id(fragments, start_with_manifest):
+    """Its metrics are labelled with the tag's id; the alerts join the owner from
+    composer_fragment_info on that label, so the info must carry the id too."""
+    svc = await versions_service(fragments)
+    composer = await start_with_manifest(
+        {"page.html": '<html><body><fragment name="footer" id="shop-footer"></fragment></body></html>'},
+        routes=PAGE_ROUTE + manifest_yaml(footer=entry(svc, canary={"version": "3.0.0", "percent": 50})))
+    await visit(composer, bucket=90)
+    metrics = await scrape(composer.admin_url)
+    assert metrics.value("composer_fragment_request_duration_seconds_count", fragment="shop-footer",
+                         version="1.0.0") == 1
+    info = metrics.find("composer_fragment_info", fragment="shop-footer")
+    assert sorted((s.labels["version"], s.labels["owner"]) for s in info) == [("1.0.0", "team-x"), ("3.0.0", "team-x")]
+    assert len(metrics.find("composer_fragment_info", fragment="footer")) == 2  # the manifest's own name stays
+
+
 # =========================================================================== 8. logs
 
 
