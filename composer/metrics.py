@@ -89,6 +89,10 @@ class Metrics:
         self.fragment_info = Gauge(
             "composer_fragment_info", "Declared fragments (value 1), with version and owner.",
             ("fragment", "version", "owner"), registry=r, multiprocess_mode="max")
+        self.fragment_timeout = Gauge(
+            "composer_fragment_timeout_seconds",
+            "Each fragment's configured timeout on each route: the latency alert's budget is 80 % of it.",
+            ("fragment", "route"), registry=r, multiprocess_mode="max")
         self.circuit_state = Gauge(
             "composer_fragment_circuit_state",
             "Circuit breaker of each fragment: 0 closed, 1 half-open, 2 open (its worst origin).",

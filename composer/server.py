@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Gauge
 
 from .breaker import State
 from .client import Client
@@ -77,15 +78,14 @@ class ComposerServer:
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._declared: set[tuple[str, str, str]] = set()
+        self._timeouts: set[tuple[str, str]] = set()
         self._circuits: set[str] = set()
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
         """composer_fragment_info = 1 for every active and canary version, and every plain `src`;
         a manifest fragment whose tag has its own `id` is declared under that id too.
-
-        A version no longer declared drops out; with several workers (multiprocess mode, which
-        cannot remove series) it is set to 0 instead.
+        composer_fragment_timeout_seconds: every fragment's timeout on every route.
         """
         declared: set[tuple[str, str, str]] = set()
         for entry in table.manifest.fragments.values() if table.manifest else ():
@@ -93,8 +93,10 @@ class ComposerServer:
             if entry.canary is not None:
                 declared.add((entry.name, entry.canary.version, entry.owner))
         circuits = self.metrics.circuit_state
+        timeouts: dict[tuple[str, str], float] = {}
         for route in table.routes:
             for fragment in route.template.fragments if route.template else ():
+                timeouts[fragment.id, route.name] = fragment.timeout
                 if fragment.name is None:
                     declared.add((fragment.id, "", ""))
                 elif fragment.id != fragment.name:  # its metrics carry the tag's id: so must the owner join
@@ -104,15 +106,9 @@ class ComposerServer:
                 if fragment.id not in self._circuits:  # every circuit shows from the start, closed
                     self._circuits.add(fragment.id)
                     circuits.labels(fragment.id).set(State.CLOSED)
-        info = self.metrics.fragment_info
-        for labels in self._declared - declared:
-            if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-                info.labels(*labels).set(0)
-            else:
-                info.remove(*labels)
-        for labels in declared:
-            info.labels(*labels).set(1)
-        self._declared = declared
+        _replace(self.metrics.fragment_info, self._declared, dict.fromkeys(declared, 1.0))
+        _replace(self.metrics.fragment_timeout, self._timeouts, timeouts)
+        self._declared, self._timeouts = declared, set(timeouts)
 
     def _swap(self, config: Config, table: RouteTable) -> None:
         old = self.table.settings
@@ -297,6 +293,18 @@ class ComposerServer:
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         return app
+
+
+def _replace(gauge: Gauge, old: set[tuple[str, ...]], new: dict[tuple[str, ...], float]) -> None:
+    """Set a declaration gauge to `new`; series no longer declared drop out (with several
+    workers, multiprocess mode cannot remove series: they go to 0)."""
+    for labels in old - new.keys():
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            gauge.labels(*labels).set(0)
+        else:
+            gauge.remove(*labels)
+    for labels, value in new.items():
+        gauge.labels(*labels).set(value)
 
 
 def _pretty(value: object) -> str:

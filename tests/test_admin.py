@@ -342,6 +342,25 @@ async def test_fragment_info_is_one_per_declared_fragment(fragments, start_compo
         assert sample.value == 1
 
 
+async def test_fragment_timeouts_are_exported_per_fragment_and_route(start_composer, fragments, tmp_path):
+    """composer_fragment_timeout_seconds: the latency alert's budget is 80 % of it. A reload
+    that drops a fragment drops its series."""
+    svc = await fragments({"/a": html("<p>A</p>")})
+    composer = await start_composer({
+        "page.html": f'<fragment id="header" src="{svc.url("/a")}" timeout="800"></fragment>'
+                     f'<fragment id="footer" src="{svc.url("/a")}"></fragment>'},
+        settings="settings:\n  fragment_timeout_ms: 1500\n")
+    metrics = await scrape(composer)
+    assert metrics.value("composer_fragment_timeout_seconds", fragment="header", route="page") == 0.8
+    assert metrics.value("composer_fragment_timeout_seconds", fragment="footer", route="page") == 1.5
+
+    (tmp_path / "templates" / "page.html").write_text(f'<fragment id="header" src="{svc.url("/a")}"></fragment>')
+    assert await composer.server.reloader.check(force=True)
+    metrics = await scrape(composer)
+    assert metrics.value("composer_fragment_timeout_seconds", fragment="header", route="page") == 1.5
+    assert metrics.value("composer_fragment_timeout_seconds", fragment="footer", route="page") is None
+
+
 # --------------------------------------------------------------------------- health
 
 

@@ -273,46 +273,41 @@ def test_fallbacks_alert_takes_a_new_version_for_a_version_change_but_not_a_new_
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_latency_budget_is_the_default_timeouts_so_a_short_timeout_never_reaches_it(tmp_path):
-    """The documented limitation, pinned: composer exports no fragment's timeout, so the budget
-    is 2.4 s for all. footer (default 3 s) at p99 ≈ 5 s opens a ticket saying whose budget it
-    is; header's requests all hit its 800 ms timeout and it stays silent (they show up as
-    reason="timeout" failures instead). Once a timeout metric exists, header must fire."""
+def latency_annotations(fragment: str, version: str, owner: str, route: str, p99: str) -> dict[str, str]:
+    return {"summary": f"Fragment {fragment} {version} on {route}: p99 {p99}",
+            "description": f"p99 latency of {fragment} version {version} (owner {owner}) on route {route} has "
+                           "been over 80 % of its timeout for 10 minutes; pages are starting to show its fallback."}
+
+
+def test_latency_budget_is_each_fragments_own_timeout(tmp_path):
+    """The budget is 80 % of composer_fragment_timeout_seconds per fragment and route: header
+    (800 ms timeout) at p99 ≈ 0.99 s fires; footer (3 s) at p99 ≈ 1.99 s stays quiet, but the
+    same footer on a route where its timeout is 2 s fires."""
+    series = []
+    for fragment, route, version, low, high in (("header", "home", "1.0", "0.75", "1.0"),
+                                                ("footer", "home", "2.4.0", "1.0", "2.0"),
+                                                ("footer", "checkout", "2.4.0", "1.0", "2.0")):
+        for le, values in ((low, "0x20"), (high, "0+100x20"), ("+Inf", "0+100x20")):
+            series.append({"series": f'composer_fragment_request_duration_seconds_bucket{{fragment="{fragment}",'
+                                     f'route="{route}",version="{version}",le="{le}"}}', "values": values})
+    for fragment, route, timeout in (("header", "home", "0.8"), ("footer", "home", "3"), ("footer", "checkout", "2")):
+        series.append({"series": f'composer_fragment_timeout_seconds{{fragment="{fragment}",route="{route}"}}',
+                       "values": f"{timeout}x20"})
+    for fragment, version, owner in (("footer", "2.4.0", "platform-team"), ("header", "1.0", "header-team")):
+        series.append({"series": f'composer_fragment_info{{fragment="{fragment}",version="{version}",owner="{owner}"}}',
+                       "values": "1x20"})
     case = tmp_path / "test.yaml"
-    case.write_text(textwrap.dedent(f"""\
-        rule_files: [{RULES}]
-        evaluation_interval: 1m
-        tests:
-          - interval: 1m
-            input_series:
-              - series: 'composer_fragment_request_duration_seconds_bucket{{fragment="footer",route="home",version="2.4.0",le="2.5"}}'
-                values: '0x20'
-              - series: 'composer_fragment_request_duration_seconds_bucket{{fragment="footer",route="home",version="2.4.0",le="5.0"}}'
-                values: '0+100x20'
-              - series: 'composer_fragment_request_duration_seconds_bucket{{fragment="footer",route="home",version="2.4.0",le="+Inf"}}'
-                values: '0+100x20'
-              - series: 'composer_fragment_request_duration_seconds_bucket{{fragment="header",route="home",version="1.0",le="0.75"}}'
-                values: '0x20'
-              - series: 'composer_fragment_request_duration_seconds_bucket{{fragment="header",route="home",version="1.0",le="1.0"}}'
-                values: '0+100x20'
-              - series: 'composer_fragment_request_duration_seconds_bucket{{fragment="header",route="home",version="1.0",le="+Inf"}}'
-                values: '0+100x20'
-              - series: 'composer_fragment_info{{fragment="footer",version="2.4.0",owner="platform-team"}}'
-                values: '1x20'
-              - series: 'composer_fragment_info{{fragment="header",version="1.0",owner="header-team"}}'
-                values: '1x20'
-            alert_rule_test:
-              - eval_time: 15m
-                alertname: ComposerFragmentLatencyOverBudget
-                exp_alerts:
-                  - exp_labels: {{severity: ticket, fragment: footer, version: "2.4.0", owner: platform-team}}
-                    exp_annotations:
-                      summary: "Fragment footer 2.4.0: p99 4.975s"
-                      description: >-
-                        p99 latency of footer version 2.4.0 (owner
-                        platform-team) has been over the 2.4 s budget (80 % of the default 3 s timeout)
-                        for 10 minutes.
-        """), encoding="utf-8")
+    case.write_text(yaml.safe_dump({
+        "rule_files": [str(RULES)], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [{
+            "eval_time": "15m", "alertname": "ComposerFragmentLatencyOverBudget", "exp_alerts": [
+                {"exp_labels": {"severity": "ticket", "fragment": "header", "route": "home", "version": "1.0",
+                                "owner": "header-team"},
+                 "exp_annotations": latency_annotations("header", "1.0", "header-team", "home", "997.5ms")},
+                {"exp_labels": {"severity": "ticket", "fragment": "footer", "route": "checkout",
+                                "version": "2.4.0", "owner": "platform-team"},
+                 "exp_annotations": latency_annotations("footer", "2.4.0", "platform-team", "checkout", "1.99s")},
+            ]}]}]}), encoding="utf-8")
     result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
