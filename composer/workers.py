@@ -59,9 +59,13 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
 
     async def _run(self) -> None:
         app: _Arbiter = self.app
+        # The plain sockets inside gunicorn's listener wrappers: uvloop detaches a socket.socket
+        # when its server closes, where it would close() any other object after libuv already
+        # closed the fd (a second close of that fd number; gunicorn logs the EBADF it gets).
+        sockets = [getattr(listener, "sock", listener) for listener in self.sockets]
         server = self.server = ComposerServer(app.config, app.table, admin_host=app.host,
                                               admin_port=app.admin_port, grace=GRACE_SECONDS,
-                                              sockets=self.sockets, manifest=app.manifest)
+                                              sockets=sockets, manifest=app.manifest)
         # A worker started later (a replacement) must not serve the config of the arbiter's
         # start if the files changed since, even with polling off.
         await server.reloader.check()
@@ -176,6 +180,7 @@ def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, ad
                   workers: int, manifest: str | None = None) -> int:
     """Run the arbiter until TERM/INT; gunicorn drains workers within the grace period."""
     metrics_dir = tempfile.mkdtemp(prefix="composer-metrics-")
+    arbiter = os.getpid()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     # prometheus_client picks its value store at import; no metric exists yet in this
     # process, so switching it here makes every worker's metrics land in metrics_dir.
@@ -187,6 +192,11 @@ def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, ad
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # Every worker leaves through here too: gunicorn forks it inside run(), and its exit
+        # (SystemExit) unwinds the arbiter's frames it inherited. The folder is shared: only
+        # the arbiter, after its last worker is gone, may remove it; a worker that did would
+        # pull it from under the others still draining (their next new metric file fails).
+        if os.getpid() == arbiter:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
-from conftest import free_port, html, write_config
+from aiohttp import web
+from conftest import eventually, free_port, html, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -26,6 +29,22 @@ async def _wait_ready(session: aiohttp.ClientSession, url: str, proc: asyncio.su
     raise AssertionError(f"{url} never became ready")
 
 
+def _children(pid: int) -> set[int]:
+    """PIDs of the live (not zombie) processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
 def _requests_total(text: str, route: str) -> float:
     for family in text_string_to_metric_families(text):
         if family.name == "composer_requests":
@@ -35,10 +54,16 @@ def _requests_total(text: str, route: str) -> float:
 
 
 async def test_workers_share_the_port_sum_metrics_and_drain_on_term(fragments, tmp_path):
-    svc = await fragments({"/fast": html("<p>fast</p>"), "/slow": html("<p>slow</p>", delay=1.5)})
+    release = asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        await release.wait()  # the page stays in flight until the test lets its fragment answer
+        return web.Response(text="<p>slow</p>", content_type="text/html")
+
+    svc = await fragments({"/fast": html("<p>fast</p>"), "/slow": slow})
     config = write_config(tmp_path, {
         "page.html": f'<body><fragment src="{svc.url("/fast")}"></fragment></body>',
-        "slow.html": f'<body><fragment src="{svc.url("/slow")}" timeout="5000"></fragment></body>',
+        "slow.html": f'<body><fragment src="{svc.url("/slow")}" timeout="8000"></fragment></body>',
     }, routes="""
         routes:
           - {name: page, match: {path: /page}, template: page.html}
@@ -61,10 +86,28 @@ async def test_workers_share_the_port_sum_metrics_and_drain_on_term(fragments, t
             async with session.get(f"http://127.0.0.1:{admin}/metrics") as resp:
                 assert _requests_total(await resp.text(), "page") == 20
 
-            slow = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/slow"))
-            await asyncio.sleep(0.3)
+            page = asyncio.ensure_future(session.get(f"http://127.0.0.1:{port}/slow"))
+
+            async def fetching() -> bool:
+                return svc.hits.get("/slow") == 1
+            await eventually(fetching, "the slow page's fragment request")  # the page is in flight
+            assert len(_children(proc.pid)) == 2
             proc.send_signal(signal.SIGTERM)
-            resp = await slow
+
+            # The worker with nothing in flight drains at once and exits; the other one still
+            # holds the page. Nothing the first leaves behind may break the other: its /metrics
+            # (its admin listener closes only after its pages) still sums both workers' counts,
+            # and the page, whose fragment is timed and counted only now, completes whole.
+            async def one_left() -> bool:
+                assert proc.returncode is None, "composer exited with the page in flight"
+                return len(_children(proc.pid)) == 1
+            await eventually(one_left, "the idle worker to exit", deadline=6)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as one, \
+                    one.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                assert resp.status == 200, await resp.text()
+                assert _requests_total(await resp.text(), "page") == 20
+            release.set()
+            resp = await page
             assert resp.status == 200
             assert "<p>slow</p>" in await resp.text()
             resp.release()
