@@ -61,7 +61,7 @@ _MOVE_SCRIPT = (
     'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
     'document.getElementById("composer-async-{0}-content"))</script>'
 )
-# One script per page (settings.server_timing): a `performance.measure` per fragment, on a
+# One script per page (settings.timing_marks): a `performance.measure` per fragment, on a
 # "composer" track of Chrome DevTools' Performance panel (its extensibility API reads
 # `detail.devtools`); RUM reads them with performance.getEntriesByType("measure"). Times are
 # ms from the navigation's requestStart, the browser's closest mark to composer's start.
@@ -344,7 +344,8 @@ class Composer:
                 outcome, failure = await self._fallback(fragment, page, headers), None
         except BaseException as exc:
             if span is not None and tracing is not None:
-                tracing.fail(span, type(exc).__name__, "the page went away")
+                tracing.fail(span, type(exc).__name__,
+                             "the page went away" if isinstance(exc, asyncio.CancelledError) else str(exc))
                 span.end()
             raise
         error = failure.reason.value if failure is not None else ""

@@ -3,9 +3,9 @@
 Off by default, and then free: the server holds `None` instead of a `Tracing`, and the hot
 path pays one `is None` check per page and per fragment. When on, a page is a `compose_page`
 server span (its parent is the incoming `traceparent`, if any), each fragment a
-`fetch_fragment` client span, and each backend request a `proxy_request` client span; the
-request sent upstream carries that span's own `traceparent`, so a fragment service's trace
-hangs under the fragment that asked, not under the browser's request.
+`fetch_fragment` client span, and a backend route's request a `proxy_request` server span;
+the request sent upstream carries that span's own `traceparent`, so a fragment service's
+trace hangs under the fragment that asked, not under the browser's request.
 
 The SDK is imported only here and only when tracing is on, so composer runs without it.
 """
