@@ -69,7 +69,7 @@ async def traced(tmp_path: Path, aiohttp_server) -> AsyncIterator[Callable[..., 
     """Factory: a composer with in-memory tracing in front of one fragment service + backend."""
     servers: list[ComposerServer] = []
 
-    async def start(tracing_on: bool = True) -> Traced:
+    async def start(tracing_on: bool = True, later: float = 0.05) -> Traced:
         seen: dict[str, list[web.Request]] = {}
 
         def record(path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
@@ -78,9 +78,15 @@ async def traced(tmp_path: Path, aiohttp_server) -> AsyncIterator[Callable[..., 
                 return await handler(request)
             return wrapped
 
+        async def slow(request: web.Request) -> web.Response:
+            end = time.monotonic() + later
+            while time.monotonic() < end and request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.005)  # gives up as soon as composer hangs up: teardown stays fast
+            return web.Response(text="<p>later</p>", content_type="text/html")
+
         app = web.Application()
         for path, handler in {"/main": html("<main>M</main>"), "/nav": html("<nav>N</nav>"),
-                              "/broken": html("no", status=500), "/later": html("<p>later</p>", delay=0.05),
+                              "/broken": html("no", status=500), "/later": slow,
                               "/ads": html("<p>ad</p>"), "/footer/2.0": html("<footer>F</footer>"),
                               "/api/x": html("api")}.items():
             app.router.add_get(path, record(path, handler))
@@ -204,13 +210,22 @@ async def test_without_tracing_the_incoming_context_is_forwarded_unchanged(trace
     assert t.exporter.get_finished_spans() == ()
 
 
-async def test_a_page_whose_browser_leaves_still_ends_its_spans(traced, aiohttp_server) -> None:
-    t = await traced()
-    # /later takes 50 ms; a client giving up after 20 ms leaves mid-page.
+async def test_a_page_whose_browser_leaves_still_ends_its_spans(traced) -> None:
+    t = await traced(later=10.0)
+    # The browser leaves once the page is under way (the async fragment is being fetched).
     async with aiohttp.ClientSession() as session:
-        with pytest.raises(asyncio.TimeoutError):
-            async with session.get(t.server.url + "/page", timeout=aiohttp.ClientTimeout(total=0.02)) as resp:
+        async def visit() -> None:
+            async with session.get(t.server.url + "/page", timeout=TIMEOUT) as resp:
                 await resp.read()
+        page = asyncio.ensure_future(visit())
+        for _ in range(500):
+            if t.seen.get("/later"):
+                break
+            await asyncio.sleep(0.01)
+        assert t.seen.get("/later"), "the page never got under way"
+        page.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await page
     for _ in range(100):
         if t.spans("compose_page"):
             break
