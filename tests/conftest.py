@@ -87,6 +87,22 @@ async def stays(probe: Callable[[], Awaitable[Any]], what: str, seconds: float =
         await asyncio.sleep(0.1)
 
 
+def children(pid: int) -> set[int]:
+    """PIDs of the live processes whose parent is `pid` (Linux /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
 def json_lines(stderr: str) -> list[dict[str, Any]]:
     """Every non-empty stderr line, each of which must be a JSON object."""
     records = []

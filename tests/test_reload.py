@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Serve as ServeBase
-from conftest import eventually, html, stays
+from conftest import children, eventually, html, stays
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.config import file_stamp
@@ -163,22 +163,6 @@ async def fetch(url: str) -> tuple[int, str, str]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session, \
             session.get(url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=10)) as resp:
         return resp.status, resp.headers.get("Location", ""), await resp.text()
-
-
-def children(pid: int) -> set[int]:
-    """PIDs of the live processes whose parent is `pid` (Linux /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(entry))
-    return found
 
 
 def listens(pid: int, port: int) -> bool:

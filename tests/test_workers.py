@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from conftest import eventually, free_port, html, write_config
+from conftest import children, eventually, free_port, html, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -27,22 +25,6 @@ async def _wait_ready(session: aiohttp.ClientSession, url: str, proc: asyncio.su
             pass
         await asyncio.sleep(0.1)
     raise AssertionError(f"{url} never became ready")
-
-
-def _children(pid: int) -> set[int]:
-    """PIDs of the live (not zombie) processes whose parent is `pid` (Linux /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(entry))
-    return found
 
 
 def _requests_total(text: str, route: str) -> float:
@@ -91,7 +73,7 @@ async def test_workers_share_the_port_sum_metrics_and_drain_on_term(fragments, t
             async def fetching() -> bool:
                 return svc.hits.get("/slow") == 1
             await eventually(fetching, "the slow page's fragment request")  # the page is in flight
-            assert len(_children(proc.pid)) == 2
+            assert len(children(proc.pid)) == 2
             proc.send_signal(signal.SIGTERM)
 
             # The worker with nothing in flight drains at once and exits; the other one still
@@ -100,7 +82,7 @@ async def test_workers_share_the_port_sum_metrics_and_drain_on_term(fragments, t
             # and the page, whose fragment is timed and counted only now, completes whole.
             async def one_left() -> bool:
                 assert proc.returncode is None, "composer exited with the page in flight"
-                return len(_children(proc.pid)) == 1
+                return len(children(proc.pid)) == 1
             await eventually(one_left, "the idle worker to exit", deadline=6)
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as one, \
                     one.get(f"http://127.0.0.1:{admin}/metrics") as resp:
