@@ -24,6 +24,13 @@ def promtool() -> str:
     return tool
 
 
+def promtool_test(case: Path) -> None:
+    """`promtool test rules` on a unit-test file: its alerts and samples must come out as written."""
+    result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def exported_names() -> set[str]:
     """Every series name composer's registry can expose (labelled families have no samples yet)."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
@@ -91,9 +98,7 @@ def test_failure_ratio_alert_fires_with_fragment_version_and_owner(tmp_path):
                         composer's "fragment failed" log lines (error_type, status) and GET /manifest; if the
                         version is new, roll it back in the manifest.
         """), encoding="utf-8")
-    result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_test(case)
 
 
 def test_dashboard_has_a_row_per_fragment_with_the_four_panels():
@@ -140,9 +145,7 @@ def test_circuit_open_alert_fires_after_five_minutes_open_and_names_the_owner(tm
                         it kept failing and every probe since has failed too. GET /manifest shows which
                         origin; composer's "circuit opened" log line says when.
         """), encoding="utf-8")
-    result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_test(case)
 
 
 
@@ -203,9 +206,7 @@ def test_failure_ratio_counts_open_circuit_skips_as_attempts_so_it_stays_within_
                         composer's "fragment failed" log lines (error_type, status) and GET /manifest; if the
                         version is new, roll it back in the manifest.
         """), encoding="utf-8")
-    result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_test(case)
 
 
 def test_fallbacks_alert_takes_a_new_version_for_a_version_change_but_not_a_new_pod(tmp_path):
@@ -268,9 +269,7 @@ def test_fallbacks_alert_takes_a_new_version_for_a_version_change_but_not_a_new_
                   - exp_labels: {{severity: page, fragment: footer}}
                     exp_annotations: *footer
         """), encoding="utf-8")
-    result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_test(case)
 
 
 def latency_annotations(fragment: str, version: str, owner: str, route: str, p99: str) -> dict[str, str]:
@@ -308,9 +307,7 @@ def test_latency_budget_is_each_fragments_own_timeout(tmp_path):
                                 "version": "2.4.0", "owner": "platform-team"},
                  "exp_annotations": latency_annotations("footer", "2.4.0", "platform-team", "checkout", "1.99s")},
             ]}]}]}), encoding="utf-8")
-    result = subprocess.run([promtool(), "test", "rules", str(case)], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    promtool_test(case)
 
 
 def test_dashboard_shows_pages_reloads_circuits_and_cache_and_its_queries_parse(tmp_path):
