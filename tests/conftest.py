@@ -103,6 +103,20 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Put `text` at `path` atomically (rename, as editors and ConfigMap updates do).
+
+    The new file has a new inode and an mtime strictly later than the old one's, so its
+    stamp differs even where mtimes are coarse and the size happens to be the same.
+    """
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    mtime = max(tmp.stat().st_mtime_ns, before + 1_000_000)
+    os.utime(tmp, ns=(mtime, mtime))
+    os.replace(tmp, path)
+
+
 def json_lines(stderr: str) -> list[dict[str, Any]]:
     """Every non-empty stderr line, each of which must be a JSON object."""
     records = []

@@ -16,7 +16,6 @@ import hashlib
 import http.cookies
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -38,6 +37,7 @@ from conftest import (
     eventually,
     free_port,
     html,
+    replace_file,
     stays,
     write_config,
 )
@@ -112,16 +112,6 @@ def line_of(text: str, needle: str) -> int:
         if needle in line:
             return number
     raise AssertionError(f"{needle!r} not in {text!r}")
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Put `text` at `path` atomically with a strictly later mtime, so its stamp always changes."""
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    mtime = max(tmp.stat().st_mtime_ns, before + 1_000_000)
-    os.utime(tmp, ns=(mtime, mtime))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- metrics and logs

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from conftest import Serve as ServeBase
-from conftest import children, eventually, html, stays
+from conftest import children, eventually, html, replace_file, stays
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.config import file_stamp
@@ -115,20 +115,6 @@ routes:
     match: {path: /fresh}
     template: fresh.html
 """
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Put `text` at `path` atomically (rename, as editors and ConfigMap updates do).
-
-    The new file has a new inode and an mtime strictly later than the old one's, so its
-    stamp differs even where mtimes are coarse and the size happens to be the same.
-    """
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    mtime = max(tmp.stat().st_mtime_ns, before + 1_000_000)
-    os.utime(tmp, ns=(mtime, mtime))
-    os.replace(tmp, path)
 
 
 def rewrite_keeping_stamp(path: Path, text: str) -> None:
