@@ -17,5 +17,7 @@ EXPOSE 8080 9911
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9911/healthz', timeout=2).status == 200 else 1)"]
 # Mount your own routes.yaml, templates/ and manifests/ over /app to serve them (or pass
-# --manifest / COMPOSER_MANIFEST); edits are picked up without a restart.
-CMD ["composer", "serve"]
+# --manifest / COMPOSER_MANIFEST); edits are picked up without a restart. The admin port
+# listens on every interface of the container (composer's own default is 127.0.0.1), so a
+# scraper can reach it: publish it only where your metrics are allowed to be read.
+CMD ["composer", "serve", "--admin-host", "0.0.0.0"]

@@ -181,6 +181,15 @@ class Breakers:
             breaker.policy = policy  # a reload changed it; the state carries on
         return breaker
 
+    def retain(self, wanted: set[tuple[str, str]]) -> set[str]:
+        """Forget the circuits of (fragment id, origin) pairs no config fetches any more (a
+        rolled-back canary's origin is never probed again: its circuit would stay open, and
+        page, forever); the fragment ids whose circuits changed."""
+        gone = [key for key in self._breakers if key not in wanted]
+        for key in gone:
+            del self._breakers[key]
+        return {fragment for fragment, _ in gone}
+
     def worst(self, fragment: str) -> State:
         """The fragment's state for the gauge: its worst circuit over all its origins."""
         return max((b.state for (f, _), b in self._breakers.items() if f == fragment), default=State.CLOSED)

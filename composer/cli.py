@@ -15,6 +15,7 @@ import sys
 from collections.abc import Coroutine
 
 from .errors import ConfigError
+from .listener import raise_open_files
 from .logs import setup_logging
 from .reload import load
 from .server import ComposerServer, stop_event
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     serve.add_argument("--port", type=int, default=8080, help="page port (default 8080)")
     serve.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
+    serve.add_argument("--admin-host", default="127.0.0.1",
+                       help="admin listen address (default 127.0.0.1: metrics and /manifest stay "
+                            "on the machine; 0.0.0.0 for a Prometheus or kubelet elsewhere)")
     serve.add_argument("--workers", type=_positive, default=1,
                        help="processes serving pages (default 1; more run under gunicorn)")
     check = commands.add_parser("check", help="validate the config and its templates")
@@ -74,16 +78,18 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 2
     setup_logging()
+    raise_open_files(table.settings.max_connections if table.settings else 0)
     for warning in table.warnings:
         log.warning("config warning", extra={"fields": {"problem": warning}})
     if args.workers > 1:
         from .workers import serve_workers
 
-        return serve_workers(config, table, host=args.host, port=args.port, admin_port=args.admin_port,
+        return serve_workers(config, table, host=args.host, port=args.port, admin_host=args.admin_host,
+                             admin_port=args.admin_port,
                              manifest=args.manifest,
                              workers=args.workers)
-    server = ComposerServer(config, table, host=args.host, port=args.port, admin_port=args.admin_port,
-                            manifest=args.manifest)
+    server = ComposerServer(config, table, host=args.host, port=args.port, admin_host=args.admin_host,
+                            admin_port=args.admin_port, manifest=args.manifest)
     return _run(_serve(server))
 
 

@@ -14,7 +14,10 @@ responses, at a fraction of that (`bench/client.py` measures both):
   nothing), and a compressed stream must end inside the body (cut short: InvalidResponse).
   A Content-Length over `max_bytes` on an unencoded body fails at the head (TooLarge).
 - One pool per origin (scheme, host, port): at most `limit_per_host` connections, callers
-  over the limit wait in order (their deadline keeps running); an idle connection expires
+  over the limit wait in order (their deadline keeps running). Callers name what they fetch
+  (`share`: the fragment), and the last quarter of a pool only goes to those holding fewer
+  than a sixteenth of it: fragments that hang fill three quarters of their origin's pool at
+  most, and a healthy fragment on the same origin still gets through. An idle connection expires
   after `keepalive` seconds and is closed, never reused, as soon as it receives anything —
   bytes nobody asked for, or EOF. A connection that read bytes past its response is closed
   too. When a reused connection is closed before any byte of the answer, the request is
@@ -424,7 +427,8 @@ class _Conn(asyncio.Protocol):
 class _Pool:
     """The connections to one origin: idle ones (a stack), a count, and callers waiting."""
 
-    __slots__ = ("client", "host", "host_header", "idle", "limit", "loop", "port", "size", "tls", "waiters")
+    __slots__ = ("client", "held", "host", "host_header", "idle", "limit", "loop", "port", "reserve", "share",
+                 "size", "tls", "waiters")
 
     def __init__(self, client: Client, loop: asyncio.AbstractEventLoop, scheme: str, host: str, port: int,
                  host_header: str) -> None:
@@ -437,33 +441,73 @@ class _Pool:
         self.idle: list[_Conn] = []
         self.size = 0  # connections open or opening, each holding one slot
         self.limit = client.limit_per_host or 1 << 62
-        self.waiters: deque[asyncio.Future[_Conn | None]] = deque()
+        self.reserve = self.limit // 4  # connections only callers holding fewer than `share` may take
+        self.share = max(1, self.limit // 16)
+        self.held: dict[str, int] = {}  # connections in use (or opening) per caller's share
+        self.waiters: deque[tuple[asyncio.Future[_Conn | None], str | None]] = deque()
+
+    def admits(self, share: str | None, busy: int) -> bool:
+        """May a caller of `share` have one more connection when `busy` are in use?"""
+        return busy < self.limit - self.reserve or share is None or self.held.get(share, 0) < self.share
+
+    def hold(self, share: str | None) -> None:
+        if share is not None:
+            self.held[share] = self.held.get(share, 0) + 1
+
+    def unhold(self, share: str | None) -> None:
+        if share is not None:
+            left = self.held[share] - 1
+            if left:
+                self.held[share] = left
+            else:
+                del self.held[share]
+
+    def _next_waiter(self, busy: int) -> asyncio.Future[_Conn | None] | None:
+        """The first waiter that may have a connection when `busy` are in use (its share held)."""
+        waiters = self.waiters
+        while waiters and waiters[0][0].done():
+            waiters.popleft()
+        for i, (waiter, share) in enumerate(waiters):
+            if not waiter.done() and self.admits(share, busy):
+                del waiters[i]
+                self.hold(share)
+                return waiter
+        return None
 
     def release(self, conn: _Conn) -> None:
         """A connection whose response was read whole, for the next caller."""
         if self.client._closed:
             conn.close()
             return
-        waiters = self.waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
         conn.idle = True
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
-        self.client._expire_later()
+        if self.waiters:
+            self._wake()
+        if conn.idle:
+            self.client._expire_later()
 
     def free_slot(self) -> None:
-        """A connection is gone: its slot goes to the first waiter (who opens one), or back."""
-        waiters = self.waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        """A connection is gone: its slot goes to a waiter (who opens one), or back."""
         self.size -= 1
+        if self.waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Hand idle connections, then free slots, to the waiters that may have them now: a
+        connection coming back, or a share falling, can each let one in."""
+        idle = self.idle
+        while idle or self.size < self.limit:
+            waiter = self._next_waiter(self.size - len(idle))
+            if waiter is None:
+                return
+            if idle:
+                conn = idle.pop()
+                conn.idle = False
+                waiter.set_result(conn)
+            else:
+                self.size += 1
+                waiter.set_result(None)
 
 
 # ---------------------------------------------------------------- the client
@@ -495,11 +539,12 @@ class Client:
         return self._closed
 
     async def get(self, url: URL, headers: CIMultiDict[str] | None = None, *, max_bytes: int,
-                  skip_body: Callable[[int], bool] | None = None) -> Response:
+                  skip_body: Callable[[int], bool] | None = None, share: str | None = None) -> Response:
         """GET `url` → the whole response, its body decoded and at most `max_bytes`.
 
         `skip_body(status)` true: the body is not read (`Response.body` is None) and the
-        connection is closed. Raises ClientError; no deadline of its own.
+        connection is closed. `share` names the caller's fair share of the origin's pool (the
+        fragment; None: no share, as for a prefetch). Raises ClientError; no deadline of its own.
         """
         if self._closed:
             raise ConnectError("client is closed")
@@ -512,11 +557,13 @@ class Client:
             pool = self._pool(url, loop)
         data = _request(url.raw_path_qs, pool.host_header, headers)
         idle = pool.idle
-        if idle and idle[-1].idle_since > loop.time() - self.keepalive:  # the common case, inline
+        if idle and idle[-1].idle_since > loop.time() - self.keepalive \
+                and pool.admits(share, pool.size - len(idle)):  # the common case, inline
             conn = idle.pop()
             conn.idle = False
+            pool.hold(share)
         else:
-            conn = await self._acquire(pool)
+            conn = await self._acquire(pool, share)
         retried = False
         while True:
             try:
@@ -527,13 +574,15 @@ class Client:
                 if retried:  # pragma: no cover - defensive
                     raise
                 retried = True
-                conn = await self._open(pool)  # the dead connection's slot is still ours
+                conn = await self._open(pool, share)  # the dead connection's slot is still ours
                 continue
             except BaseException:
                 conn.close()  # cancelled, timed out, or failed: never back to the pool
+                pool.unhold(share)
                 pool.free_slot()
                 raise
             break
+        pool.unhold(share)
         if conn.keep_alive and not conn.closed:
             pool.release(conn)
         else:
@@ -550,29 +599,34 @@ class Client:
         pool = self._pools[(scheme, host, port)] = _Pool(self, loop, scheme, host, port, url.host_port_subcomponent)
         return pool
 
-    async def _acquire(self, pool: _Pool) -> _Conn:
-        """An open connection to `pool`'s origin, its slot held: idle, new, or after a wait."""
+    async def _acquire(self, pool: _Pool, share: str | None) -> _Conn:
+        """An open connection to `pool`'s origin, its slot and `share` held: idle, new, or after
+        a wait."""
         idle = pool.idle
         if idle:
             oldest_usable = pool.loop.time() - self.keepalive
-            while idle:
+            while idle and idle[-1].idle_since <= oldest_usable or idle and idle[-1].closed:
+                idle.pop().close()  # expired
+                pool.size -= 1
+        if pool.admits(share, pool.size - len(idle)):
+            if idle:
                 conn = idle.pop()
                 conn.idle = False
-                if conn.idle_since > oldest_usable and not conn.closed:
-                    return conn
-                conn.close()  # expired
-                pool.size -= 1
-        if pool.size < pool.limit:
-            pool.size += 1
-            return await self._open(pool)
+                pool.hold(share)
+                return conn
+            if pool.size < pool.limit:
+                pool.size += 1
+                pool.hold(share)
+                return await self._open(pool, share)
         waiter: asyncio.Future[_Conn | None] = pool.loop.create_future()
-        pool.waiters.append(waiter)
+        pool.waiters.append((waiter, share))
         try:
             got = await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Handed a connection or a slot just before the cancel: pass it on.
+                # Handed a connection or a slot (and our share) just before the cancel: pass it on.
                 got = waiter.result()
+                pool.unhold(share)
                 if got is None or got.closed:
                     pool.free_slot()
                 else:
@@ -580,19 +634,21 @@ class Client:
             else:
                 waiter.cancel()
                 try:
-                    pool.waiters.remove(waiter)
+                    pool.waiters.remove((waiter, share))
                 except ValueError:
                     pass
             raise
         if got is None or got.closed:  # a slot, not a connection: open one in it
-            return await self._open(pool)
+            return await self._open(pool, share)
         return got
 
-    async def _open(self, pool: _Pool) -> _Conn:
-        """A new connection to `pool`'s origin, in a slot the caller holds (freed on failure)."""
+    async def _open(self, pool: _Pool, share: str | None) -> _Conn:
+        """A new connection to `pool`'s origin, in a slot (and `share`) the caller holds; both
+        freed on failure."""
         try:
             return await self._connect(pool)
         except BaseException:
+            pool.unhold(share)
             pool.free_slot()
             raise
 
@@ -693,7 +749,7 @@ class Client:
             self._expiry.cancel()
             self._expiry = None
         for pool in self._pools.values():
-            for waiter in pool.waiters:
+            for waiter, _ in pool.waiters:
                 if not waiter.done():
                     waiter.set_exception(ConnectError("client is closed"))
             pool.waiters.clear()

@@ -51,6 +51,7 @@ BUCKET_COOKIE = "composer_bucket"
 _BUCKET_COOKIE = BUCKET_COOKIE + "={}; Max-Age=31536000; Path=/; HttpOnly; SameSite=Lax"
 _CONTENT_TYPE = "text/html; charset=utf-8"
 _ACCEPT_ENCODING = "gzip, deflate, br"
+_SLICE = 64 * 1024  # the most written to a client at once
 # A primary answering one of these says "no content": the page follows it, empty, like a 3xx.
 _NO_BODY = frozenset({204, 205})
 # Moves an async fragment's content from its hidden carrier to the placeholder, and removes
@@ -135,11 +136,19 @@ class Composer:
             old, self.cache = self.cache, FragmentCache(settings.cache_max_bytes)
             self._spawn(old.close())
         fallbacks: dict[str, Fragment] = {}
+        origins: set[tuple[str, str]] = set()
         for route in table.routes:
             for fragment in route.template.fragments if route.template else ():
+                # The circuits pages go through: src (the active version), the canary's. A version
+                # reached only by a QA override gets a new circuit when it is next fetched.
+                origins.add((fragment.id, fragment.src.origin))
+                if fragment.canary is not None:
+                    origins.add((fragment.id, fragment.versions[fragment.canary].origin))
                 if fragment.name is not None and fragment.fallback_src is not None \
                         and fragment.fallback_src.static is not None:
                     fallbacks.setdefault(str(fragment.fallback_src.static), fragment)
+        for fragment_id in self.breakers.retain(origins):
+            self.metrics.circuit_state.labels(fragment_id).set(self.breakers.worst(fragment_id))
         self.last_good.track(frozenset(fallbacks))
         for url, fragment in fallbacks.items():
             self._spawn(self._prefetch(url, fragment, table.settings))
@@ -171,9 +180,14 @@ class Composer:
         await self.cache.close()
 
     def _circuit_changed(self, breaker: Breaker) -> None:
+        """Gauge and log line of a transition. The line names the owner and the version(s)
+        served from the breaker's origin (the labels of its metrics, joined by "," when
+        versions share the origin): whoever is paged can tell whose version to roll back."""
         self.metrics.circuit_state.labels(breaker.fragment).set(self.breakers.worst(breaker.fragment))
-        fields = {"fragment": breaker.fragment, "origin": breaker.origin, "state": breaker.state.name.lower(),
-                  "consecutive_failures": breaker.consecutive, "cooldown_ms": breaker.policy.cooldown_ms}
+        owner, version = self.metrics.served_at(breaker.fragment, breaker.origin)
+        fields = {"fragment": breaker.fragment, "origin": breaker.origin, "owner": owner, "version": version,
+                  "state": breaker.state.name.lower(), "consecutive_failures": breaker.consecutive,
+                  "cooldown_ms": breaker.policy.cooldown_ms}
         if breaker.state is State.CLOSED:
             log.info("circuit closed", extra={"fields": fields})
         else:
@@ -295,6 +309,9 @@ class Composer:
                 if not task.done():
                     await _flush(response, out)
                 _render(await task, seen, out)
+                del tasks[chunk.index]  # its outcome (and body) is freed once written
+        if len(out) > 1 and sum(map(len, out)) > _SLICE:
+            await _flush(response, out)  # a large tail goes out in slices, like the rest
         return b"".join(out)
 
     async def _stream_async(self, response: web.StreamResponse, template: Template,
@@ -406,7 +423,7 @@ class Composer:
             started = time.perf_counter()
             try:
                 result = await fetch(self.session, url, headers, timeout=timeout, max_bytes=page.max_bytes,
-                                     allow_redirect=fragment.primary)
+                                     allow_redirect=fragment.primary, share=fragment.id)
             except BaseException:
                 if breaker is not None:
                     breaker.release()
@@ -430,7 +447,7 @@ class Composer:
             if timeout > 0 and fallback_src.keeps_origin(url):
                 fallback, _, _ = await self.cache.get(
                     str(url), headers, lambda t: fetch(self.session, url, headers, timeout=t, max_bytes=page.max_bytes,
-                                                       allow_redirect=False),
+                                                       allow_redirect=False, share=fragment.id),
                     timeout=timeout, refresh_timeout=fragment.timeout)
             key = str(url) if fallback_src.static is not None else ""
             if isinstance(fallback, Fetched) and fallback.status < 300:
@@ -478,10 +495,25 @@ def _head(route: Route, headers: CIMultiDict[str], primary: Fragment | None, wai
 
 
 async def _flush(response: web.StreamResponse, out: list[bytes]) -> None:
-    if out:
+    """Write `out` and empty it. Large output goes in slices, each waiting for the client to
+    take the one before (aiohttp drains past 64 KiB): a client that reads slowly holds its
+    page's fragments, never a second copy of them in the socket's buffer."""
+    if not out:
+        return
+    if len(out) == 1 or sum(map(len, out)) <= _SLICE:
         data = b"".join(out)
         out.clear()
-        await response.write(data)
+        if len(data) <= _SLICE:
+            await response.write(data)
+            return
+        pieces = [data]
+    else:
+        pieces = out[:]
+        out.clear()
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, len(view), _SLICE):
+            await response.write(view[start:start + _SLICE])
 
 
 def _styles(assets: tuple[Asset, ...], seen: set[str], out: list[bytes]) -> None:

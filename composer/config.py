@@ -90,6 +90,14 @@ class Settings:
     # One inline script at </body> with a `performance.measure` per fragment: off by default,
     # since a strict Content-Security-Policy refuses inline scripts (a console error per page).
     timing_marks: bool = False
+    # SPEC §9: limits on what one client, connection or backend may hold (read when the process starts).
+    client_header_timeout_ms: int = 10_000  # a request head not complete by then: connection closed
+    keepalive_timeout_ms: int = 75_000  # an idle keep-alive client connection is closed
+    send_timeout_ms: int = 60_000  # a client that reads nothing this long is dropped
+    max_connections: int = 10_000  # client connections held at once; more are refused
+    max_ws_message_bytes: int = 4 * 1024 * 1024  # a larger WebSocket message closes that socket (1009)
+    max_connections_per_backend: int = 256
+    server_header: bool = True  # `Server: composer` (never a version); false: no Server header
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +169,8 @@ _SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowe
                   "max_fragment_bytes", "manifest", "manifest_poll_s", "version_override_header",
                   "reload_interval_ms", "circuit_breaker", "cache", "page_timeout_ms",
                   "max_fragments_per_template", "max_connections_per_origin", "server_timing",
-                  "timing_marks")
+                  "timing_marks", "client_header_timeout_ms", "keepalive_timeout_ms", "send_timeout_ms",
+                  "max_connections", "max_ws_message_bytes", "max_connections_per_backend", "server_header")
 _TOP_KEYS = ("settings", "fragments", "routes")
 _TARGETS = ("template", "backend", "redirect")
 _BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
@@ -249,10 +258,13 @@ def _settings(reader: Reader, node: yaml.Node | None, base: Path) -> Settings | 
         if "max_bytes" in cache:
             values["cache_max_bytes"] = reader.integer(cache["max_bytes"], "settings.cache.max_bytes", 0, 1 << 40)
     for key, low, high in (("page_timeout_ms", 1, MAX_TIMEOUT_MS), ("max_fragments_per_template", 1, 10_000),
-                           ("max_connections_per_origin", 1, 100_000)):
+                           ("max_connections_per_origin", 1, 100_000),
+                           ("client_header_timeout_ms", 1, MAX_TIMEOUT_MS), ("keepalive_timeout_ms", 0, 3_600_000),
+                           ("send_timeout_ms", 1, MAX_TIMEOUT_MS), ("max_connections", 1, 1_000_000),
+                           ("max_ws_message_bytes", 1, 1 << 30), ("max_connections_per_backend", 1, 100_000)):
         if key in keys:
             values[key] = reader.integer(keys[key], f"settings.{key}", low, high)
-    for key in ("server_timing", "timing_marks"):
+    for key in ("server_timing", "timing_marks", "server_header"):
         if key in keys:
             values[key] = reader.boolean(keys[key], f"settings.{key}")
     if "allowed_origins" in keys:

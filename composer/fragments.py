@@ -115,11 +115,12 @@ def _not_content_but_redirects(status: int) -> bool:
 
 
 async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *,
-                timeout: float, max_bytes: int, allow_redirect: bool) -> Fetched | Failed:
-    """One GET with a deadline over connect, headers and body; never raises for I/O trouble."""
+                timeout: float, max_bytes: int, allow_redirect: bool, share: str | None = None) -> Fetched | Failed:
+    """One GET with a deadline over connect, headers and body; never raises for I/O trouble.
+    `share`: the fragment, whose fair share of its origin's connections this fetch uses."""
     try:
         async with asyncio.timeout(timeout):
-            resp = await session.get(url, headers, max_bytes=max_bytes,
+            resp = await session.get(url, headers, max_bytes=max_bytes, share=share,
                                      skip_body=_not_content_but_redirects if allow_redirect else _not_content)
     except TimeoutError:
         return Failed(Reason.TIMEOUT, f"no complete response within {timeout * 1000:.0f} ms")

@@ -5,7 +5,9 @@ aiohttp's parser already rejects malformed request lines and oversized lines or 
 climb out of their prefix once a backend decodes or normalises them (`/../`, `%2e%2e`,
 `..%2f`, `..\\`), control characters such as NUL hidden behind percent-encoding, and Host
 headers that are not a host. Each gets a 400 before routing, so a backend never receives
-a request that means something other than what composer matched.
+a request that means something other than what composer matched. A `Transfer-Encoding`
+other than `chunked` (`gzip, chunked`, which aiohttp would decode as plain chunked and lose
+the gzip) gets 501: composer does not implement it, and must not pretend to.
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ _HOST = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=%]+|\[[0-9A-Fa-f:.]+\])(?::[0-
 _DOT_SEGMENTS = frozenset({".", ".."})
 
 
-def request_problem(request: web.BaseRequest, path: str) -> str | None:
-    """Why `request` (whose raw path is `path`) must be refused with 400, or None."""
+def request_problem(request: web.BaseRequest, path: str) -> tuple[int, str] | None:
+    """Why `request` (whose raw path is `path`) must be refused, and with which status; or None."""
+    if "transfer-encoding" in request.headers:
+        codings = [c.strip().lower() for v in request.headers.getall("transfer-encoding") for c in v.split(",")]
+        if codings != ["chunked"]:
+            return 501, "only the chunked transfer coding is supported"
+    problem = _problem(request, path)
+    return None if problem is None else (400, problem)
+
+
+def _problem(request: web.BaseRequest, path: str) -> str | None:
     if request.version < (1, 0):
         # aiohttp's C parser takes `GET /x\r\n` (no version) as HTTP/0.9 and still reads the
         # lines after it as headers; its pure-Python parser and strict peers refuse it.

@@ -16,8 +16,9 @@ from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 
 ROUTE = RequestKey("composer_route", str)
 REQUEST_ID = RequestKey("composer_request_id", str)
+ERROR = RequestKey("composer_error", str)  # why a request could not be parsed (its access line says)
 
-__all__ = ["REQUEST_ID", "ROUTE", "AccessLogger", "JsonFormatter", "setup_logging"]
+__all__ = ["ERROR", "REQUEST_ID", "ROUTE", "AccessLogger", "JsonFormatter", "setup_logging"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,7 +56,7 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path, status, duration, route and request id."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        self.logger.info("access", extra={"fields": {
+        fields = {
             "method": request.method,
             "path": request.path,
             "status": response.status,
@@ -63,4 +64,7 @@ class AccessLogger(AbstractAccessLogger):
             "route": request.get(ROUTE, ""),
             "request_id": request.get(REQUEST_ID, ""),
             "remote": request.remote,
-        }})
+        }
+        if ERROR in request:
+            fields["error"] = request[ERROR]
+        self.logger.info("access", extra={"fields": fields})

@@ -10,6 +10,7 @@ polled with `If-None-Match`; whatever fails to load or validate never replaces a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping
@@ -18,16 +19,19 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from yarl import URL
 
 from .breaker import parse_policy
 from .errors import ConfigError, Stamp
 from .nodes import MAX_TIMEOUT_MS, Reader, compose, file_stamp
-from .urls import url_problem
+from .urls import redact, url_problem
 
-__all__ = ["Canary", "Entry", "Manifest", "fetch_manifest", "is_url", "parse_manifest", "read_manifest"]
+__all__ = ["MAX_MANIFEST_BYTES", "Canary", "Entry", "Manifest", "fetch_manifest", "is_url", "parse_manifest",
+           "read_manifest"]
 
 _ENTRY_KEYS = ("owner", "timeout_ms", "fallback", "versions", "active", "canary", "enabled", "circuit_breaker")
 _CANARY_KEYS = ("version", "percent")
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # SPEC §9: a URL manifest is read whole up to this, else refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +63,7 @@ class Manifest:
     """A loaded manifest: its fragments, where it came from and when it was read."""
 
     fragments: Mapping[str, Entry]
-    source: str  # "routes.yaml", a file path or a URL
+    source: str  # "routes.yaml", a file path or a URL (fetched from: show it `redact`ed)
     loaded_at: float = field(default_factory=time.time)
     text: str | None = None  # a URL manifest's body, kept so a routes.yaml reload can reuse it
     etag: str | None = None
@@ -226,7 +230,13 @@ class Fetched:
 
 async def fetch_manifest(session: aiohttp.ClientSession, url: str, etag: str | None,
                          timeout: float = 10.0) -> Fetched:
-    """GET a manifest URL, ETag-aware; raises ConfigError saying why it could not be had."""
+    """GET a manifest URL, ETag-aware; raises ConfigError saying why it could not be had.
+
+    The body is read to its end, never parsed from a prefix (a cut manifest can be valid YAML
+    with a flag missing), and refused once it passes MAX_MANIFEST_BYTES, without holding more
+    than that. Messages show the URL `redact`ed: it may carry credentials.
+    """
+    shown = redact(url)
     headers = {"if-none-match": etag} if etag else {}
     try:
         async with session.get(url, headers=headers, allow_redirects=False,
@@ -234,10 +244,33 @@ async def fetch_manifest(session: aiohttp.ClientSession, url: str, etag: str | N
             if resp.status == 304:
                 return Fetched(url=url, text=None, etag=etag)
             if resp.status != 200:
-                raise ConfigError([f"{url}: manifest answered {resp.status}"])
-            body = await resp.content.read(16 * 1024 * 1024 + 1)
-            if len(body) > 16 * 1024 * 1024:
-                raise ConfigError([f"{url}: manifest larger than 16 MB"])
+                raise ConfigError([f"{shown}: manifest answered {resp.status}"])
+            body = await _read_whole(resp, shown)
             return Fetched(url=url, text=body.decode("utf-8"), etag=resp.headers.get("etag"))
     except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{url}: cannot fetch the manifest: {str(exc) or type(exc).__name__}"]) from None
+        reason = _without(str(exc), url, shown) or type(exc).__name__
+        raise ConfigError([f"{shown}: cannot fetch the manifest: {reason}"]) from None
+
+
+async def _read_whole(resp: aiohttp.ClientResponse, shown: str) -> bytes:
+    """The whole body, or ConfigError once it is (or announces to be) over the limit."""
+    too_large = ConfigError([f"{shown}: manifest larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MB"])
+    if resp.content_length is not None and resp.content_length > MAX_MANIFEST_BYTES:
+        raise too_large
+    body = bytearray()
+    # `content.read(n)` returns what is buffered so far; iterate to the end of the body.
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_MANIFEST_BYTES:
+            raise too_large
+    return bytes(body)
+
+
+def _without(text: str, url: str, shown: str) -> str:
+    """`text` (an exception's message) with every spelling of `url` replaced by `shown`."""
+    spellings = {url}
+    with contextlib.suppress(ValueError):
+        spellings.add(str(URL(url)))
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, shown)
+    return text

@@ -5,9 +5,15 @@ the demo) never mix counts. Label values are bounded by construction: `fragment`
 declared id, `route` a route name, `reason` a `Reason`, `version` a manifest version ("" when
 the fragment has none).
 
+Every label set the config makes possible is declared at load (`declare`), at 0: an alert's
+`rate(x[5m] offset 30m)` or `increase()` needs the series before its first event (SPEC §9).
+
 With `--workers N`, prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by
 the CLI before this module is imported) keeps each worker's values in a shared folder, and
-any worker's /metrics answers with the sum.
+any worker's /metrics answers with the sum. Gauges use the live modes: a dead worker's file
+is removed by the arbiter (`mark_process_dead`, composer.workers), so a worker killed with -9
+cannot keep declaring a version the others have rolled back. Counters and histograms keep a
+dead worker's counts, so sums never go backwards.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
@@ -27,10 +35,25 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+from .errors import Reason
+
+__all__ = ["CACHE_RESULTS", "CONTENT_TYPE_LATEST", "Declared", "Metrics"]
 
 # Fragment and page latencies sit between a few ms and the timeout budget (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+# The `result` label of composer_fragment_cache_total: what composer.cache.FragmentCache.get answers.
+CACHE_RESULTS = ("hit", "miss", "stale", "stale_if_error", "coalesced")
+_REASONS = tuple(reason.value for reason in Reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """One fragment tag on one route, as the config has it: the label values its fetches carry."""
+
+    fragment: str  # the tag's id
+    route: str
+    owner: str = ""  # the manifest's; "" for a plain `src`
+    versions: Mapping[str, str] = field(default_factory=dict)  # each version served → its origin
 
 
 class Recent:
@@ -88,11 +111,11 @@ class Metrics:
             ("route",), buckets=_BUCKETS, registry=r)
         self.fragment_info = Gauge(
             "composer_fragment_info", "Declared fragments (value 1), with version and owner.",
-            ("fragment", "version", "owner"), registry=r, multiprocess_mode="max")
+            ("fragment", "version", "owner"), registry=r, multiprocess_mode="livemax")
         self.fragment_timeout = Gauge(
             "composer_fragment_timeout_seconds",
             "Each fragment's configured timeout on each route: the latency alert's budget is 80 % of it.",
-            ("fragment", "route"), registry=r, multiprocess_mode="max")
+            ("fragment", "route"), registry=r, multiprocess_mode="livemax")
         self.circuit_state = Gauge(
             "composer_fragment_circuit_state",
             "Circuit breaker of each fragment: 0 closed, 1 half-open, 2 open (its worst origin).",
@@ -107,6 +130,51 @@ class Metrics:
             ("result",), registry=r)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)  # present at 0, so alerts on increase() work from the start
+        self._declared: dict[Any, set[tuple[str, ...]]] = {}  # family → label sets `declare` put there
+        self._origins: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}  # (fragment, origin) → owner, versions
+
+    def declare(self, uses: Iterable[Declared]) -> None:
+        """Put every label set of the fragment families that `uses` make possible at 0, and
+        take out those a previous declaration made that are no longer possible.
+
+        Per tag and route: its fallbacks, and per version served, its duration and a failure
+        counter per reason; per fragment id, a counter per cache result. Versions are those
+        served (active and canary): a version fetched only through the QA override header
+        gets its series with its first fetch. Removing (one process only) keeps a long-lived
+        process from accumulating every version it ever served; with several workers a
+        series cannot leave a worker's file, and a dropped version's counters stay as they are.
+        """
+        wanted: dict[Any, set[tuple[str, ...]]] = {
+            self.fragment_failures: set(), self.fragment_duration: set(),
+            self.fragment_fallbacks: set(), self.fragment_cache: set()}
+        origins: dict[tuple[str, str], tuple[str, list[str]]] = {}
+        for use in uses:
+            wanted[self.fragment_fallbacks].add((use.fragment, use.route))
+            wanted[self.fragment_cache].update((use.fragment, result) for result in CACHE_RESULTS)
+            for version, origin in use.versions.items():
+                wanted[self.fragment_duration].add((use.fragment, use.route, version))
+                wanted[self.fragment_failures].update((use.fragment, use.route, version, r) for r in _REASONS)
+                served = origins.setdefault((use.fragment, origin), (use.owner, []))[1]
+                if version not in served:
+                    served.append(version)
+        removable = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        for family, label_sets in wanted.items():
+            gone = self._declared.get(family, set()) - label_sets if removable else set()
+            for labels in gone:
+                family.remove(*labels)
+                self._children.pop((family, labels), None)  # else `child` would count into the removed series
+            for labels in label_sets:
+                family.labels(*labels)
+        self._declared = wanted
+        # An origin no longer configured keeps what it last served: its circuit may still change.
+        self._origins.update({key: (owner, tuple(versions)) for key, (owner, versions) in origins.items()})
+
+    def served_at(self, fragment: str, origin: str) -> tuple[str, str]:
+        """(owner, version) of what `fragment` is served from `origin`, as last declared: the
+        label values of its metrics, for a log line about that origin. Versions sharing the
+        origin are joined by ","; ("", "") for what was never declared (a nested fragment)."""
+        owner, versions = self._origins.get((fragment, origin), ("", ()))
+        return owner, ",".join(versions)
 
     def child(self, family: Any, *values: str) -> Any:
         """`family.labels(*values)`, remembered: prometheus_client re-validates and re-converts

@@ -10,18 +10,25 @@ unchanged, minus hop-by-hop headers (RFC 9110 §7.6.1).
 in either direction for that long (an idle backend before its head → 504; later → the
 connection is cut, as the status is already out). A 200 MB upload or download takes as
 long as it takes.
+
+SPEC §9 bounds what one exchange may hold: at most `max_connections_per_backend`
+connections to one backend (more requests wait for one, within their timeout), WebSocket
+messages up to `max_ws_message_bytes` each way (a larger one closes that socket with 1009,
+unrelayed), and a pooled connection that received bytes while idle is never reused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -32,6 +39,9 @@ from .logs import REQUEST_ID
 from .routing import Route
 
 if TYPE_CHECKING:
+    from aiohttp.client_reqrep import ConnectionKey
+    from aiohttp.connector import Connection
+    from aiohttp.tracing import Trace
     from opentelemetry.trace import Span
 
     from .tracing import Tracing
@@ -50,10 +60,52 @@ _ERROR_PAGES = {502: error_page(502), 504: error_page(504)}
 _CHUNK = 256 * 1024
 
 
-def backend_session() -> aiohttp.ClientSession:
-    """The client session for backends: pooled, cookie-less, and never decoding bodies."""
+class _Handler(ResponseHandler):
+    """aiohttp's client protocol, noting whether a byte arrived while it sat in the pool."""
+
+    pooled = False
+    stray = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.pooled and data:
+            self.stray = True
+        super().data_received(data)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A connector that never hands out a pooled connection which received bytes while idle.
+
+    aiohttp (3.14.5; aio-libs/aiohttp#13656) re-issues a pooled connection if it is still
+    open, without looking at what the backend wrote on it meanwhile: an unsolicited response
+    sent while idle became the answer to the next request, another user's. Such a connection
+    is closed when taken from the pool, and the next one (or a new one) is taken instead.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = functools.partial(_Handler, loop=self._loop)  # type: ignore[assignment]
+
+    def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close)
+        if isinstance(protocol, _Handler):
+            protocol.pooled = True  # idle from now on (or closed, where it no longer matters)
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while (conn := await super()._get(key, traces)) is not None:
+            protocol = conn.protocol
+            if isinstance(protocol, _Handler):
+                protocol.pooled = False
+                if not (protocol.stray or protocol.should_close):
+                    return conn
+            conn.close()
+        return None
+
+
+def backend_session(*, max_connections: int = 256) -> aiohttp.ClientSession:
+    """The client session for backends: pooled (at most `max_connections` per backend),
+    cookie-less, and never decoding bodies."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+        connector=_Connector(limit=0, limit_per_host=max_connections, ttl_dns_cache=300, keepalive_timeout=30),
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -95,12 +147,42 @@ class _Progress:
             self._cm.reschedule(self._loop.time() + self._timeout)
 
 
+class _Relayed(web.StreamResponse):
+    """A backend's response: aiohttp gives a body without a Content-Type
+    `application/octet-stream`, but a proxy must not invent one (RFC 9110 §8.3)."""
+
+    async def _prepare_headers(self) -> None:
+        untyped = hdrs.CONTENT_TYPE not in self.headers
+        await super()._prepare_headers()
+        if untyped:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
+
+
+class _ClientLeg(web.WebSocketResponse):
+    """The client's side of a relayed WebSocket, remembering the first code composer closed it with.
+
+    aiohttp closes it by itself on a message it refuses (1009: too big), then waits for the
+    client's answer; a client that hangs up right after answering gets the handler cancelled
+    before a pump has passed the code on, so the backend is closed with it on the way out.
+    """
+
+    first_close: int | None = None
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if self.first_close is None:
+            self.first_close = code
+        return await super().close(code=code, message=message, drain=drain)
+
+
 class Proxy:
     """Forwards backend routes' requests; holds the backend session."""
 
-    def __init__(self, session: aiohttp.ClientSession, tracing: Tracing | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession, tracing: Tracing | None = None, *,
+                 max_ws_message_bytes: int = 4 * 1024 * 1024) -> None:
         self.session = session
         self.tracing = tracing
+        # aiohttp refuses a message of max_msg_size bytes itself: one more lets exactly the limit pass.
+        self._max_msg_size = max_ws_message_bytes + 1
 
     def _outgoing(self, request: web.BaseRequest, route: Route, params: dict[str, str], path: str,
                   span: Span | None, handshake: bool = False) -> Outgoing:
@@ -174,8 +256,7 @@ class Proxy:
                     headers = _response_headers(upstream.headers)
                     for f in route.filters:
                         f.on_response(headers)
-                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason,
-                                                  headers=headers)
+                    response = _Relayed(status=upstream.status, reason=upstream.reason, headers=headers)
                     await response.prepare(request)
                     content = upstream.content
                     while True:
@@ -214,19 +295,20 @@ class Proxy:
         url = URL(backend.origin + out.path + ("?" + query if query else ""), encoded=True)
         offered = tuple(p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")
                         if p.strip())
+        max_msg_size = self._max_msg_size
         started = time.perf_counter()
         try:
             async with asyncio.timeout(backend.timeout):
                 upstream = await self.session.ws_connect(url, headers=out.headers, protocols=offered,
-                                                         autoping=False, max_msg_size=0)
+                                                         autoping=False, max_msg_size=max_msg_size)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             _log_failure(request, route, backend, url, exc, time.perf_counter() - started, sent=False)
             return _error(504 if isinstance(exc, TimeoutError) else 502, route)
         async with upstream:
             # No autoclose: answering the client's close would drop its connection, and aiohttp
             # then cancels this handler before the close (and its code) has reached the backend.
-            client = web.WebSocketResponse(protocols=(upstream.protocol,) if upstream.protocol else (),
-                                           autoping=False, autoclose=False, max_msg_size=0)
+            client = _ClientLeg(protocols=(upstream.protocol,) if upstream.protocol else (),
+                                autoping=False, autoclose=False, max_msg_size=max_msg_size)
             await client.prepare(request)
             pumps = [asyncio.create_task(_relay(client, upstream)), asyncio.create_task(_relay(upstream, client))]
             try:
@@ -239,6 +321,7 @@ class Proxy:
                 for pump in pumps:
                     pump.cancel()
                 await asyncio.gather(*pumps, return_exceptions=True)
+                await upstream.close(code=client.first_close or 1000)  # a no-op if a pump closed it
                 await client.close()
         return client
 
@@ -249,6 +332,8 @@ async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
     CLOSING means the other pump is closing `source` itself, passing on the other side's
     close: closing `sink` here too would race it (and send 1000 instead of that code).
+    A message `source` may not send (1009: too big) closed it; `sink` is told that code, not
+    the one `source` answered the close with.
     """
     while True:
         msg = await source.receive()
@@ -264,7 +349,7 @@ async def _relay(source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
             return
         else:
             break
-    code = source.close_code
+    code = msg.data.code if isinstance(msg.data, aiohttp.WebSocketError) else source.close_code
     await sink.close(code=code if code and code not in (1005, 1006) else 1000)
 
 

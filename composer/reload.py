@@ -1,18 +1,30 @@
 """Hot reload: notice a changed routes.yaml or template, compile it aside, swap it in.
 
 Polling file stamps (mtime, size, inode) once a second costs a few `stat` calls and works
-everywhere, including Kubernetes ConfigMap volumes, whose updates inotify misses. SIGHUP
-checks at once. Loading and compiling run in a worker thread, off the event loop; the
-result is handed over whole, so a request sees either the old table or the new one, and a
-page in flight finishes with the route it started with. A config that does not load is
-logged problem by problem and counted, and the running one stays; it is retried only
-once one of the files it was read from changes again.
+everywhere, including Kubernetes ConfigMap volumes, whose updates inotify misses. Loading
+and compiling run in a worker thread, off the event loop; the result is handed over whole,
+so a request sees either the old table or the new one, and a page in flight finishes with
+the route it started with. A config that does not load is logged problem by problem and
+counted, and the running one stays; it is retried only once one of the files it was read
+from changes again.
+
+A file is read whole or not at all (SPEC §9): one written in place is half-written for a
+while, and a poll landing then would serve its prefix. So a file whose stamp changed is
+loaded only once it has stopped changing for one full `reload_interval_ms`: its mtime is
+that old, or this process first saw its stamp that long ago (which covers a future mtime).
+A file still changing, or changed while being read, waits for a later poll, silently: a
+half-written file is neither served nor reported. Polling cannot tell a writer that pauses
+longer than that from one that is done; tools should still write aside and rename, as
+editors and ConfigMaps do.
+
+SIGHUP is the operator's explicit "load it now": it loads at once, settled or not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +43,7 @@ from .manifest import (
 )
 from .metrics import Metrics
 from .routing import RouteTable, build_table
+from .urls import redact
 
 __all__ = ["Reloader", "changed", "load"]
 
@@ -57,8 +70,8 @@ def load(path: str | Path, *, manifest: str | None = None,
                 if remote is None or remote.url != source or remote.text is None:
                     remote = asyncio.run(_fetch_once(source))
                 assert remote.text is not None
-                external = parse_manifest(remote.text, source, allowed, source=source, etag=remote.etag,
-                                          keep_text=True)
+                external = parse_manifest(remote.text, redact(source), allowed, source=source,
+                                          etag=remote.etag, keep_text=True)
             else:
                 file = Path(source) if manifest else config.path.parent / source
                 external, stamp = read_manifest(file, str(file), allowed)
@@ -77,7 +90,7 @@ def _merge(config: Config, external: Manifest | None, problems: list[str]) -> Ma
     if inline is None or external is None:
         return external or inline
     for name in inline.fragments.keys() & external.fragments.keys():
-        problems.append(f"{external.source}:{external.fragments[name].line}: fragment {name!r} is also "
+        problems.append(f"{redact(external.source)}:{external.fragments[name].line}: fragment {name!r} is also "
                         f"declared in {config.label} (line {inline.fragments[name].line})")
     return replace(external, fragments={**inline.fragments, **external.fragments})
 
@@ -89,6 +102,35 @@ async def _fetch_once(url: str) -> Fetched:
 
 def changed(sources: tuple[tuple[Path, Stamp], ...]) -> bool:
     return any(file_stamp(path) != stamp for path, stamp in sources)
+
+
+_TIMER_SLACK = 0.005  # s: a poll timer may fire a hair early (uvloop counts in whole ms)
+
+
+class _Settling:
+    """When each changed file's current stamp was first seen, to tell a file that has stopped
+    changing from one still being written."""
+
+    def __init__(self) -> None:
+        self._first_seen: dict[Path, tuple[Stamp, float]] = {}
+
+    def settled(self, path: Path, stamp: Stamp, window: float) -> bool:
+        """Has `path` stayed at `stamp` for at least `window` seconds?
+
+        Yes when its mtime (the time of the last write) is that old, which lets a new process
+        load a file edited long ago at once; else when this reloader first saw `stamp` that
+        long ago, which holds even for an mtime in the future (clock skew, a copied mtime).
+        """
+        now = time.monotonic()
+        seen = self._first_seen.get(path)
+        if seen is None or seen[0] != stamp:
+            seen = self._first_seen[path] = (stamp, now)
+        if stamp is not None and time.time_ns() - stamp[0] >= (window - _TIMER_SLACK) * 1e9:
+            return True
+        return now - seen[1] >= window - _TIMER_SLACK
+
+    def forget(self) -> None:
+        self._first_seen.clear()
 
 
 class Reloader:
@@ -107,9 +149,14 @@ class Reloader:
         self._refused_text: str | None = None
         self._refetch = False
         self._lock = asyncio.Lock()  # the file watcher and the manifest poller never overlap
+        self._settling = _Settling()
 
     def trigger(self) -> None:
-        """Check now (SIGHUP), even if no file looks changed, fetching a URL manifest afresh."""
+        """Load now (SIGHUP), even if no file looks changed, fetching a URL manifest afresh.
+
+        An explicit "load it now" from the operator: files are read at once, without waiting
+        for a changed one to settle (the operator says the edit is done).
+        """
         self._failed = None
         self._refetch = True
         self._wake.set()
@@ -151,7 +198,7 @@ class Reloader:
                 # not again until the body changes or another config is swapped in.
                 if fetched.text == self._refused_text and refused_by is current:
                     continue
-                if await self.check(force=True, remote=fetched) is False:
+                if await self.check(remote=fetched) is False:
                     self._refused_text, refused_by = fetched.text, self._current()
                 else:
                     self._refused_text, refused_by = None, None
@@ -168,23 +215,54 @@ class Reloader:
             log.error(message, extra={"fields": {"problem": problem}})
 
     async def check(self, *, force: bool = False, remote: Fetched | None = None) -> bool | None:
-        """Reload if something changed: True applied, False refused, None nothing to do.
+        """Reload if something changed: True applied, False refused, None nothing to do (yet).
 
-        `remote` is a newly fetched URL manifest; otherwise the current one is reused.
+        A changed file is read only once it has settled (see the module docstring). `force`
+        is "load now" (SIGHUP): at once, even if no file looks changed. `remote` is a newly
+        fetched URL manifest body, loaded even if no file changed (files that did must have
+        settled); without it the current body is reused.
         """
         async with self._lock:
             return await self._check(force=force, remote=remote)
 
+    def _settled(self, sources: tuple[tuple[Path, Stamp], ...], *, read: bool) -> bool:
+        """Has every file of `sources` that changed stopped changing for a poll interval?
+
+        Before a load, `sources` are the watched files and a file counts as changed when its
+        stamp differs from theirs. After one (`read`), they are the stamps taken just before
+        each file was read: a file that differs from the running config must have settled, and
+        one whose stamp moved since was changing while it was read.
+        """
+        current = self._current()
+        window = current.settings.reload_interval_ms / 1000 if current.settings is not None else 1.0
+        running = dict(current.sources)
+        ok = True
+        for path, stamp in sources:  # no early exit: every changed file's sighting is recorded
+            now = file_stamp(path)
+            if read and now != stamp:  # changed while it was being read
+                self._settling.settled(path, now, window)
+                ok = False
+                continue
+            unchanged = (path in running and running[path] == now) if read else now == stamp
+            if not unchanged and not self._settling.settled(path, now, window):
+                ok = False
+        return ok
+
     async def _check(self, *, force: bool, remote: Fetched | None) -> bool | None:
         watched = self._failed if self._failed is not None else self._current().sources
-        if not force and not changed(watched):
+        if not force and remote is None and not changed(watched):
             return None
-        if remote is None and not self._refetch:
+        if not force and not self._settled(watched, read=False):
+            return None
+        refetch, self._refetch = self._refetch, False
+        if remote is None and not refetch:
             remote = self._remote()
-        self._refetch = False
         try:
             config, table = await asyncio.to_thread(load, self.path, manifest=self.manifest, remote=remote)
         except ConfigError as exc:
+            if not force and not self._settled(exc.sources, read=True):
+                self._refetch = self._refetch or refetch
+                return None  # a file it names (a new template) is still being written
             self._failed = exc.sources or ((Path(self.path), file_stamp(Path(self.path))),)
             self._refused(exc, "config reload failed; still serving the previous config")
             return False
@@ -193,7 +271,11 @@ class Reloader:
             self._metrics.config_reloads.labels("error").inc()
             self._failed = tuple((path, file_stamp(path)) for path, _ in watched)
             return False
+        if not force and not self._settled(table.sources, read=True):
+            self._refetch = self._refetch or refetch
+            return None  # a file it names (a new template) is still being written
         self._failed = None
+        self._settling.forget()
         self._apply(config, table)
         self._metrics.config_reloads.labels("ok").inc()
         for warning in table.warnings:

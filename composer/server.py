@@ -30,8 +30,9 @@ from .config import Config, Settings
 from .errors import error_page
 from .fragments import new_session
 from .guard import request_problem
+from .listener import Limits, PageServer
 from .logs import REQUEST_ID, ROUTE, AccessLogger
-from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .metrics import CONTENT_TYPE_LATEST, Declared, Metrics
 from .proxy import Proxy, backend_session
 from .reload import Reloader
 from .routing import Route, RouteTable, split_target
@@ -64,7 +65,7 @@ class ComposerServer:
         self.config = config
         self.table = table
         self.host, self.port = host, port
-        self.admin_host, self.admin_port = admin_host or host, admin_port
+        self.admin_host, self.admin_port = admin_host or "127.0.0.1", admin_port
         self.grace = grace
         self.sockets = sockets  # pre-bound page sockets (gunicorn workers); the admin port is shared
         self.tracing = tracing  # None: from the environment (OTEL_EXPORTER_OTLP_ENDPOINT) at start()
@@ -75,6 +76,7 @@ class ComposerServer:
         self._sessions: list[aiohttp.ClientSession | Client] = []  # fragments, backends
         self._composer: Composer | None = None
         self._proxy: Proxy | None = None
+        self._page_server: PageServer | None = None
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._declared: set[tuple[str, str, str]] = set()
@@ -86,6 +88,8 @@ class ComposerServer:
         """composer_fragment_info = 1 for every active and canary version, and every plain `src`;
         a manifest fragment whose tag has its own `id` is declared under that id too.
         composer_fragment_timeout_seconds: every fragment's timeout on every route.
+        Every fetch a route's enabled tag can make (its versions served) has its failures,
+        fallbacks, durations and cache results at 0 from now on (SPEC §9; `Metrics.declare`).
         """
         declared: set[tuple[str, str, str]] = set()
         for entry in table.manifest.fragments.values() if table.manifest else ():
@@ -94,20 +98,26 @@ class ComposerServer:
                 declared.add((entry.name, entry.canary.version, entry.owner))
         circuits = self.metrics.circuit_state
         timeouts: dict[tuple[str, str], float] = {}
+        uses: list[Declared] = []
         for route in table.routes:
             for fragment in route.template.fragments if route.template else ():
                 timeouts[fragment.id, route.name] = fragment.timeout
                 if fragment.name is None:
                     declared.add((fragment.id, "", ""))
-                elif fragment.id != fragment.name:  # its metrics carry the tag's id: so must the owner join
-                    for version in (fragment.version, fragment.canary):
-                        if version is not None:
-                            declared.add((fragment.id, version, fragment.owner))
+                    served = {"": fragment.src.origin}
+                else:
+                    served = {v: fragment.versions[v].origin for v in (fragment.version, fragment.canary)
+                              if v is not None}
+                    if fragment.id != fragment.name:  # its metrics carry the tag's id: so must the owner join
+                        declared.update((fragment.id, version, fragment.owner) for version in served)
+                if fragment.enabled:  # flagged off: nothing fetched, nothing to count until it is back on
+                    uses.append(Declared(fragment.id, route.name, fragment.owner, served))
                 if fragment.id not in self._circuits:  # every circuit shows from the start, closed
                     self._circuits.add(fragment.id)
                     circuits.labels(fragment.id).set(State.CLOSED)
         _replace(self.metrics.fragment_info, self._declared, dict.fromkeys(declared, 1.0))
         _replace(self.metrics.fragment_timeout, self._timeouts, timeouts)
+        self.metrics.declare(uses)
         self._declared, self._timeouts = declared, set(timeouts)
 
     def _swap(self, config: Config, table: RouteTable) -> None:
@@ -117,6 +127,8 @@ class ComposerServer:
         if self._composer is not None:
             self._composer.apply(table)
         new = table.settings
+        if self._page_server is not None and new is not None:
+            self._page_server.reconfigure(_limits(new), new.keepalive_timeout_ms / 1000)
         if old is not None and new is not None and old.max_connections_per_origin != new.max_connections_per_origin:
             log.warning("settings.max_connections_per_origin changed; it applies when composer restarts",
                         extra={"fields": {"running": old.max_connections_per_origin,
@@ -124,7 +136,8 @@ class ComposerServer:
 
     async def start(self) -> None:
         settings = self.table.settings or Settings(templates=self.config.path.parent)
-        fragments, backends = new_session(limit_per_host=settings.max_connections_per_origin), backend_session()
+        fragments = new_session(limit_per_host=settings.max_connections_per_origin)
+        backends = backend_session(max_connections=settings.max_connections_per_backend)
         self._sessions += (fragments, backends)
         if self.tracing is None:  # here, not in __init__: its export thread must start after a fork
             self.tracing = from_env()
@@ -132,12 +145,13 @@ class ComposerServer:
         self._composer = Composer(fragments, self.metrics, cache_bytes=settings.cache_max_bytes,
                                   tracing=self.tracing)
         self._composer.apply(self.table)
-        self._proxy = Proxy(backends, self.tracing)
-        pages = web.ServerRunner(
-            web.Server(self.handle, access_log_class=AccessLogger, handler_cancellation=True,
-                       access_log=logging.getLogger("composer.access"), auto_decompress=False,
-                       max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS),
-            handle_signals=False, shutdown_timeout=self.grace)
+        self._proxy = Proxy(backends, self.tracing, max_ws_message_bytes=settings.max_ws_message_bytes)
+        self._page_server = PageServer(
+            self.handle, _limits(settings), access_log_class=AccessLogger, handler_cancellation=True,
+            access_log=logging.getLogger("composer.access"), auto_decompress=False,
+            max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS,
+            keepalive_timeout=settings.keepalive_timeout_ms / 1000)
+        pages = web.ServerRunner(self._page_server, handle_signals=False, shutdown_timeout=self.grace)
         admin = web.AppRunner(self._admin_app(), handle_signals=False, access_log=None)
         await pages.setup()
         self._runners.append(pages)
@@ -194,7 +208,7 @@ class ComposerServer:
             path, query = split_target(request.raw_path)
             problem = request_problem(request, path)
             if problem is not None:
-                response = _page(400, error_page(400, problem))
+                response = _page(problem[0], error_page(*problem))
             else:
                 match = table.match(request, path)
                 route = match.route
@@ -244,7 +258,12 @@ class ComposerServer:
         return web.Response(status=route.redirect.status, headers=headers)
 
     def _manifest_view(self) -> dict[str, object]:
-        """GET /manifest: what runs now, per fragment, and how it fared in the last minutes."""
+        """GET /manifest: what runs now, per fragment, and how it fared in the last minutes.
+
+        The source is shown `redact`ed: a manifest URL may carry credentials or a token.
+        """
+        from .urls import redact
+
         manifest = self.table.manifest
         recent = self.metrics.recent
         breakers = self._composer.breakers if self._composer else None
@@ -264,7 +283,7 @@ class ComposerServer:
                 "circuit": max((b.state for b in circuits), default=State.CLOSED).name.lower(),
             }
         return {
-            "source": manifest.source if manifest else None,
+            "source": redact(manifest.source) if manifest else None,
             "loaded_at": _iso(manifest.loaded_at) if manifest else None,
             "fragments": fragments,
             # every circuit composer has opened a request through, manifest fragment or plain `src`
@@ -305,6 +324,12 @@ def _replace(gauge: Gauge, old: set[tuple[str, ...]], new: dict[tuple[str, ...],
             gauge.remove(*labels)
     for labels, value in new.items():
         gauge.labels(*labels).set(value)
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(header_timeout=settings.client_header_timeout_ms / 1000,
+                  send_timeout=settings.send_timeout_ms / 1000, max_connections=settings.max_connections,
+                  server_header=settings.server_header)
 
 
 def _pretty(value: object) -> str:

@@ -258,9 +258,15 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
             return [], None
     opens: dict[int, re.Match[str]] = {}
     inserts: list[tuple[int, str]] = []
+    unfinished: list[int] = []  # `<fragment` with no `>` outside quotes after it
     for m in _OPEN.finditer(source):
         rest = _TAG_REST.match(source, m.end())
         if rest is None:
+            if m.group(1).lower() == "fragment":
+                # Markup or text? A mark before it becomes an element only where a tag can start.
+                unfinished.append(m.start())
+                inserts.append((m.start(), f"<{_MARK} {_AT}={m.start()}></{_MARK}>"))
+                inserts.append((m.end(), f' {_AT}="{m.start()}"'))
             continue
         opens[m.start()] = rest
         inserts.append((m.end(), f' {_AT}="{m.start()}"'))  # quoted: `<fragment/>` must not read as "0/"
@@ -274,8 +280,11 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
     tree = LexborHTMLParser(marked)
 
     found: list[_Found] = []
+    _unfinished(tree, unfinished, problems)
     for element in tree.css(f"fragment[{_AT}], script[{_AT}]"):
         start = int(element.attributes[_AT] or 0)
+        if start not in opens:  # an unfinished tag, reported above
+            continue
         attrs = {k: v for k, v in element.attributes.items() if k != _AT}
         rest = opens[start]
         open_end = rest.end()
@@ -311,6 +320,22 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
                   if source[int(m.attributes[_AT] or 0) + 2] in "bB"]
     outside = [b for b in body_marks if not any(f.start <= b < f.end for f in found)]
     return found, (max(outside) if outside else None)
+
+
+def _unfinished(tree: LexborHTMLParser, starts: list[int], problems: _Problems) -> None:
+    """Report each `<fragment` tag in markup that does not end, as in a half-written file
+    (`<fragment id="b" src="http://1` at its end): served, it would reach browsers as text.
+    In a comment, a script or an attribute value it is text, and fine."""
+    if not starts:
+        return
+    elements = {int(e.attributes[_AT] or 0) for e in tree.css(f"fragment[{_AT}]")}
+    marks = {int(m.attributes[_AT] or 0) for m in tree.css(_MARK)}
+    for start in starts:
+        if start in elements:  # HTML ends it at a `>` that a quote hides from the scanner
+            problems.add(start, "cannot tell where this <fragment> tag ends: a quote in it is never closed")
+        elif start in marks:
+            problems.add(start, "unterminated <fragment tag: no `>` ends it before the end of the file "
+                                "(a half-written template?)")
 
 
 def _self_closing(source: str, tag_end: int) -> bool:

@@ -1,18 +1,39 @@
-"""What composer may fetch: http(s) URLs inside `settings.allowed_origins`.
+"""What composer may fetch: http(s) URLs inside `settings.allowed_origins`, and how a URL
+is shown.
 
 One place decides it for fragment `src`/`fallback-src`, manifest versions and backends, so
-an allowlist cannot be enforced in one and forgotten in another.
+an allowlist cannot be enforced in one and forgotten in another; and one place (`redact`)
+takes the secrets out of a URL composer shows, so no log line or admin page forgets to.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 
 from yarl import URL
 
-__all__ = ["origin_allowed", "url_problem"]
+__all__ = ["origin_allowed", "redact", "url_problem"]
 
 _PROBE = "composerparam"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def redact(url: str) -> str:
+    """`url` as composer may show it (logs, errors, /manifest): without userinfo, query or
+    fragment, where credentials and tokens travel. Anything not `scheme://…` (a file path) is
+    returned as it is.
+
+    Plain string surgery, not a URL parser: it must never fail, nor re-encode what it keeps.
+    """
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return url
+    rest = url[scheme.end():]
+    authority_end = next((i for i, ch in enumerate(rest) if ch in "/?#"), len(rest))
+    host = rest[:authority_end].rpartition("@")[2]
+    path = re.split(r"[?#]", rest[authority_end:], maxsplit=1)[0]
+    return f"{scheme.group()}{host}{path}"
 
 
 def origin_allowed(url: URL, allowed: tuple[str, ...]) -> bool:

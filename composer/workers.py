@@ -63,7 +63,7 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
         # when its server closes, where it would close() any other object after libuv already
         # closed the fd (a second close of that fd number; gunicorn logs the EBADF it gets).
         sockets = [getattr(listener, "sock", listener) for listener in self.sockets]
-        server = self.server = ComposerServer(app.config, app.table, admin_host=app.host,
+        server = self.server = ComposerServer(app.config, app.table, admin_host=app.admin_host,
                                               admin_port=app.admin_port, grace=GRACE_SECONDS,
                                               sockets=sockets, manifest=app.manifest)
         # A worker started later (a replacement) must not serve the config of the arbiter's
@@ -80,8 +80,9 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
 
 class _Arbiter(BaseApplication):  # type: ignore[misc]
     def __init__(self, config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
-                 workers: int, manifest: str | None) -> None:
+                 workers: int, manifest: str | None, admin_host: str) -> None:
         self.config, self.table, self.manifest = config, table, manifest
+        self.admin_host = admin_host
         self.host, self.port, self.admin_port, self.workers = host, port, admin_port, workers
         self._failed: tuple[tuple[Path, Stamp], ...] | None = None
         super().__init__()
@@ -173,11 +174,15 @@ class _HupArbiter(Arbiter):  # type: ignore[misc]
 
 
 def _child_exit(_arbiter: Any, worker: Any) -> None:
+    """In the arbiter, for every worker that ended, however (SIGKILL included: the worker
+    itself gets no say): remove its live-mode gauge files, so what it declared (a fragment
+    version, a timeout, a circuit state) leaves /metrics with it (SPEC §9). Its counters stay:
+    sums must not go backwards."""
     multiprocess.mark_process_dead(worker.pid)
 
 
 def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
-                  workers: int, manifest: str | None = None) -> int:
+                  workers: int, manifest: str | None = None, admin_host: str = "127.0.0.1") -> int:
     """Run the arbiter until TERM/INT; gunicorn drains workers within the grace period."""
     metrics_dir = tempfile.mkdtemp(prefix="composer-metrics-")
     arbiter = os.getpid()
@@ -188,7 +193,7 @@ def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, ad
     logging.getLogger("composer").info("starting workers", extra={"fields": {"workers": workers}})
     try:
         _Arbiter(config, table, host=host, port=port, admin_port=admin_port, workers=workers,
-                 manifest=manifest).run()
+                 manifest=manifest, admin_host=admin_host).run()
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:

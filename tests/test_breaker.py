@@ -265,6 +265,39 @@ routes:
         == [(False, "closed"), (True, "open")]
 
 
+async def test_a_rolled_back_canarys_circuit_is_forgotten(fragments, start_composer, tmp_path):
+    """Nothing probes the origin of a dropped canary again: kept, its circuit would stay open
+    (gauge 2, ComposerFragmentCircuitOpen paging) forever."""
+    stable = await fragments({"/footer": html("<p>stable</p>")})
+    bad = await fragments({"/footer": html("down", status=500)})
+    routes = """\
+fragments:
+  footer:
+    owner: team-a
+    circuit_breaker: {{failures: 1, cooldown_ms: 60000}}
+    versions:
+      "1": {stable}
+      "2": {bad}
+    active: "1"
+{canary}routes:
+  - {{name: page, match: {{path: /page}}, template: page.html}}
+"""
+    text = routes.format(stable=stable.url("/footer"), bad=bad.url("/footer"),
+                         canary='    canary: {version: "2", percent: 50}\n')
+    composer = await start_composer({"page.html": '<fragment name="footer"><p>inline</p></fragment>'},
+                                    routes=text, settings="settings:\n  reload_interval_ms: 0\n")
+    await composer.get("/page", headers={"Cookie": "composer_bucket=0"})
+    assert 'composer_fragment_circuit_state{fragment="footer"} 2.0' in await composer.metrics()
+    (tmp_path / "routes.yaml").write_text("settings:\n  reload_interval_ms: 0\n" + routes.format(
+        stable=stable.url("/footer"), bad=bad.url("/footer"), canary=""), encoding="utf-8")
+    assert await composer.server.reloader.check() is True
+    assert 'composer_fragment_circuit_state{fragment="footer"} 0.0' in await composer.metrics()
+    async with composer.session.get(composer.admin_url + "/manifest") as resp:
+        view = await resp.json()
+    assert view["fragments"]["footer"]["circuit"] == "closed"
+    assert all(c["origin"] != f"http://127.0.0.1:{bad.server.port}" for c in view["circuits"])
+
+
 async def test_breaker_state_survives_a_reload(fragments, start_composer, tmp_path):
     svc = await fragments({"/recos": html("down", status=500)})
     composer = await start_composer({"page.html": PAGE.format(src=svc.url("/recos"), rest="")},

@@ -9,10 +9,16 @@ import shutil
 import subprocess
 import textwrap
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import yaml
+from conftest import eventually, html, replace_file, write_config
+from prometheus_client.parser import text_string_to_metric_families
 
 from composer.metrics import Metrics
+from composer.reload import load
+from composer.server import ComposerServer
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus-rules.yaml"
@@ -339,3 +345,106 @@ def test_dashboard_shows_pages_reloads_circuits_and_cache_and_its_queries_parse(
     result = subprocess.run([promtool(), "check", "rules", str(file)], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- replayed from composer's /metrics
+
+FOOTER_FALLBACKS = {
+    "summary": "Fragment footer: fallbacks rising since a new version went out",
+    "description": "Fallbacks of footer more than doubled after a version change in the last 30 minutes. Compare "
+                   "versions with sum by (version) (rate(composer_fragment_failures_total{fragment=\"footer\"}[5m])) "
+                   "and roll the new version back in the manifest."}
+
+
+async def replay(fragments: Any, tmp_path: Path) -> list[dict[str, str]]:
+    """promtool input series made of a real composer's scrapes, one a minute: 40 quiet
+    minutes on footer 2.0 (two pages a minute, never a fallback), then canary 2.1 at 100 %,
+    which answers 500: six pages a minute for 20 minutes, each showing the inline fallback.
+    A series is in a minute when that scrape has it ("_" before it appears)."""
+    svc = await fragments({"/footer/2.0": html("<p>footer 2.0</p>"), "/footer/2.1": html("down", status=500)})
+    footer = {"owner": "platform-team", "active": "2.0",
+              "versions": {v: svc.url(f"/footer/{v}") for v in ("2.0", "2.1")}}
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({"fragments": {"footer": footer}}), encoding="utf-8")
+    path = write_config(tmp_path, {"page.html": '<body><fragment name="footer"><p>no footer</p></fragment></body>'},
+                        settings="settings:\n  reload_interval_ms: 50\n  manifest: manifest.yaml\n")
+    config, table = load(path)
+    server = ComposerServer(config, table, host="127.0.0.1", port=0, admin_port=0)
+    await server.start()
+    scrapes: list[dict[str, float]] = []
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            async def minute(pages: int) -> dict[str, float]:
+                for _ in range(pages):
+                    async with session.get(server.url + "/page", headers={"Cookie": "composer_bucket=7"}) as resp:
+                        assert resp.status == 200
+                        await resp.read()
+                async with session.get(server.admin_url + "/metrics") as resp:
+                    scrape = {_series(s.name, s.labels): s.value
+                              for family in text_string_to_metric_families(await resp.text())
+                              for s in family.samples if not s.name.endswith("_created")}
+                scrapes.append(scrape)
+                return scrape
+
+            for _ in range(40):
+                await minute(2)
+            before = (await minute(0))['composer_config_reloads_total{result="ok"}']
+            replace_file(manifest, yaml.safe_dump({"fragments": {
+                "footer": {**footer, "canary": {"version": "2.1", "percent": 100}}}}))
+            async def reloaded() -> bool:
+                return (await minute(0))['composer_config_reloads_total{result="ok"}'] > before
+            await eventually(reloaded, "the manifest with the canary")
+            del scrapes[40:]  # the minutes spent waiting for the reload were not minutes
+            for _ in range(20):
+                await minute(6)
+    finally:
+        await server.stop()
+    names = dict.fromkeys(name for scrape in scrapes for name in scrape)
+    return [{"series": name, "values": " ".join(_value(s.get(name)) for s in scrapes)} for name in names]
+
+
+def _series(name: str, labels: dict[str, str]) -> str:
+    return name + "{" + ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items())) + "}"
+
+
+def _value(value: float | None) -> str:
+    return "_" if value is None else repr(value)
+
+
+async def test_fallbacks_alert_fires_for_a_fragment_with_no_fallback_history(fragments, tmp_path):
+    """footer never showed a fallback before 2.1 went out. Its fallback counter must still be
+    on /metrics (at 0) 30 minutes before: a counter born at the first fallback has no rate
+    `offset 30m`, and "twice what it was, plus a floor" can never hold (SPEC §9)."""
+    series = await replay(fragments, tmp_path)
+    fallbacks = [s for s in series if s["series"].startswith("composer_fragment_fallbacks_total")]
+    assert len(fallbacks) == 1 and fallbacks[0]["values"].startswith("0.0 0.0"), fallbacks
+    case = tmp_path / "test.yaml"
+    case.write_text(yaml.safe_dump({
+        "rule_files": [str(RULES)], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [
+            {"eval_time": "39m", "alertname": "ComposerFragmentFallbacksRisingAfterVersionChange", "exp_alerts": []},
+            {"eval_time": "55m", "alertname": "ComposerFragmentFallbacksRisingAfterVersionChange", "exp_alerts": [
+                {"exp_labels": {"severity": "page", "fragment": "footer"}, "exp_annotations": FOOTER_FALLBACKS}]},
+        ]}]}), encoding="utf-8")
+    promtool_test(case)
+
+
+async def test_dashboard_cache_hit_ratio_reads_zero_when_nothing_was_a_hit(fragments, tmp_path):
+    """The replayed footer: every lookup a miss (it has no cache), never a hit. The overview's
+    cache-hit panel must draw 0 for it, not leave it out: with the hit series at 0 as
+    exported, and without them (a fragment not known at load, such as a nested one)."""
+    series = await replay(fragments, tmp_path)
+    no_hits = [s for s in series if not re.match(r'composer_fragment_cache_total\{.*result="(hit|stale|coalesced)"',
+                                                 s["series"])]
+    assert len(no_hits) < len(series)
+    dash = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    [query] = [t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p.get("targets", ())
+               if 'result=~"hit|stale|coalesced"' in t["expr"]]
+    expect = {"expr": query.replace("$fragment", ".*"), "eval_time": "55m",
+              "exp_samples": [{"labels": '{fragment="footer"}', "value": 0}]}
+    case = tmp_path / "test.yaml"
+    case.write_text(yaml.safe_dump({
+        "rule_files": [str(RULES)], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": inputs, "promql_expr_test": [expect]}
+                  for inputs in (series, no_hits)]}), encoding="utf-8")
+    promtool_test(case)

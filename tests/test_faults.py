@@ -191,11 +191,12 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 async def counted(composer, metric: str) -> dict[tuple[str, str], float]:
-    """{(fragment, reason): value} of a per-fragment counter (reason "" when it has none)."""
+    """{(fragment, reason): value} of a per-fragment counter (reason "" when it has none);
+    the label sets declared at 0 (SPEC §9) are left out: only what happened counts here."""
     out: dict[tuple[str, str], float] = {}
     for line in (await composer.metrics()).splitlines():
         m = _SAMPLE.match(line)
-        if m and m[1] == metric:
+        if m and m[1] == metric and float(m[3]):
             labels = dict(_LABEL.findall(m[2]))
             out[(labels["fragment"], labels.get("reason", ""))] = float(m[3])
     return out

@@ -112,6 +112,12 @@ def test_container_ports_are_the_ports_composer_listens_on():
     assert args.workers == 1, "one process per pod: scale with replicas (the HPA), not --workers"
 
 
+def test_admin_listener_binds_the_pod_ip_for_probes_and_scrapes():
+    # composer's default is 127.0.0.1 (SPEC §9): the kubelet and Prometheus come from outside the pod.
+    assert _parser().parse_args(["serve"]).admin_host == "127.0.0.1"
+    assert serve_args().admin_host == "0.0.0.0"
+
+
 def test_probes_hit_readyz_and_healthz_on_the_admin_port():
     c, served = container(), admin_paths()
     expected = {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
+import yaml
 from aiohttp import web
-from conftest import children, eventually, free_port, html, write_config
+from conftest import (
+    Serve,
+    children,
+    eventually,
+    free_port,
+    html,
+    replace_file,
+    write_config,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -114,4 +125,61 @@ async def test_workers_refuse_a_bad_config_before_forking(tmp_path):
     assert "page.html:1:" in err.decode()
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Does process `pid` hold a socket listening on 127.0.0.1:`port` (Linux /proc)?"""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # local address, state LISTEN
+            inodes.add(fields[9])
+    try:
+        fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return False
+    return any(fd.startswith("socket:[") and fd[8:-1] in inodes for fd in fds)
 
+
+def _info(text: str) -> dict[tuple[str, str], float]:
+    """composer_fragment_info by (fragment, version)."""
+    return {(s.labels["fragment"], s.labels["version"]): s.value
+            for family in text_string_to_metric_families(text) if family.name == "composer_fragment_info"
+            for s in family.samples}
+
+
+async def test_a_killed_workers_info_gauges_leave_metrics_so_a_rollback_shows(fragments, tmp_path):
+    """SIGKILL skips every cleanup a worker does itself: the arbiter must forget its gauges
+    (prometheus_client's live modes + mark_process_dead). Else its last word, canary 2.0 at
+    1, outlives the rollback and /metrics shows both versions live (SPEC §9)."""
+    svc = await fragments({"/1.0": html("<p>footer 1.0</p>"), "/2.0": html("<p>footer 2.0</p>")})
+    entry = {"owner": "team-x", "active": "1.0", "versions": {"1.0": svc.url("/1.0"), "2.0": svc.url("/2.0")}}
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({"fragments": {"footer": {**entry, "canary": {"version": "2.0", "percent": 50}}}}),
+                        encoding="utf-8")
+    write_config(tmp_path, {"page.html": '<body><fragment name="footer"></fragment></body>'},
+                 settings="settings:\n  reload_interval_ms: 100\n  manifest: manifest.yaml\n")
+    async with Serve(tmp_path, "--workers", "2") as serve:
+        async def two_workers() -> set[int]:
+            found = children(serve.pid)
+            serve.seen_workers |= found
+            return found if len(found) == 2 else set()
+
+        async def both_serving() -> set[int]:
+            """Both workers listen on the admin port: each has declared its gauges (before binding)."""
+            found = await two_workers()
+            return found if found and all(_listens(pid, serve.admin_port) for pid in found) else set()
+        workers = await eventually(both_serving, "two workers on the admin port")
+        assert _info(await serve.metrics()) == {("footer", "1.0"): 1, ("footer", "2.0"): 1}
+
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            found = await two_workers()
+            return bool(found) and victim not in found
+        await eventually(replaced, "a replacement for the killed worker")
+        replace_file(manifest, yaml.safe_dump({"fragments": {"footer": entry}}))
+
+        async def rolled_back() -> bool:
+            info = _info(await serve.metrics())
+            return info.get(("footer", "1.0")) == 1 and info.get(("footer", "2.0"), 0) == 0
+        await eventually(rolled_back, "/metrics to show only 1.0 after the rollback", deadline=10)
