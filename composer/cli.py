@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Coroutine
 
+from . import __version__
 from .errors import ConfigError
 from .listener import raise_open_files
 from .logs import setup_logging
@@ -27,6 +28,7 @@ log = logging.getLogger("composer")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="composer", description="Compose pages from fragments.")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the routes in --config")
     serve.add_argument("--config", default="routes.yaml", help="routes file (default ./routes.yaml)")
@@ -47,7 +49,19 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="serve the bundled example with demo fragment services")
     demo.add_argument("--port", type=int, default=8080, help="page port (default 8080)")
     demo.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
+    demo.add_argument("--fragments-port", type=int, default=0,
+                      help="port of the demo fragment services (default 0: any free port)")
     return parser
+
+
+class _Version(argparse.Action):
+    """`composer --version`: one line, enough to tell this `composer` from PHP's Composer and
+    MosaicML's, which own the same command name on many machines (argparse's own action
+    would re-wrap it to the terminal's width)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(f"composer {__version__} (fragment-composer, the edge proxy composing pages from fragments)")
+        parser.exit()
 
 
 def _positive(text: str) -> int:
@@ -71,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             setup_logging()
-            return _run(run_demo(port=args.port, admin_port=args.admin_port))
+            return _run(run_demo(port=args.port, admin_port=args.admin_port, fragments_port=args.fragments_port))
         config, table = load(args.config, manifest=args.manifest)
     except ConfigError as exc:
         for problem in exc.problems:

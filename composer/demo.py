@@ -1,16 +1,20 @@
 """`composer demo`: the shipped example, with its fragment services, on loopback.
 
-The fragment services are one small aiohttp app on 127.0.0.1:9101 (the port the example
-templates name): a header, a primary product fragment declaring CSS and JS in `Link`,
-slow async recommendations, a footer, and a reviews service that always fails so its
-fallback shows. The example itself is the repository's `routes.yaml` + `templates/`,
-shipped inside the wheel as `composer/example/`.
+The fragment services are one small aiohttp app on a free loopback port: a header, a
+primary product fragment declaring CSS and JS in `Link`, slow async recommendations, a
+footer, and a reviews service that always fails so its fallback shows. The example itself
+is the repository's `routes.yaml` + `templates/` + `manifests/`, shipped inside the wheel
+as `composer/example/`; they name the services `127.0.0.1:9101`, which the demo rewrites
+to the port it got in a temporary copy (so a second demo, or the test suite, never finds
+the port taken).
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from aiohttp import web
@@ -19,10 +23,9 @@ from .errors import ConfigError
 from .reload import load
 from .server import ComposerServer, stop_event
 
-__all__ = ["DEMO_PORT", "demo_app", "example_config", "run_demo"]
+__all__ = ["EXAMPLE_ORIGIN", "demo_app", "example_at", "example_config", "run_demo"]
 
-DEMO_PORT = 9101
-_BASE = f"http://127.0.0.1:{DEMO_PORT}"
+EXAMPLE_ORIGIN = "http://127.0.0.1:9101"  # where the shipped example's files say the services are
 
 _CSS = b"""
 .product{border:1px solid #ccc;border-radius:8px;padding:1em;margin:1em 0}
@@ -42,16 +45,17 @@ _PRODUCTS = {"42": ("Espresso machine", "199.00"), "7": ("Coffee grinder", "89.0
 def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     """The demo fragment services (also used by the tests of the shipped example)."""
 
-    async def header(_: web.Request) -> web.Response:
+    async def header(request: web.Request) -> web.Response:
         return web.Response(
             text='<header><a href="/">composer demo shop</a> · <a href="/products/42">espresso</a>'
                  ' · <a href="/products/7">grinder</a></header>',
-            content_type="text/html", headers={"link": f'<{_BASE}/static/site.css>; rel="stylesheet"'})
+            content_type="text/html", headers={"link": f'<{_origin(request)}/static/site.css>; rel="stylesheet"'})
 
     async def product(request: web.Request) -> web.Response:
         sku = request.match_info["sku"]
-        links = (f'<{_BASE}/static/product.css>; rel="stylesheet", '
-                 f'<{_BASE}/static/product.js>; rel="fragment-script"')
+        base = _origin(request)
+        links = (f'<{base}/static/product.css>; rel="stylesheet", '
+                 f'<{base}/static/product.js>; rel="fragment-script"')
         if sku not in _PRODUCTS:
             return web.Response(status=404, text=f"<h1>No product {sku!r}</h1>", content_type="text/html")
         name, price = _PRODUCTS[sku]
@@ -71,7 +75,7 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
         version = request.match_info.get("version", "")
         style = ' style="border-top:3px solid #36c"' if version == "2.4.0" else ""
         return web.Response(text=f"<footer{style}>composer demo · footer {version or 'static'} · "
-                                 "fragments from 127.0.0.1:9101</footer>", content_type="text/html")
+                                 f"fragments from {request.host}</footer>", content_type="text/html")
 
     async def stock(request: web.Request) -> web.Response:
         sku = request.match_info["sku"]
@@ -98,6 +102,28 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     return app
 
 
+def _origin(request: web.Request) -> str:
+    """The services' own origin, as composer addressed them (assets are fetched from it)."""
+    return f"http://{request.host}"
+
+
+def example_at(origin: str, folder: Path) -> Path:
+    """A copy of the shipped example in `folder` whose fragment URLs point at `origin`; its
+    routes.yaml."""
+    source = example_config().parent
+    for name in ("routes.yaml", "templates", "manifests"):
+        if (source / name).is_dir():
+            shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
+        elif (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    for file in folder.rglob("*"):
+        if file.is_file() and file.suffix in (".yaml", ".yml", ".html", ".json"):
+            text = file.read_text(encoding="utf-8")
+            if EXAMPLE_ORIGIN in text:
+                file.write_text(text.replace(EXAMPLE_ORIGIN, origin), encoding="utf-8")
+    return folder / "routes.yaml"
+
+
 def example_config() -> Path:
     """routes.yaml of the shipped example: inside the wheel, else the source checkout's."""
     here = Path(__file__).resolve().parent
@@ -107,27 +133,34 @@ def example_config() -> Path:
     raise FileNotFoundError("the example routes.yaml is not installed")
 
 
-async def run_demo(*, port: int = 8080, admin_port: int = 9911) -> int:
+async def run_demo(*, port: int = 8080, admin_port: int = 9911, fragments_port: int = 0) -> int:
     """Start the fragment services and the example; run until SIGINT/SIGTERM."""
-    try:
-        config, table = load(example_config())
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"composer demo: the shipped example is broken: {exc}", file=sys.stderr)
-        return 2
     stop = stop_event()
     services = web.AppRunner(demo_app(), access_log=None)
     await services.setup()
-    server = ComposerServer(config, table, host="127.0.0.1", port=port, admin_port=admin_port)
-    try:
-        await web.TCPSite(services, "127.0.0.1", DEMO_PORT).start()
-        await server.start()
-    except OSError as exc:
-        print(f"composer demo: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        await services.cleanup()
+    server: ComposerServer | None = None
+    with tempfile.TemporaryDirectory(prefix="composer-demo-") as folder:
+        try:
+            await web.TCPSite(services, "127.0.0.1", fragments_port).start()
+            origin = f"http://127.0.0.1:{services.addresses[0][1]}"
+            config, table = load(example_at(origin, Path(folder)))
+            server = ComposerServer(config, table, host="127.0.0.1", port=port, admin_port=admin_port)
+            await server.start()
+        except (ConfigError, FileNotFoundError) as exc:
+            print(f"composer demo: the shipped example is broken: {exc}", file=sys.stderr)
+            return await _stopped(services, server, 2)
+        except OSError as exc:
+            print(f"composer demo: cannot listen: {exc.strerror or exc} (choose other ports with --port, "
+                  "--admin-port; 0 takes a free one)", file=sys.stderr)
+            return await _stopped(services, server, 1)
+        print(f"composer demo: open {server.url}/products/42 (fragment services: {origin}, "
+              f"metrics: {server.admin_url}/metrics)", flush=True)
+        await stop.wait()
+        return await _stopped(services, server, 0)
+
+
+async def _stopped(services: web.AppRunner, server: ComposerServer | None, status: int) -> int:
+    if server is not None:
         await server.stop()
-        return 1
-    print(f"composer demo: open {server.url}/products/42 (metrics: {server.admin_url}/metrics)", flush=True)
-    await stop.wait()
-    await server.stop()
     await services.cleanup()
-    return 0
+    return status

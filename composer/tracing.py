@@ -1,4 +1,4 @@
-"""Optional OpenTelemetry spans: `pip install 'composer[otel]'` and set OTEL_EXPORTER_OTLP_ENDPOINT.
+"""Optional OpenTelemetry spans: `pip install 'fragment-composer[otel]'` and set OTEL_EXPORTER_OTLP_ENDPOINT.
 
 Off by default, and then free: the server holds `None` instead of a `Tracing`, and the hot
 path pays one `is None` check per page and per fragment. When on, a page is a `compose_page`
@@ -93,7 +93,7 @@ def from_env() -> Tracing | None:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
         log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed "
-                    "(pip install 'composer[otel]'); tracing stays off", extra={"fields": {"error": str(exc)}})
+                    "(pip install 'fragment-composer[otel]'); tracing stays off", extra={"fields": {"error": str(exc)}})
         return None
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     attributes = {} if named else {"service.name": "composer"}

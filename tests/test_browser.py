@@ -38,7 +38,7 @@ from playwright.async_api import (
 )
 
 from composer.config import load_config
-from composer.demo import DEMO_PORT, demo_app, example_config
+from composer.demo import demo_app, example_at
 from composer.reload import load
 from composer.routing import build_table
 from composer.server import ComposerServer
@@ -176,22 +176,23 @@ async def world(browser: Browser, tmp_path: Path) -> AsyncIterator[World]:
 class Demo:
     url: str
     async_index: int  # the recommendations fragment's N in composer-async-N
+    services: str  # the demo fragment services' origin
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def demo() -> AsyncIterator[Demo]:
-    """What `composer demo` runs, in process: the demo fragment services on their fixed port
-    (the shipped templates name it) and the repository's routes.yaml, templates and manifest.
+async def demo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Demo]:
+    """What `composer demo` runs, in process: the demo fragment services on a free port and a
+    copy of the repository's routes.yaml, templates and manifest pointing at it.
     Recommendations come after 0.4 s instead of 1.5 s: still last, so still streamed async."""
-    config, table = load(example_config())
-    product = next(r for r in table.routes if r.name == "product")
-    assert product.template is not None
-    recos = next(f for f in product.template.fragments if f.id == "recommendations")
     async with AsyncExitStack() as stack:
-        await serve(stack, demo_app(recommendation_delay=0.4), DEMO_PORT)
+        origin = await serve(stack, demo_app(recommendation_delay=0.4))
+        config, table = load(example_at(origin, tmp_path_factory.mktemp("demo")))
+        product = next(r for r in table.routes if r.name == "product")
+        assert product.template is not None
+        recos = next(f for f in product.template.fragments if f.id == "recommendations")
         url = await start_composer(stack, ComposerServer(
             config, table, host="127.0.0.1", port=0, admin_port=0, grace=2))
-        yield Demo(url, recos.index)
+        yield Demo(url, recos.index, origin)
 
 
 async def test_demo_async_fragment_lands_at_its_placeholder(demo: Demo, world: World) -> None:
@@ -240,7 +241,7 @@ async def test_demo_pages_are_clean_and_screenshot(demo: Demo, world: World, tmp
     # The primary product's assets are preloaded (the page's Link header) and then used by
     # the <link>/<script> composer emits: one request each, not two.
     for asset in ("product.css", "product.js"):
-        assert tab.requested(f"http://127.0.0.1:{DEMO_PORT}/static/{asset}") == 1, (asset, tab.requests)
+        assert tab.requested(f"{demo.services}/static/{asset}") == 1, (asset, tab.requests)
 
     shot = tmp_path / "demo.png"
     await tab.page.screenshot(path=str(shot), full_page=True)

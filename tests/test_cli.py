@@ -304,5 +304,52 @@ async def test_demo(tmp_path):
         demo.proc.send_signal(signal.SIGTERM)
         code, _ = await demo.wait()
         assert code == 0, demo.stderr
-        assert refuses(port) and refuses(admin) and refuses(9101)
+        services = re.search(r"fragment services: http://127\.0\.0\.1:(\d+)", demo.first_line)
+        assert services is not None, demo.first_line
+        assert refuses(port) and refuses(admin) and refuses(int(services[1]))
+
+
+async def test_two_demos_run_side_by_side_on_their_own_fragment_ports(tmp_path):
+    """Each demo's fragment services take a free port (a fixed 9101 made the second one, or the
+    suite beside a demo, fail with 'address already in use')."""
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    async with Running(tmp_path, "demo", "--port", str(ports[0][0]), "--admin-port", str(ports[0][1])) as one, \
+            Running(tmp_path, "demo", "--port", str(ports[1][0]), "--admin-port", str(ports[1][1])) as two:
+        origins = {re.search(r"fragment services: (\S+),", d.first_line)[1] for d in (one, two)}  # type: ignore[index]
+        assert len(origins) == 2, (one.first_line, two.first_line)
+        for port, _ in ports:
+            status, body = await get(f"http://127.0.0.1:{port}/products/42")
+            assert status == 200 and "Espresso machine" in body and "You may also like" in body
+
+
+async def test_demo_says_which_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        running = Running(tmp_path, "demo", "--port", str(busy), "--admin-port", str(free_port()))
+        with pytest.raises(pytest.fail.Exception, match="cannot listen"):
+            async with running:
+                pass
+        assert "--port" in running.stderr and "Traceback" not in running.stderr
+
+
+# --- the name, the version ------------------------------------------------------------
+
+def test_version_is_written_once_and_both_commands_say_it():
+    from importlib.metadata import version
+
+    import composer
+
+    assert version("fragment-composer") == composer.__version__
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    assert not re.search(r'^version\s*=', pyproject, re.MULTILINE), "the version lives in composer/__init__.py only"
+    scripts = Path(sys.executable).parent
+    for argv in ([str(scripts / "composer")], [str(scripts / "fragment-composer")], [sys.executable, "-m", "composer"]):
+        done = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"composer {composer.__version__} (fragment-composer, the edge proxy composing " \
+                              "pages from fragments)\n", argv
+        done = subprocess.run([*argv, "check", "--help"], capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0 and "--config" in done.stdout
 

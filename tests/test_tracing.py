@@ -321,10 +321,10 @@ def test_tracing_is_off_without_an_endpoint_or_when_disabled(monkeypatch: pytest
 
 
 def test_an_endpoint_without_the_sdk_installed_says_so_and_serves_on() -> None:
-    """composer[otel] not installed (the import is made to fail): one warning, tracing off."""
+    """fragment-composer[otel] not installed (the import is made to fail): one warning, tracing off."""
     code = textwrap.dedent("""
         import logging, os, sys
-        sys.modules["opentelemetry.sdk"] = None  # as if `pip install composer` without [otel]
+        sys.modules["opentelemetry.sdk"] = None  # as if `pip install fragment-composer` without [otel]
         logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:4318"
         from composer.tracing import from_env
@@ -332,4 +332,4 @@ def test_an_endpoint_without_the_sdk_installed_says_so_and_serves_on() -> None:
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     assert done.stdout.strip() == "None"
-    assert "pip install 'composer[otel]'" in done.stderr and "tracing stays off" in done.stderr
+    assert "pip install 'fragment-composer[otel]'" in done.stderr and "tracing stays off" in done.stderr
