@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from composer.reload import load
+from composer import load
 from composer.routing import split_target
 
 N = 1000
@@ -61,7 +61,7 @@ def measure(name: str, make) -> None:  # type: ignore[no-untyped-def]
         file = Path(folder) / "routes.yaml"
         file.write_text("routes:\n" + "".join(routes), encoding="utf-8")
         started = time.perf_counter()
-        _, table = load(file)
+        table = load(file)
         built = time.perf_counter() - started
     headers = CIMultiDict({"host": "shop.example.com", "x-beta": "on"})
     cases = {"first": paths[0], "middle": paths[N // 2], "last": paths[-1], "miss": "/nothing/here/at/all"}

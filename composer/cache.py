@@ -137,7 +137,7 @@ class FragmentCache:
             getsizeof=lambda e: e.size)
         self._names: LRUCache[str, tuple[str, ...] | str] = LRUCache(_KNOWN_URLS)  # url → Vary names or _PASS
         self._flights: dict[_Key, _Flight] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Fetched | Failed]] = set()
 
     @property
     def size(self) -> int:

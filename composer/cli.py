@@ -18,7 +18,7 @@ from . import __version__
 from .errors import ConfigError
 from .listener import raise_open_files
 from .logs import setup_logging
-from .reload import load
+from .routing import load
 from .server import ComposerServer, stop_event
 
 __all__ = ["main"]
@@ -27,6 +27,7 @@ log = logging.getLogger("composer")
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line of SPEC §1."""
     parser = argparse.ArgumentParser(prog="composer", description="Compose pages from fragments.")
     parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -72,42 +73,42 @@ def _positive(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "check":
-            config, table = load(args.config, manifest=args.manifest)
+            table = load(args.config, args.manifest)  # no event loop yet: a URL manifest is fetched here
             for warning in table.warnings:
                 print(warning, file=sys.stderr)
             fragments = sum(len(r.template.fragments) for r in table.routes if r.template)
-            print(f"{config.label}: ok ({len(table.routes)} routes, {fragments} fragments)")
+            print(f"{table.label}: ok ({len(table.routes)} routes, {fragments} fragments)")
             return 0
         if args.command == "demo":
             from .demo import run_demo
 
             setup_logging()
             return _run(run_demo(port=args.port, admin_port=args.admin_port, fragments_port=args.fragments_port))
-        config, table = load(args.config, manifest=args.manifest)
+        table = load(args.config, args.manifest)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 2
     setup_logging()
-    raise_open_files(table.settings.max_connections if table.settings else 0)
+    raise_open_files(table.settings.max_connections)
     for warning in table.warnings:
         log.warning("config warning", extra={"fields": {"problem": warning}})
     if args.workers > 1:
         from .workers import serve_workers
 
-        return serve_workers(config, table, host=args.host, port=args.port, admin_host=args.admin_host,
-                             admin_port=args.admin_port,
-                             manifest=args.manifest,
-                             workers=args.workers)
-    server = ComposerServer(config, table, host=args.host, port=args.port, admin_host=args.admin_host,
-                            admin_port=args.admin_port, manifest=args.manifest)
+        return serve_workers(table, host=args.host, port=args.port, admin_host=args.admin_host,
+                             admin_port=args.admin_port, workers=args.workers)
+    server = ComposerServer(table, host=args.host, port=args.port, admin_host=args.admin_host,
+                            admin_port=args.admin_port)
     return _run(_serve(server))
 
 
 async def _serve(server: ComposerServer) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; SIGHUP reloads."""
     stop = stop_event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, server.reloader.trigger)
     try:
@@ -125,6 +126,7 @@ async def _serve(server: ComposerServer) -> int:
 
 
 def _run(coro: Coroutine[object, object, int]) -> int:
+    """Run `coro` on uvloop when it is installed (faster), else on asyncio's loop."""
     try:
         import uvloop
     except ImportError:

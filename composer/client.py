@@ -42,6 +42,7 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import brotli
 import httptools
@@ -57,6 +58,8 @@ MAX_FIELD_SIZE = 16384
 MAX_HEADERS = 128
 _DNS_ENTRIES = 1024  # more distinct hosts than this: the cache starts over
 _SCHEMES = frozenset({"http", "https"})
+# getaddrinfo's answers: (family, type, proto, canonname, sockaddr)
+_AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 
 class ClientError(Exception):
@@ -153,7 +156,7 @@ class _Brotli:
             return b""
         self.fed = True
         try:
-            out = d.process(data, output_buffer_limit=room + 1)
+            out: bytes = d.process(data, output_buffer_limit=room + 1)
         except brotli.error as exc:
             raise InvalidResponse(f"br body does not decompress: {exc}") from None
         if len(out) > room:
@@ -192,6 +195,13 @@ class _Conn(asyncio.Protocol):
                  "_raw", "_received", "_response", "_size", "_skip", "_status", "_until_close", "closed", "complete", "error",
                  "fut", "headers_done", "idle", "idle_since", "keep_alive", "max_field", "parser", "pool", "requests",
                  "transport")
+
+    # Per request, set by `send` (and dropped once the response is delivered).
+    _raw: list[tuple[str, str]]
+    _chunks: list[bytes]
+    _headers: CIMultiDictProxy[str] | None
+    _response: Response | None
+    _decoder: _Zlib | _Brotli | None
 
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
@@ -281,9 +291,10 @@ class _Conn(asyncio.Protocol):
             self.keep_alive = False
             if not fut.done():  # else cancelled: its owner closes the connection
                 fut.set_exception(self.error)
-        elif not fut.done():
+        elif not fut.done() and self._response is not None:
             fut.set_result(self._response)
-        self._response = self._headers = self._chunks = self._raw = None  # nothing kept while idle
+        self._response = self._headers = None  # nothing kept while idle
+        self._chunks, self._raw = [], []
 
     def eof_received(self) -> bool | None:
         self._lost(None)
@@ -418,6 +429,7 @@ class _Conn(asyncio.Protocol):
                 raise _Stop from None
         chunks = self._chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        assert self._headers is not None  # on_headers_complete ran: the head came before the body
         self._response = Response(self._status, self._headers, body)
         self.complete = True
 
@@ -528,7 +540,7 @@ class Client:
         self.dns_ttl = dns_ttl
         self._ssl = ssl_context
         self._pools: dict[tuple[str, str, int], _Pool] = {}
-        self._dns: dict[tuple[str, int], tuple[float, list]] = {}
+        self._dns: dict[tuple[str, int], tuple[float, list[_AddrInfo]]] = {}
         self._conns: set[_Conn] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -596,7 +608,8 @@ class Client:
             raise ConnectError(f"not an http(s) URL: {str(url)[:200]!r}")
         if not host or port is None:
             raise ConnectError(f"URL has no host: {str(url)[:200]!r}")
-        pool = self._pools[(scheme, host, port)] = _Pool(self, loop, scheme, host, port, url.host_port_subcomponent)
+        pool = self._pools[(scheme, host, port)] = _Pool(self, loop, scheme, host, port,
+                                                         url.host_port_subcomponent or host)
         return pool
 
     async def _acquire(self, pool: _Pool, share: str | None) -> _Conn:
@@ -696,14 +709,14 @@ class Client:
         self._conns.add(conn)
         return conn
 
-    async def _resolve(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list:
+    async def _resolve(self, loop: asyncio.AbstractEventLoop, host: str, port: int) -> list[_AddrInfo]:
         key = (host, port)
         now = loop.time()
         entry = self._dns.get(key)
         if entry is not None and entry[0] > now:
             return entry[1]
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos: list[_AddrInfo] = list(await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))
         except OSError as exc:
             raise ConnectError(f"cannot resolve {host}: {exc}") from None
         if not infos:

@@ -1,22 +1,25 @@
 """Loading routes.yaml into frozen dataclasses.
 
-The file is read with PyYAML's `compose` so every node keeps its line: each problem is
-reported as `routes.yaml:LINE: message`, and all problems of a file are collected before
-`ConfigError` is raised, so one `composer check` shows everything that is wrong.
+The file is read with `parse_yaml` (PyYAML's nodes, not values) so every node keeps its line:
+each problem is reported as `routes.yaml:LINE: message`, and all problems of a file are
+collected before `ConfigError` is raised, so one `composer check` shows everything that is
+wrong. A setting that loads but changes nothing is a warning, printed by `check` and logged
+at start.
 
 Everything that can be checked from routes.yaml alone is checked and built here: keys,
-types and ranges, predicates and filters (through their registries), backend URLs and
-redirect targets. What needs other files — the templates — is compiled when the route
-table is built (`routing`).
+types and ranges (the settings table: `Settings`), predicates and filters (through their
+registries), backend URLs and redirect targets. What needs other files — the templates, an
+external manifest — is added when the route table is built (`routing.load`).
 """
 
 from __future__ import annotations
 
+import enum
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import quote
 
 import yaml
@@ -24,22 +27,18 @@ from yarl import URL
 
 from .breaker import DEFAULT_POLICY, BreakerPolicy, merged, parse_policy
 from .errors import ConfigError, Stamp
-from .filters import FILTERS, PathTemplate, RequestFilter, ResponseFilter
+from .filters import PathTemplate, RequestFilter, ResponseFilter, parse_filters
+from .headers import HOP_BY_HOP
 from .manifest import Manifest, parse_fragments
-from .nodes import MAX_TIMEOUT_MS, Reader, compose, file_stamp, is_null, plain
-from .predicates import (
-    PREDICATES,
-    Condition,
-    MethodsPredicate,
-    PathPredicate,
-    PathPrefixPredicate,
-)
+from .nodes import MAX_TIMEOUT_MS, Reader, file_stamp, is_null, parse_yaml
+from .predicates import Condition, PathPredicate, PathPrefixPredicate, parse_match
 from .urls import origin_allowed
 
 __all__ = [
     "CACHE_BYTES",
     "DEFAULT_FORWARD_HEADERS",
     "MAX_FRAGMENT_BYTES",
+    "SETTINGS",
     "TEMPLATE_METHODS",
     "Backend",
     "Config",
@@ -49,6 +48,7 @@ __all__ = [
     "file_stamp",
     "load_config",
     "read_config",
+    "setting",
 ]
 
 MAX_FRAGMENT_BYTES = 5 * 1024 * 1024
@@ -61,44 +61,182 @@ DEFAULT_FORWARD_HEADERS = (
     "traceparent",
     "tracestate",
 )
-# Headers that describe one connection or one message, never the user: forwarding them
-# to a fragment would corrupt its request (RFC 9110 §7.6.1), so they are refused at load.
-_NOT_FORWARDABLE = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                              "transfer-encoding", "upgrade", "host", "content-length",
-                              "accept-encoding", "x-request-id", "x-request-uri", "x-request-host"})
+# Request headers a fragment never gets from the user, and why: forwarding them would corrupt
+# the request composer sends (RFC 9110 §7.6.1), so listing one is a config error.
+_NOT_FORWARDABLE = {
+    **dict.fromkeys(HOP_BY_HOP, "it is hop-by-hop: it describes one connection, not the user"),
+    "host": "the fragment's URL decides it",
+    "content-length": "fragment requests have no body",
+}
+# Request headers composer sends every fragment itself (pipeline.Page.of): listing one changes
+# nothing, so it is dropped with a warning. Tailor forwards x-request-id by default, so
+# configs written for Tailor list it.
+_SENT_BY_COMPOSER = frozenset({"accept-encoding", "x-request-id", "x-request-uri", "x-request-host"})
+
+
+# ---------------------------------------------------------------- the settings table
+
+class _Skip(enum.Enum):
+    """What a setting's reader returns instead of a value."""
+
+    INVALID = "the node is unusable; its problem is recorded"
+    DEFAULT = "the node leaves the default (`manifest: null`, `cache: {}`)"
+
+
+T = TypeVar("T")
+# A setting's reader: (reader, its node, "settings.key" for messages) → its value or a _Skip.
+Read: TypeAlias = Callable[[Reader, yaml.Node, str], "T | _Skip"]
+
+
+def setting(default: T, read: Read[T], *, key: str | None = None) -> T:
+    """A row of the settings table, declared as a field of `Settings`: its type is the field's,
+    `default` applies when routes.yaml leaves it out, `read` checks and converts its node,
+    and `key` is its name under `settings:` when that differs from the field's."""
+    return field(default=default, metadata={"read": read, "key": key})
+
+
+def _integer(low: int, high: int) -> Read[int]:
+    def read(reader: Reader, node: yaml.Node, what: str) -> int | _Skip:
+        value = reader.integer(node, what, low, high)
+        return _Skip.INVALID if value is None else value
+    return read
+
+
+def _boolean(reader: Reader, node: yaml.Node, what: str) -> bool | _Skip:
+    value = reader.boolean(node, what)
+    return _Skip.INVALID if value is None else value
+
+
+def _path(reader: Reader, node: yaml.Node, what: str) -> Path | _Skip:
+    """A folder, still relative: `_settings` resolves it against routes.yaml's folder."""
+    value = reader.string(node, what)
+    return _Skip.INVALID if value is None else Path(value)
+
+
+def _name(lower: bool) -> Read[str | None]:
+    """A string that may be null (unset); header names are compared lowercased."""
+    def read(reader: Reader, node: yaml.Node, what: str) -> str | None | _Skip:
+        if is_null(node):
+            return _Skip.DEFAULT
+        value = reader.string(node, what)
+        if value is None:
+            return _Skip.INVALID
+        return value.lower() if lower else value
+    return read
+
+
+def _forward_headers(reader: Reader, node: yaml.Node, what: str) -> tuple[str, ...] | _Skip:
+    """Lowercased names; one composer may not forward is a problem, one it sends anyway a warning."""
+    names = reader.strings(node, what)
+    if names is None:
+        return _Skip.INVALID
+    assert isinstance(node, yaml.SequenceNode)  # `strings` accepts nothing else
+    kept: list[str] = []
+    told: set[str] = set()
+    for item, name in zip(node.value, (n.lower() for n in names), strict=True):
+        if name in _NOT_FORWARDABLE or name in _SENT_BY_COMPOSER:
+            if name in _NOT_FORWARDABLE and name not in told:
+                reader.error(item, f"{what} cannot include {name!r}: {_NOT_FORWARDABLE[name]}")
+            elif name not in told:
+                reader.warn(item, f"{what}: {name!r} is sent by composer itself; listing it changes nothing")
+            told.add(name)
+        else:
+            kept.append(name)
+    return tuple(kept)
+
+
+def _origins(reader: Reader, node: yaml.Node, what: str) -> tuple[str, ...] | _Skip:
+    """`scheme://host[:port]` globs; each must name http or https."""
+    origins = reader.strings(node, what)
+    if origins is None:
+        return _Skip.INVALID
+    for origin in origins:
+        if not origin.startswith(("http://", "https://")):
+            reader.error(node, f"allowed origin {origin!r} must start with http:// or https://")
+    return origins
+
+
+def _breaker(reader: Reader, node: yaml.Node, what: str) -> BreakerPolicy | _Skip:
+    """Keys given override the defaults, one by one."""
+    override = parse_policy(reader, node, what)
+    return _Skip.INVALID if override is None else merged(DEFAULT_POLICY, override)
+
+
+def _cache_max_bytes(reader: Reader, node: yaml.Node, what: str) -> int | _Skip:
+    """`cache: {max_bytes}`: a mapping, so cache options can join it later."""
+    keys = reader.mapping(node, what, ("max_bytes",))
+    if "max_bytes" not in keys:
+        return _Skip.DEFAULT
+    value = reader.integer(keys["max_bytes"], f"{what}.max_bytes", 0, 1 << 40)
+    return _Skip.INVALID if value is None else value
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """`settings:` of routes.yaml; `templates` is already resolved against the file's folder."""
+    """`settings:` of routes.yaml, and the table that reads it: one field per setting, with its
+    type, default and check (`setting`). Adding a setting is adding a field here; the fields'
+    order is the order `unknown key` messages list them in.
 
-    templates: Path
-    fragment_timeout_ms: int = 3000
-    forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
-    allowed_origins: tuple[str, ...] = ()
-    max_fragment_bytes: int = MAX_FRAGMENT_BYTES
-    reload_interval_ms: int = 1000  # how often routes.yaml and templates are checked; 0: only on SIGHUP
-    manifest: str | None = None  # a manifest file (relative to routes.yaml) or http(s) URL
-    manifest_poll_s: int = 10  # how often a URL manifest is polled
-    version_override_header: str | None = None  # e.g. x-composer-versions: footer=2.4.0 (QA)
-    circuit_breaker: BreakerPolicy = DEFAULT_POLICY  # per manifest fragment: its `circuit_breaker`
-    cache_max_bytes: int = CACHE_BYTES  # `cache: {max_bytes}`; 0 turns caching off
-    page_timeout_ms: int = 10_000  # then every fragment still pending renders its fallback
-    max_fragments_per_template: int = 100
-    max_connections_per_origin: int = 256  # read when the process starts
-    server_timing: bool = True  # the Server-Timing header: the primary's wait, composer's own time
+    `templates` is resolved against routes.yaml's folder. Some settings are read only when
+    the process starts (noted); a reload changing them is logged.
+    """
+
+    # (RUF009 cannot see that `setting` is `field`, nor that Path and BreakerPolicy are immutable.)
+    templates: Path = setting(Path("templates"), _path)  # noqa: RUF009  # folder of the page templates
+    fragment_timeout_ms: int = setting(3000, _integer(1, MAX_TIMEOUT_MS))
+    forward_headers: tuple[str, ...] = setting(DEFAULT_FORWARD_HEADERS, _forward_headers)
+    allowed_origins: tuple[str, ...] = setting((), _origins)  # empty: any
+    max_fragment_bytes: int = setting(MAX_FRAGMENT_BYTES, _integer(1, 1 << 30))
+    manifest: str | None = setting(None, _name(lower=False))  # a file (relative to routes.yaml) or http(s) URL
+    manifest_poll_s: int = setting(10, _integer(1, 86400))  # how often a URL manifest is polled
+    version_override_header: str | None = setting(None, _name(lower=True))  # e.g. x-composer-versions (QA)
+    reload_interval_ms: int = setting(1000, _integer(0, MAX_TIMEOUT_MS))  # file checks; 0: only on SIGHUP
+    circuit_breaker: BreakerPolicy = setting(DEFAULT_POLICY, _breaker)  # noqa: RUF009  # per fragment: its own
+    cache_max_bytes: int = setting(CACHE_BYTES, _cache_max_bytes, key="cache")  # 0 turns caching off
+    page_timeout_ms: int = setting(10_000, _integer(1, MAX_TIMEOUT_MS))  # then pending fragments fall back
+    max_fragments_per_template: int = setting(100, _integer(1, 10_000))
+    max_connections_per_origin: int = setting(256, _integer(1, 100_000))  # read when the process starts
+    server_timing: bool = setting(True, _boolean)  # Server-Timing: the primary's wait, composer's own time
     # One inline script at </body> with a `performance.measure` per fragment: off by default,
     # since a strict Content-Security-Policy refuses inline scripts (a console error per page).
-    timing_marks: bool = False
-    # SPEC §9: limits on what one client, connection or backend may hold (read when the process starts).
-    client_header_timeout_ms: int = 10_000  # a request head not complete by then: connection closed
-    keepalive_timeout_ms: int = 75_000  # an idle keep-alive client connection is closed
-    send_timeout_ms: int = 60_000  # a client that reads nothing this long is dropped
-    max_connections: int = 10_000  # client connections held at once; more are refused
-    max_ws_message_bytes: int = 4 * 1024 * 1024  # a larger WebSocket message closes that socket (1009)
-    max_connections_per_backend: int = 256
-    server_header: bool = True  # `Server: composer` (never a version); false: no Server header
+    timing_marks: bool = setting(False, _boolean)
+    # SPEC §9: limits on what one client, connection or backend may hold.
+    client_header_timeout_ms: int = setting(10_000, _integer(1, MAX_TIMEOUT_MS))  # head not complete: closed
+    keepalive_timeout_ms: int = setting(75_000, _integer(0, 3_600_000))  # an idle client connection is closed
+    send_timeout_ms: int = setting(60_000, _integer(1, MAX_TIMEOUT_MS))  # a client reading nothing is dropped
+    max_connections: int = setting(10_000, _integer(1, 1_000_000))  # client connections at once; more refused
+    max_ws_message_bytes: int = setting(4 * 1024 * 1024, _integer(1, 1 << 30))  # larger: that socket closes
+    max_connections_per_backend: int = setting(256, _integer(1, 100_000))  # read when the process starts
+    server_header: bool = setting(True, _boolean)  # `Server: composer` (never a version); false: none
 
+
+# The table, keyed by the name under `settings:`. Built at import, so a field declared without
+# `setting()` fails at once (KeyError), not at the first load.
+SETTINGS: Mapping[str, Field[Any]] = {f.metadata["key"] or f.name: f for f in fields(Settings)}
+
+
+def _settings(reader: Reader, node: yaml.Node | None, base: Path) -> Settings | None:
+    """`settings:` through the table; None when a value is unusable (its problem is recorded).
+
+    Keys are read in file order, so problems come in line order.
+    """
+    keys = reader.mapping(node, "settings", tuple(SETTINGS)) if node is not None else {}
+    values: dict[str, Any] = {}
+    usable = True
+    for key, value_node in keys.items():
+        row = SETTINGS[key]
+        value = row.metadata["read"](reader, value_node, f"settings.{key}")
+        if value is _Skip.INVALID:
+            usable = False
+        elif value is not _Skip.DEFAULT:
+            values[row.name] = value
+    if not usable:
+        return None
+    settings = Settings(**values)
+    return replace(settings, templates=base / settings.templates)
+
+
+# ---------------------------------------------------------------- routes
 
 @dataclass(frozen=True, slots=True)
 class Backend:
@@ -120,11 +258,12 @@ class Redirect:
     relative: bool
 
     def location(self, params: Mapping[str, str], query: str) -> str:
+        """The `Location` for a request with these path captures and raw query string."""
         location = self.to.render(params)
         if self.relative and location.startswith("//"):
             location = "/" + location.lstrip("/")  # a parameter must not turn it into another host
         if query:
-            location += ("&" if "?" in self.to.text else "?") + quote(query, safe=_QUERY_SAFE)
+            location += ("&" if "?" in self.to.text else "?") + quote(query, safe=_REDIRECT_QUERY_SAFE)
         return location
 
 
@@ -158,19 +297,15 @@ class Config:
     routes: tuple[RouteSpec, ...] = field(default_factory=tuple)
     stamp: Stamp = None  # the file as it was just before it was read
     problems: tuple[str, ...] = ()  # set only by `read_config`; such a config is never served
+    warnings: tuple[str, ...] = ()  # `file:line: warning: …`: loads, but something in it changes nothing
     manifest: Manifest | None = None  # `fragments:` of routes.yaml, merged with an external manifest
     manifest_sources: tuple[tuple[Path, Stamp], ...] = ()  # a manifest file, for reloads
 
     def where(self, line: int) -> str:
+        """`file:line` for a message about that line of routes.yaml."""
         return f"{self.label}:{line}"
 
 
-_SETTINGS_KEYS = ("templates", "fragment_timeout_ms", "forward_headers", "allowed_origins",
-                  "max_fragment_bytes", "manifest", "manifest_poll_s", "version_override_header",
-                  "reload_interval_ms", "circuit_breaker", "cache", "page_timeout_ms",
-                  "max_fragments_per_template", "max_connections_per_origin", "server_timing",
-                  "timing_marks", "client_header_timeout_ms", "keepalive_timeout_ms", "send_timeout_ms",
-                  "max_connections", "max_ws_message_bytes", "max_connections_per_backend", "server_header")
 _TOP_KEYS = ("settings", "fragments", "routes")
 _TARGETS = ("template", "backend", "redirect")
 _BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
@@ -178,11 +313,16 @@ _ROUTE_KEYS = ("name", "match", *_TARGETS, *_BACKEND_OPTIONS, "filters")
 _REDIRECT_KEYS = ("to", "status")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 TEMPLATE_METHODS = frozenset({"GET", "HEAD"})
-_QUERY_SAFE = "/%:@!$&'()*+,;=-._~?"
+# The request's query string, appended to a redirect's `to` as the client sent it: only what
+# cannot stand in a query is escaped (its `&`, `=`, `+` and `?` keep their meaning).
+_REDIRECT_QUERY_SAFE = "/%:@!$&'()*+,;=-._~?"
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and check routes.yaml; raise `ConfigError` listing every problem found."""
+    """Read and check routes.yaml; raise `ConfigError` listing every problem found.
+
+    routes.yaml alone: `composer.load` adds its templates and external manifest.
+    """
     config = read_config(path)
     if config.problems:
         raise ConfigError(list(config.problems), ((config.path, config.stamp),))
@@ -201,7 +341,7 @@ def read_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([f"{label}:1: file not found"], ((file, stamp),)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{label}:1: cannot read: {exc}"], ((file, stamp),)) from None
-    root, problem = compose(text, label)
+    root, problem = parse_yaml(text, label)
     if problem is not None:
         raise ConfigError([problem], ((file, stamp),))
 
@@ -218,71 +358,12 @@ def read_config(path: str | os.PathLike[str]) -> Config:
     if settings is None:
         raise ConfigError(reader.problems, ((file, stamp),))
     return Config(path=file, label=label, settings=settings, routes=routes, stamp=stamp,
-                  problems=tuple(reader.problems), manifest=manifest)
-
-
-def _settings(reader: Reader, node: yaml.Node | None, base: Path) -> Settings | None:
-    values: dict[str, Any] = {}
-    keys = reader.mapping(node, "settings", _SETTINGS_KEYS) if node is not None else {}
-    if "templates" in keys:
-        values["templates"] = reader.string(keys["templates"], "settings.templates")
-    if "fragment_timeout_ms" in keys:
-        values["fragment_timeout_ms"] = reader.integer(
-            keys["fragment_timeout_ms"], "settings.fragment_timeout_ms", 1, MAX_TIMEOUT_MS)
-    if "reload_interval_ms" in keys:
-        values["reload_interval_ms"] = reader.integer(
-            keys["reload_interval_ms"], "settings.reload_interval_ms", 0, MAX_TIMEOUT_MS)
-    if "max_fragment_bytes" in keys:
-        values["max_fragment_bytes"] = reader.integer(
-            keys["max_fragment_bytes"], "settings.max_fragment_bytes", 1, 1 << 30)
-    if "forward_headers" in keys:
-        headers = reader.strings(keys["forward_headers"], "settings.forward_headers")
-        if headers is not None:
-            headers = tuple(h.lower() for h in headers)
-            for bad in sorted(set(headers) & _NOT_FORWARDABLE):
-                reader.error(keys["forward_headers"], f"settings.forward_headers cannot include {bad!r}: "
-                                                      "composer sets it itself or it is hop-by-hop")
-        values["forward_headers"] = headers
-    if "manifest" in keys and not is_null(keys["manifest"]):
-        values["manifest"] = reader.string(keys["manifest"], "settings.manifest")
-    if "manifest_poll_s" in keys:
-        values["manifest_poll_s"] = reader.integer(keys["manifest_poll_s"], "settings.manifest_poll_s", 1, 86400)
-    if "version_override_header" in keys and not is_null(keys["version_override_header"]):
-        header = reader.string(keys["version_override_header"], "settings.version_override_header")
-        values["version_override_header"] = header.lower() if header else None
-    if "circuit_breaker" in keys:
-        override = parse_policy(reader, keys["circuit_breaker"], "settings.circuit_breaker")
-        values["circuit_breaker"] = None if override is None else merged(DEFAULT_POLICY, override)
-    if "cache" in keys:
-        cache = reader.mapping(keys["cache"], "settings.cache", ("max_bytes",))
-        if "max_bytes" in cache:
-            values["cache_max_bytes"] = reader.integer(cache["max_bytes"], "settings.cache.max_bytes", 0, 1 << 40)
-    for key, low, high in (("page_timeout_ms", 1, MAX_TIMEOUT_MS), ("max_fragments_per_template", 1, 10_000),
-                           ("max_connections_per_origin", 1, 100_000),
-                           ("client_header_timeout_ms", 1, MAX_TIMEOUT_MS), ("keepalive_timeout_ms", 0, 3_600_000),
-                           ("send_timeout_ms", 1, MAX_TIMEOUT_MS), ("max_connections", 1, 1_000_000),
-                           ("max_ws_message_bytes", 1, 1 << 30), ("max_connections_per_backend", 1, 100_000)):
-        if key in keys:
-            values[key] = reader.integer(keys[key], f"settings.{key}", low, high)
-    for key in ("server_timing", "timing_marks", "server_header"):
-        if key in keys:
-            values[key] = reader.boolean(keys[key], f"settings.{key}")
-    if "allowed_origins" in keys:
-        origins = reader.strings(keys["allowed_origins"], "settings.allowed_origins")
-        if origins is not None:
-            for origin in origins:
-                if not origin.startswith(("http://", "https://")):
-                    reader.error(keys["allowed_origins"],
-                                 f"allowed origin {origin!r} must start with http:// or https://")
-        values["allowed_origins"] = origins
-    if any(v is None for v in values.values()):
-        return None
-    values["templates"] = base / values.get("templates", "templates")
-    return Settings(**values)
+                  problems=tuple(reader.problems), warnings=tuple(reader.warnings), manifest=manifest)
 
 
 def _routes(reader: Reader, node: yaml.Node | None, root: yaml.Node,
             settings: Settings | None) -> tuple[RouteSpec, ...]:
+    """`routes:` in file order; a broken route is left out, its problems recorded."""
     if node is None:
         reader.error(root, "`routes:` is missing; it lists the routes, first match wins")
         return ()
@@ -305,6 +386,7 @@ def _routes(reader: Reader, node: yaml.Node | None, root: yaml.Node,
 
 
 def _name_of(node: yaml.Node) -> str | None:
+    """A route's name, read even from a broken route, to report duplicates."""
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode) and key.value == "name" and isinstance(value, yaml.ScalarNode):
@@ -313,6 +395,7 @@ def _name_of(node: yaml.Node) -> str | None:
 
 
 def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteSpec | None:
+    """One route; None when it has a problem (recorded)."""
     keys = reader.mapping(node, "a route", _ROUTE_KEYS)
     if not isinstance(node, yaml.MappingNode):
         return None
@@ -331,7 +414,9 @@ def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteS
     name = reader.string(keys["name"], "route name") if "name" in keys else None
     path, methods, conditions = _match(reader, keys["match"]) if "match" in keys else (None, None, ())
     params = path.params if path is not None else ()
-    request_filters, filters = _filters(reader, keys["filters"], params) if "filters" in keys else ((), ())
+    target = targets[0] if len(targets) == 1 else None
+    request_filters, filters = parse_filters(reader, keys["filters"], params, target) if "filters" in keys \
+        else ((), ())
     template = backend = redirect = None
     if "template" in keys:
         template = reader.string(keys["template"], "template")
@@ -344,9 +429,6 @@ def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteS
         backend = _backend(reader, keys, settings)
     elif "redirect" in keys:
         redirect = _redirect(reader, keys["redirect"], params)
-    if request_filters and backend is None:
-        reader.error(keys["filters"], "request filters (strip_prefix, set_path, rewrite_path, "
-                                      "set_request_header, remove_request_header) apply to backend routes only")
     if len(reader.problems) > before or name is None or path is None:
         return None
     return RouteSpec(
@@ -367,42 +449,11 @@ def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteS
 def _match(reader: Reader, node: yaml.Node) -> tuple[PathPredicate | PathPrefixPredicate | None,
                                                       frozenset[str] | None, tuple[Condition, ...]]:
     """`match:` through the predicate registry: the path one, the methods, the rest."""
-    path: PathPredicate | PathPrefixPredicate | None = None
-    methods: frozenset[str] | None = None
-    conditions: list[Condition] = []
-    if not isinstance(node, yaml.MappingNode) or not node.value:
-        reader.error(node, "match must be a mapping of predicates, e.g. {path: /products/{sku}}")
-        return None, None, ()
-    seen: set[str] = set()
-    for key_node, value_node in node.value:
-        key = str(key_node.value)
-        kind = PREDICATES.get(key)
-        if kind is None:
-            reader.error(key_node, f"unknown predicate {key!r} in match (known: {', '.join(PREDICATES)})")
-            continue
-        if key in seen:
-            reader.error(key_node, f"duplicate key {key!r} in match")
-            continue
-        seen.add(key)
-        try:
-            predicate = kind.create(plain(value_node))
-        except ValueError as exc:
-            reader.error(key_node, str(exc))
-            continue
-        if isinstance(predicate, (PathPredicate, PathPrefixPredicate)):
-            if path is not None:
-                reader.error(key_node, "match takes one of `path` and `path_prefix`, not both")
-            path = predicate
-        elif isinstance(predicate, MethodsPredicate):
-            methods = predicate.methods
-        else:
-            conditions.append(predicate)
-    if path is None and not ({"path", "path_prefix"} & seen):
-        reader.error(node, "match needs a `path` or a `path_prefix`")
-    return path, methods, tuple(conditions)
+    return parse_match(reader, node)
 
 
 def _backend(reader: Reader, keys: dict[str, yaml.Node], settings: Settings) -> Backend | None:
+    """A backend route's origin and timeouts; None when one is wrong (recorded)."""
     node = keys["backend"]
     text = reader.string(node, "backend")
     if text is None:
@@ -441,6 +492,7 @@ def _backend(reader: Reader, keys: dict[str, yaml.Node], settings: Settings) -> 
 
 
 def _redirect(reader: Reader, node: yaml.Node, params: tuple[str, ...]) -> Redirect | None:
+    """`redirect: {to, status}`; parameters of `to` must be the route path's."""
     keys = reader.mapping(node, "redirect", _REDIRECT_KEYS)
     if not isinstance(node, yaml.MappingNode):
         return None
@@ -484,33 +536,3 @@ def _redirect(reader: Reader, node: yaml.Node, params: tuple[str, ...]) -> Redir
         return None
     return Redirect(to=template, status=status, relative=relative)
 
-
-def _filters(reader: Reader, node: yaml.Node, params: tuple[str, ...]
-             ) -> tuple[tuple[RequestFilter, ...], tuple[ResponseFilter, ...]]:
-    """`filters:` through the filter registry, split into request and response filters."""
-    if not isinstance(node, yaml.SequenceNode):
-        reader.error(node, "filters must be a list of one-key mappings, e.g. - set_response_header: {...}")
-        return (), ()
-    request: list[RequestFilter] = []
-    response: list[ResponseFilter] = []
-    for item in node.value:
-        if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
-            reader.error(item, "each filter is a mapping with exactly one key: the filter's name")
-            continue
-        key_node, value_node = item.value[0]
-        key = str(key_node.value)
-        kind = FILTERS.get(key)
-        if kind is None:
-            reader.error(key_node, f"unknown filter {key!r} (known: {', '.join(FILTERS)})")
-            continue
-        try:
-            made = kind.create(plain(value_node))
-        except ValueError as exc:
-            reader.error(key_node, f"{key}: {exc}")
-            continue
-        unknown = [p for p in getattr(made, "params", ()) if p not in params]
-        if unknown:
-            reader.error(key_node, f"{key}: {{{unknown[0]}}} is not a parameter of the route's path")
-            continue
-        (request if hasattr(made, "on_request") else response).append(made)
-    return tuple(request), tuple(response)

@@ -20,7 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .errors import ConfigError
-from .reload import load
+from .routing import load
 from .server import ComposerServer, stop_event
 
 __all__ = ["EXAMPLE_ORIGIN", "demo_app", "example_at", "example_config", "run_demo"]
@@ -143,8 +143,8 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9911, fragments_port: 
         try:
             await web.TCPSite(services, "127.0.0.1", fragments_port).start()
             origin = f"http://127.0.0.1:{services.addresses[0][1]}"
-            config, table = load(example_at(origin, Path(folder)))
-            server = ComposerServer(config, table, host="127.0.0.1", port=port, admin_port=admin_port)
+            table = load(example_at(origin, Path(folder)))  # its manifest is a file: nothing to fetch
+            server = ComposerServer(table, host="127.0.0.1", port=port, admin_port=admin_port)
             await server.start()
         except (ConfigError, FileNotFoundError) as exc:
             print(f"composer demo: the shipped example is broken: {exc}", file=sys.stderr)
@@ -160,6 +160,7 @@ async def run_demo(*, port: int = 8080, admin_port: int = 9911, fragments_port: 
 
 
 async def _stopped(services: web.AppRunner, server: ComposerServer | None, status: int) -> int:
+    """Stop composer (if it started) and the services; `status` is the exit status."""
     if server is not None:
         await server.stop()
     await services.cleanup()

@@ -10,6 +10,8 @@ polled with `If-None-Match`; whatever fails to load or validate never replaces a
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -17,17 +19,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import yaml
+from multidict import CIMultiDict
 from yarl import URL
 
 from .breaker import parse_policy
+from .client import Client, ClientError, TooLarge
 from .errors import ConfigError, Stamp
-from .nodes import MAX_TIMEOUT_MS, Reader, compose, file_stamp
+from .nodes import MAX_TIMEOUT_MS, Reader, file_stamp, parse_yaml
 from .urls import redact, url_problem
 
-__all__ = ["MAX_MANIFEST_BYTES", "Canary", "Entry", "Manifest", "fetch_manifest", "is_url", "parse_manifest",
-           "read_manifest"]
+__all__ = ["MAX_MANIFEST_BYTES", "Canary", "Entry", "Manifest", "ManifestBody", "fetch_manifest", "fetch_once",
+           "is_url", "parse_manifest", "read_manifest"]
 
 _ENTRY_KEYS = ("owner", "timeout_ms", "fallback", "versions", "active", "canary", "enabled", "circuit_breaker")
 _CANARY_KEYS = ("version", "percent")
@@ -68,8 +71,15 @@ class Manifest:
     text: str | None = None  # a URL manifest's body, kept so a routes.yaml reload can reuse it
     etag: str | None = None
 
+    def body(self) -> ManifestBody | None:
+        """A URL manifest's body as last fetched, for a reload to reuse; None for a file."""
+        if self.text is None:
+            return None
+        return ManifestBody(url=self.source, text=self.text, etag=self.etag)
+
 
 def is_url(source: str) -> bool:
+    """A manifest source is fetched (http, https) or read (anything else: a file path)."""
     return source.startswith(("http://", "https://"))
 
 
@@ -113,6 +123,7 @@ def _join_surrogates(reader: Reader, node: yaml.Node) -> None:
 
 
 def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple[str, ...]) -> Entry | None:
+    """One fragment of the manifest; None when it has a problem (recorded)."""
     what = f"fragment {name!r}"
     before = len(reader.problems)
     keys = reader.mapping(node, what, _ENTRY_KEYS)
@@ -152,6 +163,7 @@ def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple
 
 
 def _canary(reader: Reader, node: yaml.Node, what: str, versions: dict[str, str]) -> Canary | None:
+    """`canary: {version, percent}`; the version must be one of `versions`."""
     keys = reader.mapping(node, f"{what}: canary", _CANARY_KEYS)
     if not isinstance(node, yaml.MappingNode):
         return None
@@ -169,6 +181,7 @@ def _canary(reader: Reader, node: yaml.Node, what: str, versions: dict[str, str]
 
 
 def _check_url(reader: Reader, node: yaml.Node, url: str, what: str, allowed: tuple[str, ...]) -> None:
+    """A URL composer may fetch (`urls.url_problem`), or a problem at `node`."""
     problem = url_problem(url, allowed)
     if problem is not None:
         reader.error(node, f"{what}: {problem}")
@@ -177,11 +190,11 @@ def _check_url(reader: Reader, node: yaml.Node, url: str, what: str, allowed: tu
 def parse_manifest(text: str, label: str, allowed: tuple[str, ...], *, source: str,
                    etag: str | None = None, keep_text: bool = False) -> Manifest:
     """A manifest document (YAML or JSON, `fragments:` at the top); raises ConfigError."""
-    root, problem = compose(text, label)
+    root, problem = parse_yaml(text, label)
     if problem is not None and "\t" in text and _is_json(text):
         # JSON allows tabs between tokens, YAML does not. A valid JSON text has no raw tab
         # inside a string, so spaces in their place change nothing else (lines included).
-        root, problem = compose(text.replace("\t", " "), label)
+        root, problem = parse_yaml(text.replace("\t", " "), label)
     if problem is not None:
         raise ConfigError([problem])
     reader = Reader(label)
@@ -197,6 +210,7 @@ def parse_manifest(text: str, label: str, allowed: tuple[str, ...], *, source: s
 
 
 def _is_json(text: str) -> bool:
+    """Is `text` JSON (which YAML reads too, except for tabs between tokens)?"""
     try:
         json.loads(text)
     except (ValueError, RecursionError):
@@ -220,7 +234,7 @@ def read_manifest(file: Path, label: str, allowed: tuple[str, ...]) -> tuple[Man
 
 
 @dataclass(frozen=True, slots=True)
-class Fetched:
+class ManifestBody:
     """A manifest URL's answer: the body and its ETag, or `None` text for 304 Not Modified."""
 
     url: str
@@ -228,42 +242,66 @@ class Fetched:
     etag: str | None
 
 
-async def fetch_manifest(session: aiohttp.ClientSession, url: str, etag: str | None,
-                         timeout: float = 10.0) -> Fetched:
-    """GET a manifest URL, ETag-aware; raises ConfigError saying why it could not be had.
+_ACCEPT_ENCODING = "gzip, deflate, br"  # what aiohttp's client asked for before; the client decodes all three
+
+
+def _not_ok(status: int) -> bool:
+    """Only a 200's body is read; any other answer is refused (304 has none)."""
+    return status != 200
+
+
+async def fetch_manifest(client: Client, url: str, etag: str | None, timeout: float = 10.0) -> ManifestBody:
+    """GET a manifest URL with composer's fragment client, ETag-aware; raises ConfigError
+    saying why it could not be had.
 
     The body is read to its end, never parsed from a prefix (a cut manifest can be valid YAML
-    with a flag missing), and refused once it passes MAX_MANIFEST_BYTES, without holding more
-    than that. Messages show the URL `redact`ed: it may carry credentials.
+    with a flag missing), and refused once it passes MAX_MANIFEST_BYTES (decoded), without
+    holding more than that. `timeout` covers the whole exchange. Userinfo in the URL is sent
+    as Basic credentials. Messages show the URL `redact`ed: it may carry credentials.
     """
     shown = redact(url)
-    headers = {"if-none-match": etag} if etag else {}
     try:
-        async with session.get(url, headers=headers, allow_redirects=False,
-                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            if resp.status == 304:
-                return Fetched(url=url, text=None, etag=etag)
-            if resp.status != 200:
-                raise ConfigError([f"{shown}: manifest answered {resp.status}"])
-            body = await _read_whole(resp, shown)
-            return Fetched(url=url, text=body.decode("utf-8"), etag=resp.headers.get("etag"))
-    except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError) as exc:
+        target, headers = _request(url, etag)
+        async with asyncio.timeout(timeout):
+            response = await client.get(target, headers, max_bytes=MAX_MANIFEST_BYTES, skip_body=_not_ok)
+    except TooLarge:
+        raise ConfigError([f"{shown}: manifest larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MB"]) from None
+    except (ClientError, TimeoutError, OSError, ValueError) as exc:  # ValueError: no URL yarl can parse
         reason = _without(str(exc), url, shown) or type(exc).__name__
         raise ConfigError([f"{shown}: cannot fetch the manifest: {reason}"]) from None
+    if response.status == 304:
+        return ManifestBody(url=url, text=None, etag=etag)
+    if response.status != 200 or response.body is None:
+        raise ConfigError([f"{shown}: manifest answered {response.status}"])
+    try:
+        text = response.body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{shown}: cannot fetch the manifest: {exc}"]) from None
+    return ManifestBody(url=url, text=text, etag=response.headers.get("etag"))
 
 
-async def _read_whole(resp: aiohttp.ClientResponse, shown: str) -> bytes:
-    """The whole body, or ConfigError once it is (or announces to be) over the limit."""
-    too_large = ConfigError([f"{shown}: manifest larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MB"])
-    if resp.content_length is not None and resp.content_length > MAX_MANIFEST_BYTES:
-        raise too_large
-    body = bytearray()
-    # `content.read(n)` returns what is buffered so far; iterate to the end of the body.
-    async for chunk in resp.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > MAX_MANIFEST_BYTES:
-            raise too_large
-    return bytes(body)
+def _request(url: str, etag: str | None) -> tuple[URL, CIMultiDict[str]]:
+    """The URL to GET and its headers; raises ValueError for a URL that cannot be fetched."""
+    target = URL(url)
+    if not target.raw_host:
+        raise ValueError("the URL has no host")
+    headers: CIMultiDict[str] = CIMultiDict({"accept-encoding": _ACCEPT_ENCODING})
+    if etag:
+        headers["if-none-match"] = etag
+    if target.user is not None:  # as aiohttp's client did (BasicAuth.from_url), but never an error
+        pair = f"{target.user}:{target.password or ''}"  # whose message would quote a secret's character
+        raw = pair.encode("latin-1") if max(pair) <= "\xff" else pair.encode("utf-8", "replace")
+        headers["authorization"] = "Basic " + base64.b64encode(raw).decode("ascii")
+    return target.with_user(None), headers
+
+
+async def fetch_once(url: str) -> ManifestBody:
+    """`fetch_manifest` on a client of its own, closed after: for a fetch that is not a poll."""
+    client = Client()
+    try:
+        return await fetch_manifest(client, url, None)
+    finally:
+        await client.close()
 
 
 def _without(text: str, url: str, shown: str) -> str:

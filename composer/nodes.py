@@ -1,7 +1,8 @@
 """Reading config files: YAML nodes with their lines (for `file:LINE` problems), file stamps.
 
-PyYAML's `compose` keeps a mark on every node; `Reader` walks them and collects every
-problem as `file:line: message`, so one run reports everything wrong with a file.
+`parse_yaml` keeps PyYAML's mark on every node (it composes, never constructs); `Reader` walks
+them and collects every problem as `file:line: message`, so one run reports everything wrong
+with a file, and every warning (a setting that changes nothing) the same way.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import yaml
 
 from .errors import Stamp
 
-__all__ = ["MAX_TIMEOUT_MS", "Reader", "compose", "file_stamp", "is_null", "plain"]
+__all__ = ["MAX_TIMEOUT_MS", "Reader", "file_stamp", "is_null", "parse_yaml", "plain"]
 
 MAX_TIMEOUT_MS = 600_000  # ten minutes: longer is a typo, not a fragment budget
 
 
 def file_stamp(path: Path) -> Stamp:
+    """(mtime, size, inode) of `path`, None if it cannot be stat'ed: what a reload compares."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
@@ -34,10 +36,12 @@ class _Loader(yaml.SafeLoader):
     max_depth = 100
     _depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        """PyYAML's, counting the depth."""
         if self._depth >= self.max_depth:
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # unannotated in types-PyYAML
             raise yaml.composer.ComposerError(None, None, f"nested more than {self.max_depth} deep",
-                                              self.peek_event().start_mark)
+                                              event.start_mark)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
@@ -45,8 +49,11 @@ class _Loader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def compose(text: str, label: str) -> tuple[yaml.Node | None, str | None]:
-    """The root node of `text`, or None and a `file:line: invalid YAML` problem."""
+def parse_yaml(text: str, label: str) -> tuple[yaml.Node | None, str | None]:
+    """The root node of `text`, or None and a `file:line: invalid YAML` problem.
+
+    Nodes, not Python values: each keeps its line for the messages about it.
+    """
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
@@ -109,15 +116,22 @@ class _Cycle(Exception):
 
 
 class Reader:
-    """Walks composed YAML nodes, collecting `file:line: message` problems."""
+    """Walks composed YAML nodes, collecting `file:line: message` problems and warnings."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.problems: list[str] = []
+        self.warnings: list[str] = []  # the file loads; `composer check` prints these
 
     def error(self, node: yaml.Node | None, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
-        self.problems.append(f"{self.label}:{line}: {message}")
+        self.problems.append(f"{self.where(node)}: {message}")
+
+    def warn(self, node: yaml.Node | None, message: str) -> None:
+        self.warnings.append(f"{self.where(node)}: warning: {message}")
+
+    def where(self, node: yaml.Node | None) -> str:
+        """`file:line` of `node` (line 1 without one)."""
+        return f"{self.label}:{node.start_mark.line + 1 if node is not None else 1}"
 
     def mapping(self, node: yaml.Node, what: str, known: tuple[str, ...]) -> dict[str, yaml.Node]:
         """Keys of a mapping node; unknown and duplicate keys are problems."""
@@ -138,15 +152,17 @@ class Reader:
         return out
 
     def string(self, node: yaml.Node, what: str) -> str | None:
+        """A non-empty string scalar (a quoted number is one; a bare one is not)."""
         if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str":
             self.error(node, f"{what} must be a string")
             return None
         if not node.value:
             self.error(node, f"{what} must not be empty")
             return None
-        return node.value
+        return str(node.value)
 
     def integer(self, node: yaml.Node, what: str, low: int, high: int) -> int | None:
+        """An integer scalar within [low, high]."""
         if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:int":
             self.error(node, f"{what} must be an integer")
             return None
@@ -161,6 +177,7 @@ class Reader:
         return value
 
     def strings(self, node: yaml.Node, what: str) -> tuple[str, ...] | None:
+        """A list of non-empty strings; None if any entry is not one."""
         if not isinstance(node, yaml.SequenceNode):
             self.error(node, f"{what} must be a list of strings")
             return None
@@ -170,6 +187,7 @@ class Reader:
         return tuple(v for v in values if v is not None)
 
     def boolean(self, node: yaml.Node, what: str) -> bool | None:
+        """true or false (YAML 1.1 spellings: yes, on, ...)."""
         value = yaml.constructor.SafeConstructor.bool_values.get(str(node.value).lower()) \
             if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool" else None
         if value is None:  # also `!!bool` on text that is no boolean
@@ -179,6 +197,7 @@ class Reader:
 
 
 def is_null(node: yaml.Node) -> bool:
+    """`~`, `null` or nothing: "not set" where a key allows it."""
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
 
 

@@ -34,7 +34,8 @@ from yarl import URL
 
 from .config import Backend
 from .errors import error_page
-from .filters import Outgoing
+from .filters import Outgoing, apply_response
+from .headers import HOP_BY_HOP
 from .logs import REQUEST_ID
 from .routing import Route
 
@@ -50,13 +51,12 @@ __all__ = ["Proxy", "backend_session", "is_websocket"]
 
 log = logging.getLogger("composer.proxy")
 
-# RFC 9110 §7.6.1, plus the proxy-auth pair and `expect`, which composer answers itself.
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                         "upgrade", "proxy-authenticate", "proxy-authorization", "expect"})
 # The WebSocket handshake is negotiated again on each side.
 _WS_HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
                            "sec-websocket-protocol", "sec-websocket-accept"})
 _ERROR_PAGES = {502: error_page(502), 504: error_page(504)}
+# A backend's answers that never carry a body, whatever their headers say (RFC 9110 §6.4.1).
+_BODILESS = frozenset({204, 304})
 _CHUNK = 256 * 1024
 
 
@@ -189,7 +189,7 @@ class Proxy:
         backend = route.backend
         assert backend is not None
         incoming = request.headers
-        drop = _HOP_BY_HOP | _tokens(incoming.getall("connection", ()))
+        drop = HOP_BY_HOP | _tokens(incoming.getall("connection", ()))
         if handshake:
             drop |= _WS_HANDSHAKE
         headers: CIMultiDict[str] = CIMultiDict()
@@ -253,10 +253,7 @@ class Proxy:
                         request.method, url, headers=out.headers, data=body, allow_redirects=False,
                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout),
                 ) as upstream:
-                    headers = _response_headers(upstream.headers)
-                    for f in route.filters:
-                        f.on_response(headers)
-                    response = _Relayed(status=upstream.status, reason=upstream.reason, headers=headers)
+                    response = _relayed(route, upstream)
                     await response.prepare(request)
                     content = upstream.content
                     while True:
@@ -371,15 +368,26 @@ def _append(previous: list[str] | tuple[str, ...], value: str) -> str:
 
 
 def _response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _HOP_BY_HOP | _tokens(upstream.getall("connection", ()))
+    drop = HOP_BY_HOP | _tokens(upstream.getall("connection", ()))
     return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in drop)
+
+
+def _relayed(route: Route, upstream: aiohttp.ClientResponse) -> _Relayed:
+    """The backend's status and headers, through the route's response filters."""
+    headers = _response_headers(upstream.headers)
+    status = apply_response(route.response_filters, upstream.status, headers)
+    if status == upstream.status:
+        return _Relayed(status=status, reason=upstream.reason, headers=headers)
+    if upstream.status in _BODILESS:
+        # Its Content-Length (a 304's) describes a body that is not coming: the new status has one, empty.
+        headers.popall(hdrs.CONTENT_LENGTH, None)
+    return _Relayed(status=status, headers=headers)  # the backend's reason phrase was for its own status
 
 
 def _error(status: int, route: Route) -> web.Response:
     headers = CIMultiDict({"content-type": "text/html; charset=utf-8", "cache-control": "no-store"})
-    for f in route.filters:
-        f.on_response(headers)
-    return web.Response(status=status, body=_ERROR_PAGES[status], headers=headers)
+    body = _ERROR_PAGES[status]  # the page says what happened, whatever status a filter sends it with
+    return web.Response(status=apply_response(route.response_filters, status, headers), body=body, headers=headers)
 
 
 def _log_failure(request: web.BaseRequest, route: Route, backend: Backend, url: URL, exc: BaseException,

@@ -18,89 +18,53 @@ longer than that from one that is done; tools should still write aside and renam
 editors and ConfigMaps do.
 
 SIGHUP is the operator's explicit "load it now": it loads at once, settled or not.
+
+A URL manifest is fetched in the event loop, with composer's own client, and its body handed
+to `load` (`aload`); a routes.yaml reload reuses the body last fetched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
-import aiohttp
-
-from .config import Config, file_stamp, read_config
+from .client import Client
+from .config import file_stamp
 from .errors import ConfigError, Stamp
-from .manifest import (
-    Fetched,
-    Manifest,
-    fetch_manifest,
-    is_url,
-    parse_manifest,
-    read_manifest,
-)
+from .manifest import ManifestBody, fetch_manifest, fetch_once, is_url
 from .metrics import Metrics
-from .routing import RouteTable, build_table
-from .urls import redact
+from .routing import ManifestNeeded, RouteTable, load
 
-__all__ = ["Reloader", "changed", "load"]
+__all__ = ["Reloader", "aload", "changed"]
 
 log = logging.getLogger("composer.reload")
 
 
-def load(path: str | Path, *, manifest: str | None = None,
-         remote: Fetched | None = None) -> tuple[Config, RouteTable]:
-    """Load and compile a routes file and its manifest; raises ConfigError listing every
-    problem of every file.
+async def aload(path: str | os.PathLike[str], manifest: str | None = None, *,
+                fetched: ManifestBody | None = None) -> RouteTable:
+    """`load` from a running event loop: the files are read and compiled in a worker thread,
+    off the loop, and a URL manifest they name is fetched here, in the loop, with composer's
+    client (never with a loop of the worker's own). Raises ConfigError like `load`.
 
-    `manifest` (from `--manifest` or COMPOSER_MANIFEST) replaces `settings.manifest`. For a
-    URL manifest, `remote` is its last fetched body; without one it is fetched now.
+    A routes.yaml naming another URL while its manifest was fetched raises `ManifestNeeded`
+    (the file is still changing: a later poll loads it).
     """
-    config = read_config(path)
-    source = manifest or config.settings.manifest
-    problems = list(config.problems)
-    sources: tuple[tuple[Path, Stamp], ...] = ()
-    external: Manifest | None = None
-    if source:
-        allowed = config.settings.allowed_origins
+    try:
+        return await asyncio.to_thread(load, path, manifest, fetched=fetched, fetch=False)
+    except ManifestNeeded as need:
         try:
-            if is_url(source):
-                if remote is None or remote.url != source or remote.text is None:
-                    remote = asyncio.run(_fetch_once(source))
-                assert remote.text is not None
-                external = parse_manifest(remote.text, redact(source), allowed, source=source,
-                                          etag=remote.etag, keep_text=True)
-            else:
-                file = Path(source) if manifest else config.path.parent / source
-                external, stamp = read_manifest(file, str(file), allowed)
-                sources = ((file, stamp),)
+            fetched = await fetch_once(need.url)
         except ConfigError as exc:
-            # Templates naming its fragments would only add "not in the manifest" noise.
-            raise ConfigError(problems + exc.problems,
-                              ((config.path, config.stamp), *(exc.sources or sources))) from None
-    config = replace(config, manifest=_merge(config, external, problems), problems=tuple(problems),
-                     manifest_sources=sources)
-    return config, build_table(config)
-
-
-def _merge(config: Config, external: Manifest | None, problems: list[str]) -> Manifest | None:
-    inline = config.manifest
-    if inline is None or external is None:
-        return external or inline
-    for name in inline.fragments.keys() & external.fragments.keys():
-        problems.append(f"{redact(external.source)}:{external.fragments[name].line}: fragment {name!r} is also "
-                        f"declared in {config.label} (line {inline.fragments[name].line})")
-    return replace(external, fragments={**inline.fragments, **external.fragments})
-
-
-async def _fetch_once(url: str) -> Fetched:
-    async with aiohttp.ClientSession(trust_env=False) as session:
-        return await fetch_manifest(session, url, None)
+            raise ConfigError([*need.problems, *exc.problems], need.sources) from None
+    return await asyncio.to_thread(load, path, manifest, fetched=fetched, fetch=False)
 
 
 def changed(sources: tuple[tuple[Path, Stamp], ...]) -> bool:
+    """Has any of these files changed (or appeared, or gone) since it was stamped?"""
     return any(file_stamp(path) != stamp for path, stamp in sources)
 
 
@@ -134,13 +98,14 @@ class _Settling:
 
 
 class Reloader:
-    """Watches the files the current table came from; `apply` receives each good new config."""
+    """Watches the files the current table came from; `apply` receives each good new table.
 
-    def __init__(self, path: str | Path, current: Callable[[], RouteTable],
-                 apply: Callable[[Config, RouteTable], None], metrics: Metrics, *,
-                 manifest: str | None = None) -> None:
-        self.path = path
-        self.manifest = manifest  # --manifest / COMPOSER_MANIFEST, kept across reloads
+    Each reload loads what the current table was loaded from: its routes.yaml and the
+    `manifest` given to `load` (--manifest / COMPOSER_MANIFEST), kept across reloads.
+    """
+
+    def __init__(self, current: Callable[[], RouteTable], apply: Callable[[RouteTable], None],
+                 metrics: Metrics) -> None:
         self._current = current
         self._apply = apply
         self._metrics = metrics
@@ -162,9 +127,9 @@ class Reloader:
         self._wake.set()
 
     async def run(self) -> None:
+        """Check the files every `reload_interval_ms` (0: only when triggered), until cancelled."""
         while True:
-            settings = self._current().settings
-            interval = settings.reload_interval_ms / 1000 if settings is not None else 1.0
+            interval = self._current().settings.reload_interval_ms / 1000
             try:
                 async with asyncio.timeout(interval or None):
                     await self._wake.wait()
@@ -179,16 +144,16 @@ class Reloader:
     async def poll_manifest(self) -> None:
         """Poll a URL manifest (ETag-aware); a new body is validated and applied like a file edit."""
         refused_by: RouteTable | None = None  # the table that was running when _refused_text was refused
-        async with aiohttp.ClientSession(trust_env=False) as session:
+        client = Client()  # its keep-alive connection is reused from one poll to the next
+        try:
             while True:
-                settings = self._current().settings
-                await asyncio.sleep(settings.manifest_poll_s if settings is not None else 10)
+                await asyncio.sleep(self._current().settings.manifest_poll_s)
                 current = self._current()
                 manifest = current.manifest
                 if manifest is None or not is_url(manifest.source):
                     continue
                 try:
-                    fetched = await fetch_manifest(session, manifest.source, manifest.etag)
+                    fetched = await fetch_manifest(client, manifest.source, manifest.etag)
                 except ConfigError as exc:
                     self._refused(exc, "manifest fetch failed; still serving the previous manifest")
                     continue
@@ -202,19 +167,16 @@ class Reloader:
                     self._refused_text, refused_by = fetched.text, self._current()
                 else:
                     self._refused_text, refused_by = None, None
-
-    def _remote(self) -> Fetched | None:
-        manifest = self._current().manifest
-        if manifest is None or manifest.text is None:
-            return None
-        return Fetched(url=manifest.source, text=manifest.text, etag=manifest.etag)
+        finally:
+            await client.close()
 
     def _refused(self, exc: ConfigError, message: str) -> None:
+        """Count a refused config and log each of its problems."""
         self._metrics.config_reloads.labels("error").inc()
         for problem in exc.problems:
             log.error(message, extra={"fields": {"problem": problem}})
 
-    async def check(self, *, force: bool = False, remote: Fetched | None = None) -> bool | None:
+    async def check(self, *, force: bool = False, remote: ManifestBody | None = None) -> bool | None:
         """Reload if something changed: True applied, False refused, None nothing to do (yet).
 
         A changed file is read only once it has settled (see the module docstring). `force`
@@ -234,7 +196,7 @@ class Reloader:
         one whose stamp moved since was changing while it was read.
         """
         current = self._current()
-        window = current.settings.reload_interval_ms / 1000 if current.settings is not None else 1.0
+        window = current.settings.reload_interval_ms / 1000
         running = dict(current.sources)
         ok = True
         for path, stamp in sources:  # no early exit: every changed file's sighting is recorded
@@ -248,22 +210,27 @@ class Reloader:
                 ok = False
         return ok
 
-    async def _check(self, *, force: bool, remote: Fetched | None) -> bool | None:
-        watched = self._failed if self._failed is not None else self._current().sources
+    async def _check(self, *, force: bool, remote: ManifestBody | None) -> bool | None:
+        """`check` under the lock."""
+        current = self._current()
+        watched = self._failed if self._failed is not None else current.sources
         if not force and remote is None and not changed(watched):
             return None
         if not force and not self._settled(watched, read=False):
             return None
         refetch, self._refetch = self._refetch, False
-        if remote is None and not refetch:
-            remote = self._remote()
+        if remote is None and not refetch and current.manifest is not None:
+            remote = current.manifest.body()  # a routes.yaml edit does not refetch the manifest
         try:
-            config, table = await asyncio.to_thread(load, self.path, manifest=self.manifest, remote=remote)
+            table = await aload(current.path, current.manifest_option, fetched=remote)
+        except ManifestNeeded:  # routes.yaml named another manifest URL while one was fetched
+            self._refetch = self._refetch or refetch
+            return None
         except ConfigError as exc:
             if not force and not self._settled(exc.sources, read=True):
                 self._refetch = self._refetch or refetch
                 return None  # a file it names (a new template) is still being written
-            self._failed = exc.sources or ((Path(self.path), file_stamp(Path(self.path))),)
+            self._failed = exc.sources or ((current.path, file_stamp(current.path)),)
             self._refused(exc, "config reload failed; still serving the previous config")
             return False
         except Exception:  # a bug must not end the watcher, or reloads would silently stop
@@ -276,9 +243,9 @@ class Reloader:
             return None  # a file it names (a new template) is still being written
         self._failed = None
         self._settling.forget()
-        self._apply(config, table)
+        self._apply(table)
         self._metrics.config_reloads.labels("ok").inc()
         for warning in table.warnings:
             log.warning("config warning", extra={"fields": {"problem": warning}})
-        log.info("config reloaded", extra={"fields": {"routes": len(table.routes), "file": config.label}})
+        log.info("config reloaded", extra={"fields": {"routes": len(table.routes), "file": table.label}})
         return True

@@ -1,30 +1,35 @@
-"""The compiled route table: config in, a first-match lookup out.
+"""The compiled route table: files in (`load`), a first-match lookup out.
 
-Everything a request needs is prepared here once — predicates, filters, templates, backend
-URLs — so matching is a dict walk and a short loop. Routes are indexed by the literal
-leading segments of their path (as aiohttp's router indexes resources by static prefix):
-a lookup walks the request's segments down a tree and only tries the routes that could
-match there, in file order, so a table of a thousand routes costs about what a table of
-ten does. A route whose path matches but whose method does not is remembered, so the
-caller can answer 405 with `Allow` instead of 404.
+`load` is the one way from files to a table: routes.yaml (`config`), its external manifest
+(a file, or a URL's body), the templates. Everything a request needs is prepared here once —
+predicates, filters, templates, backend URLs — so matching is a dict walk and a short loop.
+
+Routes are indexed by the literal leading segments of their path (as aiohttp's router
+indexes resources by static prefix): a lookup walks the request's segments down a tree and
+only tries the routes that could match there, in file order, so a table of a thousand
+routes costs about what a table of ten does. A route whose path matches but whose method
+does not is remembered, so the caller can answer 405 with `Allow` instead of 404.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
 
-from .config import Backend, Config, Redirect, RouteSpec, Settings, file_stamp
+from .config import Backend, Config, Redirect, RouteSpec, Settings, file_stamp, read_config
 from .errors import ConfigError, Stamp
 from .filters import RequestFilter, ResponseFilter
-from .manifest import Manifest
+from .manifest import Manifest, ManifestBody, fetch_once, is_url, parse_manifest, read_manifest
 from .predicates import Condition, PathPredicate, PathPrefixPredicate, compile_path
 from .template import Template, compile_template
+from .urls import redact
 
-__all__ = ["Match", "Route", "RouteTable", "build_table", "compile_path", "split_target"]
+__all__ = ["ManifestNeeded", "Match", "Route", "RouteTable", "build_table", "compile_path", "load", "split_target"]
 
 _GROUP_NAME = re.compile(r"\(\?P<\w+>")
 
@@ -42,7 +47,7 @@ class Route:
     backend: Backend | None = None
     redirect: Redirect | None = None
     request_filters: tuple[RequestFilter, ...] = ()
-    filters: tuple[ResponseFilter, ...] = ()  # on the response
+    response_filters: tuple[ResponseFilter, ...] = ()  # run by `apply_response`
 
     def accepts(self, request: web.BaseRequest) -> bool:
         for condition in self.conditions:
@@ -82,19 +87,24 @@ def split_target(raw: str) -> tuple[str, str]:
 
 
 class RouteTable:
-    """An immutable, fully compiled set of routes; swapped whole on reload."""
+    """An immutable, fully compiled set of routes and everything they were built from: the
+    settings, the manifest, the files (to watch for reloads). Swapped whole on reload."""
 
-    __slots__ = ("_depth", "_root", "manifest", "routes", "settings", "sources", "warnings")
+    __slots__ = ("_depth", "_root", "label", "manifest", "manifest_option", "path", "routes", "settings",
+                 "sources", "warnings")
 
-    def __init__(self, routes: tuple[Route, ...], *, settings: Settings | None = None,
-                 sources: tuple[tuple[Path, Stamp], ...] = (), label: str = "routes.yaml",
-                 manifest: Manifest | None = None) -> None:
+    def __init__(self, routes: tuple[Route, ...], *, settings: Settings, path: Path, label: str | None = None,
+                 sources: tuple[tuple[Path, Stamp], ...] = (), manifest: Manifest | None = None,
+                 manifest_option: str | None = None, warnings: tuple[str, ...] = ()) -> None:
         self.routes = routes
         self.settings = settings
+        self.path = path  # routes.yaml
+        self.label = os.fspath(path) if label is None else label  # routes.yaml as the user named it
         self.manifest = manifest
+        self.manifest_option = manifest_option  # `load`'s `manifest` (--manifest): a reload passes it again
         self.sources = sources  # every file the table was built from, as it was when read
         self._root, self._depth = _index(routes)
-        self.warnings = _shadowed(label, routes, self._root)
+        self.warnings = warnings + _shadowed(self.label, routes, self._root)  # `file:line: warning: …`
 
     def match(self, request: web.BaseRequest, path: str) -> Match:
         """First route, in file order, whose predicates all accept the request.
@@ -124,6 +134,7 @@ class RouteTable:
 
 
 def _index(routes: tuple[Route, ...]) -> tuple[_Node, int]:
+    """The segment tree of `routes` and its depth; each node lists its candidates in file order."""
     root = _Node()
     depth = 0
     for route in routes:
@@ -143,8 +154,11 @@ def _index(routes: tuple[Route, ...]) -> tuple[_Node, int]:
     return root, depth
 
 
-def build_table(config: Config) -> RouteTable:
-    """Compile every route's template and index the routes; raise `ConfigError` listing every problem."""
+def build_table(config: Config, *, manifest_option: str | None = None) -> RouteTable:
+    """Compile every route's template and index the routes; raise `ConfigError` listing every problem.
+
+    `config` as it is: `load` first adds the external manifest it names.
+    """
     problems: list[str] = list(config.problems)
     routes: list[Route] = []
     sources: dict[Path, Stamp] = {config.path: config.stamp, **dict(config.manifest_sources)}
@@ -153,14 +167,97 @@ def build_table(config: Config) -> RouteTable:
         routes.append(Route(
             name=spec.name, line=spec.line, path=spec.path, methods=spec.methods, conditions=spec.conditions,
             template=template, backend=spec.backend, redirect=spec.redirect,
-            request_filters=spec.request_filters, filters=spec.filters))
+            request_filters=spec.request_filters, response_filters=spec.filters))
     if problems:
         raise ConfigError(problems, tuple(sources.items()))
-    return RouteTable(tuple(routes), settings=config.settings, sources=tuple(sources.items()), label=config.label,
-                      manifest=config.manifest)
+    return RouteTable(tuple(routes), settings=config.settings, path=config.path, label=config.label,
+                      sources=tuple(sources.items()), manifest=config.manifest, manifest_option=manifest_option,
+                      warnings=config.warnings)
+
+
+class ManifestNeeded(Exception):
+    """`load` needs a URL manifest's body and may not fetch it here (an event loop runs, or
+    `fetch=False`): fetch `url` in the loop and call `load` again with it.
+
+    `problems` and `sources` are routes.yaml's, for a `ConfigError` if the fetch fails.
+    """
+
+    def __init__(self, url: str, problems: tuple[str, ...], sources: tuple[tuple[Path, Stamp], ...]) -> None:
+        super().__init__(f"the manifest {redact(url)} must be fetched first")
+        self.url, self.problems, self.sources = url, problems, sources
+
+
+def load(path: str | os.PathLike[str], manifest: str | None = None, *, fetched: ManifestBody | None = None,
+         fetch: bool = True) -> RouteTable:
+    """routes.yaml, its manifest and its templates → a route table: the one way from files to
+    a table (`composer check`, `serve`, the reloader, the workers). Raises `ConfigError`
+    listing every problem of every file.
+
+    `manifest` (--manifest, COMPOSER_MANIFEST) replaces `settings.manifest`. A URL manifest's
+    body is `fetched` when it is that URL's; else it is fetched now, on an event loop of its
+    own, unless `fetch` is False or a loop runs in this thread: then `ManifestNeeded` is raised
+    (`reload.aload` fetches in the running loop and calls again).
+    """
+    config = read_config(path)
+    source = manifest or config.settings.manifest
+    if source and is_url(source) and (fetched is None or fetched.url != source or fetched.text is None):
+        if not fetch or _loop_running():
+            raise ManifestNeeded(source, config.problems, ((config.path, config.stamp),))
+        try:
+            fetched = asyncio.run(fetch_once(source))
+        except ConfigError as exc:
+            raise ConfigError([*config.problems, *exc.problems], ((config.path, config.stamp),)) from None
+    config = _with_manifest(config, source, fetched, from_option=bool(manifest))
+    return build_table(config, manifest_option=manifest or None)
+
+
+def _loop_running() -> bool:
+    """Is an event loop running in this thread (where `asyncio.run` cannot)?"""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _with_manifest(config: Config, source: str | None, fetched: ManifestBody | None, *,
+                   from_option: bool) -> Config:
+    """`config` with its external manifest (a file, or `fetched` for a URL) merged in."""
+    if not source:
+        return config
+    allowed = config.settings.allowed_origins
+    sources: tuple[tuple[Path, Stamp], ...] = ()
+    try:
+        if is_url(source):
+            assert fetched is not None and fetched.text is not None
+            external = parse_manifest(fetched.text, redact(source), allowed, source=source, etag=fetched.etag,
+                                      keep_text=True)
+        else:
+            file = Path(source) if from_option else config.path.parent / source
+            external, stamp = read_manifest(file, str(file), allowed)
+            sources = ((file, stamp),)
+    except ConfigError as exc:
+        # Templates naming its fragments would only add "not in the manifest" noise.
+        raise ConfigError([*config.problems, *exc.problems],
+                          ((config.path, config.stamp), *(exc.sources or sources))) from None
+    problems = list(config.problems)
+    merged = _merge(config, external, problems)
+    return replace(config, manifest=merged, problems=tuple(problems), manifest_sources=sources)
+
+
+def _merge(config: Config, external: Manifest, problems: list[str]) -> Manifest:
+    """routes.yaml's `fragments:` and the external manifest; a name in both is a problem."""
+    inline = config.manifest
+    if inline is None:
+        return external
+    for name in inline.fragments.keys() & external.fragments.keys():
+        problems.append(f"{redact(external.source)}:{external.fragments[name].line}: fragment {name!r} is also "
+                        f"declared in {config.label} (line {inline.fragments[name].line})")
+    return replace(external, fragments={**inline.fragments, **external.fragments})
 
 
 def _template(config: Config, spec: RouteSpec, problems: list[str], sources: dict[Path, Stamp]) -> Template | None:
+    """`spec`'s template compiled, its file stamped in `sources`; None and a problem if it fails."""
     assert spec.template is not None
     file = config.settings.templates / spec.template
     stamp = sources[file] = file_stamp(file)  # before reading: a write racing the read shows up as a change

@@ -17,6 +17,7 @@ import signal
 import socket
 import time
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -26,13 +27,15 @@ from prometheus_client import Gauge
 from .breaker import State
 from .client import Client
 from .compose import BARE_500, Composer, request_id_of
-from .config import Config, Settings
+from .config import Settings
 from .errors import error_page
+from .filters import apply_response
 from .fragments import new_session
 from .guard import request_problem
 from .listener import Limits, PageServer
 from .logs import REQUEST_ID, ROUTE, AccessLogger
 from .metrics import CONTENT_TYPE_LATEST, Declared, Metrics
+from .pipeline import Pipeline
 from .proxy import Proxy, backend_session
 from .reload import Reloader
 from .routing import Route, RouteTable, split_target
@@ -58,11 +61,11 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 class ComposerServer:
     """One composer process's listeners; `start()`, then `stop()` (graceful)."""
 
-    def __init__(self, config: Config, table: RouteTable, *, host: str = "0.0.0.0", port: int = 8080,
+    def __init__(self, table: RouteTable, *, host: str = "0.0.0.0", port: int = 8080,
                  admin_host: str | None = None, admin_port: int = 9911,
                  grace: float = GRACE_SECONDS, sockets: list[socket.socket] | None = None,
-                 manifest: str | None = None, tracing: Tracing | None = None) -> None:
-        self.config = config
+                 tracing: Tracing | None = None) -> None:
+        """Serve `table` (from `composer.load`); reloads follow the files it was loaded from."""
         self.table = table
         self.host, self.port = host, port
         self.admin_host, self.admin_port = admin_host or "127.0.0.1", admin_port
@@ -72,7 +75,7 @@ class ComposerServer:
         self._own_tracing = False
         self.metrics = Metrics()
         self.ready = False
-        self.reloader = Reloader(config.path, lambda: self.table, self._swap, self.metrics, manifest=manifest)
+        self.reloader = Reloader(lambda: self.table, self._swap, self.metrics)
         self._sessions: list[aiohttp.ClientSession | Client] = []  # fragments, backends
         self._composer: Composer | None = None
         self._proxy: Proxy | None = None
@@ -120,31 +123,32 @@ class ComposerServer:
         self.metrics.declare(uses)
         self._declared, self._timeouts = declared, set(timeouts)
 
-    def _swap(self, config: Config, table: RouteTable) -> None:
+    def _swap(self, table: RouteTable) -> None:
+        """Serve a reloaded table from the next request on; pages in flight keep theirs."""
         old = self.table.settings
-        self.config, self.table = config, table
+        self.table = table
         self._declare_fragments(table)
         if self._composer is not None:
-            self._composer.apply(table)
+            self._composer.pipeline.apply(table)
         new = table.settings
-        if self._page_server is not None and new is not None:
+        if self._page_server is not None:
             self._page_server.reconfigure(_limits(new), new.keepalive_timeout_ms / 1000)
-        if old is not None and new is not None and old.max_connections_per_origin != new.max_connections_per_origin:
+        if old.max_connections_per_origin != new.max_connections_per_origin:
             log.warning("settings.max_connections_per_origin changed; it applies when composer restarts",
                         extra={"fields": {"running": old.max_connections_per_origin,
                                           "configured": new.max_connections_per_origin}})
 
     async def start(self) -> None:
-        settings = self.table.settings or Settings(templates=self.config.path.parent)
+        settings = self.table.settings
         fragments = new_session(limit_per_host=settings.max_connections_per_origin)
         backends = backend_session(max_connections=settings.max_connections_per_backend)
         self._sessions += (fragments, backends)
         if self.tracing is None:  # here, not in __init__: its export thread must start after a fork
             self.tracing = from_env()
             self._own_tracing = self.tracing is not None
-        self._composer = Composer(fragments, self.metrics, cache_bytes=settings.cache_max_bytes,
-                                  tracing=self.tracing)
-        self._composer.apply(self.table)
+        pipeline = Pipeline(fragments, self.metrics, cache_bytes=settings.cache_max_bytes, tracing=self.tracing)
+        pipeline.apply(self.table)
+        self._composer = Composer(pipeline, tracing=self.tracing)
         self._proxy = Proxy(backends, self.tracing, max_ws_message_bytes=settings.max_ws_message_bytes)
         self._page_server = PageServer(
             self.handle, _limits(settings), access_log_class=AccessLogger, handler_cancellation=True,
@@ -207,6 +211,7 @@ class ComposerServer:
         try:
             path, query = split_target(request.raw_path)
             problem = request_problem(request, path)
+            response: web.StreamResponse
             if problem is not None:
                 response = _page(problem[0], error_page(*problem))
             else:
@@ -246,16 +251,15 @@ class ComposerServer:
     async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
                         path: str, query: str) -> web.StreamResponse:
         if route.template is not None:
-            assert self._composer is not None and table.settings is not None
+            assert self._composer is not None
             return await self._composer.compose(request, route, params, table.settings)
         if route.backend is not None:
             assert self._proxy is not None
             return await self._proxy.forward(request, route, params, path, query)
         assert route.redirect is not None
         headers = CIMultiDict({"location": route.redirect.location(params, query)})
-        for f in route.filters:
-            f.on_response(headers)
-        return web.Response(status=route.redirect.status, headers=headers)
+        return web.Response(status=apply_response(route.response_filters, route.redirect.status, headers),
+                            headers=headers)
 
     def _manifest_view(self) -> dict[str, object]:
         """GET /manifest: what runs now, per fragment, and how it fared in the last minutes.
@@ -266,7 +270,7 @@ class ComposerServer:
 
         manifest = self.table.manifest
         recent = self.metrics.recent
-        breakers = self._composer.breakers if self._composer else None
+        breakers = self._composer.pipeline.breakers if self._composer else None
         now = breakers.now() if breakers else 0.0
         fragments: dict[str, object] = {}
         for entry in manifest.fragments.values() if manifest else ():
@@ -314,7 +318,10 @@ class ComposerServer:
         return app
 
 
-def _replace(gauge: Gauge, old: set[tuple[str, ...]], new: dict[tuple[str, ...], float]) -> None:
+_Labels = TypeVar("_Labels", bound=tuple[str, ...])
+
+
+def _replace(gauge: Gauge, old: set[_Labels], new: dict[_Labels, float]) -> None:
     """Set a declaration gauge to `new`; series no longer declared drop out (with several
     workers, multiprocess mode cannot remove series: they go to 0)."""
     for labels in old - new.keys():

@@ -5,13 +5,16 @@ A template is compiled once, at load: the output is a tuple whose items are `byt
 `ASYNC_SLOT` marking where async fragments are streamed (just before `</body>`).
 
 selectolax is the authority on what is markup: a `<fragment` inside a comment, a script
-or an attribute value is text to an HTML parser, and must stay text here too. Since the
-parser does not report source offsets, candidate tags are found with a regex and tagged
-with their offset before parsing; only candidates the parser turns into elements count.
+or an attribute value is text to an HTML parser, and must stay text here too; inside a
+`<template>` it is markup (the element's content). Since the parser does not report source
+offsets, candidate tags are found with regexes and marked with their offset before parsing;
+only candidates the parser turns into elements count. A mark must not change how the text
+around it parses, wherever it lands (see `_name_mark` and `_locate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Mapping
@@ -20,17 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote
 
-from selectolax.lexbor import LexborHTMLParser
+from selectolax.lexbor import LexborHTMLParser, LexborNode
 from yarl import URL
 
 from .breaker import DEFAULT_POLICY, BreakerPolicy, merged
 from .errors import ConfigError
 from .nodes import MAX_TIMEOUT_MS
-from .urls import url_problem
+from .urls import origin_of, url_problem
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .manifest import Manifest
+    from .manifest import Entry, Manifest
 
 __all__ = ["ASYNC_SLOT", "Fragment", "Template", "UrlTemplate", "compile_template"]
 
@@ -46,14 +49,17 @@ class _AsyncSlot:
 
 ASYNC_SLOT: Final = _AsyncSlot()
 
-_OPEN = re.compile(r"<(fragment|script)(?=[\s/>])", re.IGNORECASE)
+_OPEN = re.compile(r"<(fragment|script)(?=[\s/>])", re.IGNORECASE)  # `\s`: also `<fragment\xa0`, see `spaced`
 _TAG_REST = re.compile(r"""(?:[^>"']|"[^"]*"|'[^']*')*>""")
-_CLOSE_FRAGMENT = re.compile(r"</fragment\s*>", re.IGNORECASE)
-_CLOSE_SCRIPT = re.compile(r"</script[\s/>]", re.IGNORECASE)
-_CLOSE_BODY = re.compile(r"</body[\s/>]", re.IGNORECASE)
+_CLOSE_FRAGMENT = re.compile(r"</fragment[\t\n\f\r ]*>", re.IGNORECASE | re.ASCII)
+_CLOSE_SCRIPT = re.compile(r"</script[\t\n\f\r />]", re.IGNORECASE | re.ASCII)
+_CLOSE_BODY = re.compile(r"</body[\t\n\f\r />]", re.IGNORECASE | re.ASCII)
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_AT = "data-composer-at"
+_AT = "data-composer-at"  # `data-composer-at-<offset>`: the mark attribute's name carries the offset
+_AT_NAME = re.compile(r"data-composer-at-(\d+)")
+_AT_TEXT = re.compile(r" data-composer-at-\d+(?=>)|data-composer-at-\d+(?:=\d+ |/)")  # each `_name_mark`
 _MARK = "composer-mark"
+_TAG_NAME_END = "\t\n\f\r />"  # what ends a tag name to HTML (`\s` also has NBSP and more)
 
 _BOOLEAN = ("primary", "async", "public")
 _KNOWN = ("src", "name", "id", "fallback-src", "timeout", *_BOOLEAN)
@@ -100,10 +106,6 @@ class UrlTemplate:
         """Does a rendered `url` still go where the load-time check allowed? (Defence in depth:
         quoting already keeps a param out of the origin.)"""
         return self.static is not None or origin_of(url) == self.origin
-
-
-def origin_of(url: URL) -> str:
-    return f"{url.scheme}://{url.raw_host}:{url.port}"
 
 
 def _quote_param(value: str) -> str:
@@ -199,6 +201,21 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
                              template=name, manifest=manifest)
         if fragment is not None:
             fragments.append(fragment)
+    primaries = _check_page(fragments, found, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Template(
+        name=name,
+        chunks=tuple(_chunks(source, found, fragments, body_close)),
+        fragments=tuple(fragments),
+        primary=primaries[0] if primaries else None,
+        async_fragments=tuple(f for f in fragments if f.is_async),
+        versioned=any(f.name is not None for f in fragments),
+    )
+
+
+def _check_page(fragments: list[Fragment], found: list[_Found], problems: _Problems) -> list[Fragment]:
+    """Ids name one fragment each, and one fragment at most sets the page's status: the primaries."""
     ids: dict[str, int] = {}
     primaries = [f for f in fragments if f.primary]
     for f in fragments:
@@ -208,9 +225,12 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
     if len(primaries) > 1:
         problems.add(found[primaries[1].index].start,
                      f"a template has at most one primary fragment (first on line {primaries[0].line})")
-    if problems.items:
-        raise ConfigError(problems.items)
+    return primaries
 
+
+def _chunks(source: str, found: list[_Found], fragments: list[Fragment],
+            body_close: int | None) -> list[bytes | Fragment | _AsyncSlot]:
+    """The page in order: the source's own bytes between fragments, and the async slot."""
     chunks: list[bytes | Fragment | _AsyncSlot] = []
     pos = 0
 
@@ -230,14 +250,7 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
     literal(len(source))
     if ASYNC_SLOT not in chunks:
         chunks.append(ASYNC_SLOT)
-    return Template(
-        name=name,
-        chunks=tuple(_merge(chunks)),
-        fragments=tuple(fragments),
-        primary=primaries[0] if primaries else None,
-        async_fragments=tuple(f for f in fragments if f.is_async),
-        versioned=any(f.name is not None for f in fragments),
-    )
+    return _merge(chunks)
 
 
 def _merge(chunks: list[bytes | Fragment | _AsyncSlot]) -> list[bytes | Fragment | _AsyncSlot]:
@@ -250,92 +263,188 @@ def _merge(chunks: list[bytes | Fragment | _AsyncSlot]) -> list[bytes | Fragment
     return out
 
 
+# --- finding fragment elements and the real `</body>` ----------------------------------------
+
+
+@dataclass(slots=True)
+class _Candidates:
+    """What the regexes find (source offsets), before the parser says which of it is markup."""
+
+    tags: dict[int, re.Match[str] | None] = field(default_factory=dict)  # `<fragment`/`<script` → rest
+    names: list[tuple[int, str]] = field(default_factory=list)  # the name mark of each tag
+    closes: list[int] = field(default_factory=list)  # `</fragment>`
+    bodies: list[int] = field(default_factory=list)  # `</body`
+    unfinished: list[int] = field(default_factory=list)  # `<fragment` with no `>` outside quotes after it
+    spaced: list[int] = field(default_factory=list)  # `<fragment` then a space HTML does not know (NBSP)
+
+    @property
+    def ends(self) -> list[int]:
+        """Candidates whose being markup shows only as a mark element placed right before them."""
+        return self.closes + self.bodies + self.unfinished + self.spaced
+
+
 def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]:
-    """Find fragment elements and the real `</body>` by asking selectolax about candidates."""
-    for reserved in (_AT, _MARK):  # markup of our own making would be taken for the markers
+    """Find fragment elements and the real `</body>` by asking selectolax about candidates.
+
+    Two parses. A tag candidate carries its offset in an attribute name, which no context
+    minds (`_name_mark`). A closing tag has no node of its own, so an element `<composer-mark>`
+    is put before it; but a `>` would end a tag, a bogus comment or an unquoted value early.
+    So the first parse puts an inert character there instead, which the parser shows only
+    in text nodes: the mark element goes where that character was text (it is then an
+    element exactly where the closing tag is markup, and text in script or RCDATA).
+    """
+    for reserved in (_AT, _MARK):  # markup of our own making would be taken for the marks
         if (used := re.search(reserved, source, re.IGNORECASE | re.ASCII)) is not None:
             problems.add(used.start(), f"{reserved!r} is reserved for composer's own use in templates")
             return [], None
-    opens: dict[int, re.Match[str]] = {}
-    inserts: list[tuple[int, str]] = []
-    unfinished: list[int] = []  # `<fragment` with no `>` outside quotes after it
-    for m in _OPEN.finditer(source):
-        rest = _TAG_REST.match(source, m.end())
-        if rest is None:
-            if m.group(1).lower() == "fragment":
-                # Markup or text? A mark before it becomes an element only where a tag can start.
-                unfinished.append(m.start())
-                inserts.append((m.start(), f"<{_MARK} {_AT}={m.start()}></{_MARK}>"))
-                inserts.append((m.end(), f' {_AT}="{m.start()}"'))
-            continue
-        opens[m.start()] = rest
-        inserts.append((m.end(), f' {_AT}="{m.start()}"'))  # quoted: `<fragment/>` must not read as "0/"
-        if m.group(1).lower() == "fragment" and _self_closing(source, rest.end()):
-            # `<fragment/>` is not self-closing to an HTML parser; make it so for this parse.
+    candidates = _candidates(source)
+    in_text, probed = _probe(source, candidates)
+    inserts = list(candidates.names)
+    for start, rest in candidates.tags.items():  # `<fragment/>` is not self-closing to HTML: make it so
+        if rest is not None and start in probed and source[start + 1] in "fF" and _self_closing(source, rest.end()):
             inserts.append((rest.end() - 2, "></fragment"))
-    for regex in (_CLOSE_FRAGMENT, _CLOSE_BODY):
-        for m in regex.finditer(source):
-            inserts.append((m.start(), f"<{_MARK} {_AT}={m.start()}></{_MARK}>"))
-    marked = _apply(source, inserts)
-    tree = LexborHTMLParser(marked)
-
-    found: list[_Found] = []
-    _unfinished(tree, unfinished, problems)
-    for element in tree.css(f"fragment[{_AT}], script[{_AT}]"):
-        start = int(element.attributes[_AT] or 0)
-        if start not in opens:  # an unfinished tag, reported above
-            continue
-        attrs = {k: v for k, v in element.attributes.items() if k != _AT}
-        rest = opens[start]
-        open_end = rest.end()
-        if element.tag == "script":
-            if (attrs.get("type") or "").strip().lower() != "fragment":
-                continue
-            close = _CLOSE_SCRIPT.search(source, open_end)
-            gt = source.find(">", close.start()) if close is not None else -1
-            if close is None or gt < 0:  # `</script` cut off by the end of the file closes nothing
-                problems.add(start, '<script type="fragment"> is never closed')
-                continue
-            found.append(_Found(start, open_end, close.start(), gt + 1, attrs))
-            continue
-        if _self_closing(source, open_end):
-            found.append(_Found(start, open_end, open_end, open_end, attrs))
-            continue
-        closes = [int(m.attributes[_AT] or 0) for m in element.css(_MARK)
-                  if source.startswith("</f", int(m.attributes[_AT] or 0))
-                  or source.startswith("</F", int(m.attributes[_AT] or 0))]
-        if not closes:
-            problems.add(start, "<fragment> is never closed (add </fragment>)")
-            continue
-        close = _CLOSE_FRAGMENT.match(source, max(closes))
-        assert close is not None
-        found.append(_Found(start, open_end, close.start(), close.end(), attrs))
-        if any(inner.attributes[_AT] != element.attributes[_AT] for inner in element.css(f"fragment[{_AT}]")):
-            problems.add(start, "fragments cannot be nested")
-    found.sort(key=lambda f: f.start)
+    inserts += [(end, f"<{_MARK} {_AT}-{end}></{_MARK}>") for end in candidates.ends if end in in_text]
+    tree = LexborHTMLParser(_apply(source, inserts))
+    roots = _roots(tree)
+    elements = _elements(roots)
+    _unfinished(candidates, elements, {o for r in roots for o in _offsets(r.css(_MARK))}, problems)
+    found = [item for start, element in sorted(elements.items())
+             if (item := _found(source, start, candidates.tags.get(start), element, problems)) is not None]
     for before, after in itertools.pairwise(found):
         if after.start < before.end:
             problems.add(after.start, "fragments cannot be nested")
-    body_marks = [int(m.attributes[_AT] or 0) for m in tree.css(_MARK)
-                  if source[int(m.attributes[_AT] or 0) + 2] in "bB"]
-    outside = [b for b in body_marks if not any(f.start <= b < f.end for f in found)]
+    bodies = set(candidates.bodies)  # `</body>` in a template's content is not the document's
+    outside = [b for b in _offsets(tree.css(_MARK)) if b in bodies and not any(f.start <= b < f.end for f in found)]
     return found, (max(outside) if outside else None)
 
 
-def _unfinished(tree: LexborHTMLParser, starts: list[int], problems: _Problems) -> None:
+def _candidates(source: str) -> _Candidates:
+    found = _Candidates()
+    for m in _OPEN.finditer(source):
+        if source[m.end()] not in _TAG_NAME_END:  # `<fragment\xa0`: a longer tag name to HTML
+            if m.group(1).lower() == "fragment":
+                found.spaced.append(m.start())
+            continue
+        rest = _TAG_REST.match(source, m.end())
+        found.tags[m.start()] = rest
+        found.names.append(_name_mark(source, m.start(), m.end()))
+        if rest is None and m.group(1).lower() == "fragment":
+            found.unfinished.append(m.start())
+    found.closes = [m.start() for m in _CLOSE_FRAGMENT.finditer(source)]
+    found.bodies = [m.start() for m in _CLOSE_BODY.finditer(source)]
+    return found
+
+
+def _name_mark(source: str, start: int, name_end: int) -> tuple[int, str]:
+    """Where and what to insert so the tag at `start` carries its offset, leaving the parser
+    in the state the original text would: `<fragment` may be a tag, or sit in an attribute
+    value (quoted or not), a tag or attribute name, a comment or raw text. No quote, `<`, `>`
+    or `--` is inserted, and a space only where the original already ends a token."""
+    after = source[name_end]
+    if after == "/":  # after `/`, a bare name then `/` again: self-closing state, or one unquoted value
+        return name_end + 1, f"{_AT}-{start}/"
+    if after == ">":
+        return name_end, f" {_AT}-{start}"
+    return name_end + 1, f"{_AT}-{start}={start} "  # after the space: 'before attribute name' in both
+
+
+def _probe(source: str, candidates: _Candidates) -> tuple[set[int], set[int]]:
+    """First parse: which end candidates sit where the parser makes text (not in a tag,
+    comment or doctype), and which tag candidates are elements."""
+    probe = next(c for c in map(chr, range(0xF0000, 0x10FFFE)) if c not in source)  # private use
+    tree = LexborHTMLParser(_apply(source, [*candidates.names, *((o, f"{probe}{o}") for o in candidates.ends)]))
+    roots = _roots(tree)
+    text = "".join(root.text() for root in roots)
+    in_text = {int(n) for n in re.findall(re.escape(probe) + r"(\d+)", text)}
+    return in_text, set(_elements(roots))
+
+
+def _roots(tree: LexborHTMLParser) -> list[LexborNode]:
+    """The document and the content of every `<template>` at any depth: the parser keeps a
+    template's content out of the document tree, but it is markup."""
+    roots = [] if tree.root is None else [tree.root]
+    i = 0
+    while i < len(roots):
+        roots.extend(roots[i].template_fragments())
+        i += 1
+    return roots
+
+
+def _offsets(nodes: list[LexborNode]) -> list[int]:
+    return [o for node in nodes if (o := _offset(node)) is not None]
+
+
+def _offset(node: LexborNode) -> int | None:
+    """The source offset a mark gave `node`: the smallest, as a tag also holds the marks of
+    candidates in its unquoted attribute values (`<a title=<fragment>`)."""
+    offsets = [int(m[1]) for key in node.attributes if (m := _AT_NAME.fullmatch(key))]
+    return min(offsets) if offsets else None
+
+
+def _elements(roots: list[LexborNode]) -> dict[int, LexborNode]:
+    """Candidate `<fragment>` and `<script>` elements by offset."""
+    elements: dict[int, LexborNode] = {}
+    for root in roots:
+        for element in root.css("fragment, script"):
+            if (offset := _offset(element)) is not None:
+                elements.setdefault(offset, element)
+    return elements
+
+
+def _found(source: str, start: int, rest: re.Match[str] | None, element: LexborNode,
+           problems: _Problems) -> _Found | None:
+    """Where the element at `start` ends in the source, or None (not a fragment, or a problem)."""
+    if rest is None:  # a tag the scanner sees no end of, reported by `_unfinished`
+        return None
+    attrs = {k: v if v is None or _AT not in v else _AT_TEXT.sub("", v)  # `id="<fragment >"` holds a mark
+             for k, v in element.attributes.items() if not k.startswith(_AT)}
+    open_end = rest.end()
+    if element.tag == "script":
+        if not _fragment_script(element):
+            return None
+        close = _CLOSE_SCRIPT.search(source, open_end)
+        gt = source.find(">", close.start()) if close is not None else -1
+        if close is None or gt < 0:  # `</script` cut off by the end of the file closes nothing
+            problems.add(start, '<script type="fragment"> is never closed')
+            return None
+        return _Found(start, open_end, close.start(), gt + 1, attrs)
+    if _self_closing(source, open_end):
+        return _Found(start, open_end, open_end, open_end, attrs)
+    # marks before `</fragment>`, not `</body` nor `<fragment`
+    closes = [o for o in _offsets(element.css(_MARK)) if source.startswith("</", o) and source[o + 2] in "fF"]
+    if not closes:
+        problems.add(start, "<fragment> is never closed (add </fragment>)")
+        return None
+    close = _CLOSE_FRAGMENT.match(source, max(closes))
+    assert close is not None
+    if any(o != start for o in _offsets(element.css("fragment"))):
+        problems.add(start, "fragments cannot be nested")
+    return _Found(start, open_end, close.start(), close.end(), attrs)
+
+
+def _unfinished(candidates: _Candidates, elements: dict[int, LexborNode], marks: set[int],
+                problems: _Problems) -> None:
     """Report each `<fragment` tag in markup that does not end, as in a half-written file
     (`<fragment id="b" src="http://1` at its end): served, it would reach browsers as text.
-    In a comment, a script or an attribute value it is text, and fine."""
-    if not starts:
-        return
-    elements = {int(e.attributes[_AT] or 0) for e in tree.css(f"fragment[{_AT}]")}
-    marks = {int(m.attributes[_AT] or 0) for m in tree.css(_MARK)}
-    for start in starts:
-        if start in elements:  # HTML ends it at a `>` that a quote hides from the scanner
-            problems.add(start, "cannot tell where this <fragment> tag ends: a quote in it is never closed")
-        elif start in marks:
+    In a comment, a script or an attribute value it is text, and fine. Likewise a tag name
+    run on by a space HTML does not know, which would silently be no fragment."""
+    unended = {start for start, rest in candidates.tags.items() if rest is None}
+    for start in sorted(unended | set(candidates.spaced)):
+        element = elements.get(start)
+        if element is not None and (element.tag != "script" or _fragment_script(element)):
+            # HTML ends it at a `>` that a quote hides from the scanner
+            tag = '<script type="fragment">' if element.tag == "script" else "<fragment>"
+            problems.add(start, f"cannot tell where this {tag} tag ends: a quote in it is never closed")
+        elif element is None and start in marks and start in unended:
             problems.add(start, "unterminated <fragment tag: no `>` ends it before the end of the file "
                                 "(a half-written template?)")
+        elif element is None and start in marks:
+            problems.add(start, f"`<fragment` is followed by U+{ord(problems.source[start + 9]):04X}, which HTML "
+                                "does not take for a space: this is no fragment tag (write a plain space)")
+
+
+def _fragment_script(element: LexborNode) -> bool:
+    return (element.attributes.get("type") or "").strip().lower() == "fragment"
 
 
 def _self_closing(source: str, tag_end: int) -> bool:
@@ -344,6 +453,7 @@ def _self_closing(source: str, tag_end: int) -> bool:
 
 
 def _apply(source: str, inserts: list[tuple[int, str]]) -> str:
+    """`source` with each text inserted at its offset (at one offset, in list order)."""
     out: list[str] = []
     pos = 0
     for offset, text in sorted(inserts, key=lambda i: i[0]):
@@ -354,11 +464,54 @@ def _apply(source: str, inserts: list[tuple[int, str]]) -> str:
     return "".join(out)
 
 
+# --- attributes → Fragment ----------------------------------------------------------------
+
+
 def _fragment(item: _Found, index: int, source: str, problems: _Problems, *, params: tuple[str, ...],
               settings: Settings, template: str, manifest: Manifest | None) -> Fragment | None:
+    """The `Fragment` a found tag describes, or None once its problems are added."""
     attrs = item.attrs
+    ok = _attributes_known(item, problems)
+    name = attrs.get("name")
+    entry = manifest.fragments.get(name) if manifest is not None and name else None
+    if not _one_source(item, entry, manifest, problems):
+        return None
+
+    def url(attr: str, raw: str) -> UrlTemplate | None:
+        return _url(item.start, attr, raw, problems, params, settings)
+
+    versions: dict[str, UrlTemplate] = {}
+    for version, raw in (entry.versions.items() if entry is not None else ()):
+        if (parsed := url(f"manifest version {version!r} of {name!r}", raw)) is None:
+            return None
+        versions[version] = parsed
+    src = versions[entry.active] if entry is not None else url("src", attrs.get("src") or "")
+    fallback_raw = attrs.get("fallback-src")
+    if fallback_raw is None and entry is not None:
+        fallback_raw = entry.fallback
+    fallback_src = None if fallback_raw is None else url("fallback-src", fallback_raw)
+    timeout_ms = _timeout_ms(item, entry, settings, problems)
+    if src is None or not ok or timeout_ms is None or (fallback_raw is not None and fallback_src is None):
+        return None
+    fragment = Fragment(
+        id=attrs.get("id") or name or f"{template}#{index + 1}", index=index, line=problems.line(item.start),
+        src=src, fallback_src=fallback_src, timeout=timeout_ms / 1000,
+        primary="primary" in attrs, is_async="async" in attrs, public="public" in attrs,
+        fallback_html=source[item.open_end:item.close_start].encode("utf-8"),
+        breaker=merged(settings.circuit_breaker, dict(entry.circuit_breaker or {}) if entry else None),
+    )
+    if entry is None:
+        return fragment
+    return dataclasses.replace(
+        fragment, name=entry.name, owner=entry.owner, version=entry.active, versions=versions,
+        canary=entry.canary.version if entry.canary else None,
+        canary_percent=entry.canary.percent if entry.canary else 0, enabled=entry.enabled)
+
+
+def _attributes_known(item: _Found, problems: _Problems) -> bool:
+    """A misspelt attribute (`tiemout`) or `async="false"` would silently mean something else."""
     ok = True
-    for key, value in attrs.items():
+    for key, value in item.attrs.items():
         if key == "type" or key.startswith("data-"):
             continue
         if key not in _KNOWN:
@@ -367,63 +520,34 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *, par
         elif key in _BOOLEAN and value not in (None, "", key):
             problems.add(item.start, f"{key!r} is a boolean attribute and takes no value, not {value!r}")
             ok = False
-    src_raw, name = attrs.get("src"), attrs.get("name")
-    entry = manifest.fragments.get(name) if manifest is not None and name else None
-    if not src_raw and not name:
+    return ok
+
+
+def _one_source(item: _Found, entry: Entry | None, manifest: Manifest | None, problems: _Problems) -> bool:
+    """A fragment has a `src` or a `name` from the manifest, not both (which one would win?)."""
+    src, name = item.attrs.get("src"), item.attrs.get("name")
+    if not src and not name:
         problems.add(item.start, "<fragment> needs a `src` (or a `name` from the manifest)")
-        return None
-    if entry is not None and src_raw:
+    elif entry is not None and src:
         problems.add(item.start, f"fragment {name!r} comes from the manifest; drop `src` (or use another name)")
-        return None
-    if entry is None and not src_raw:
+    elif entry is None and not src:
         where = "no manifest is configured" if manifest is None else f"known: {', '.join(manifest.fragments) or 'none'}"
         problems.add(item.start, f"fragment name {name!r} is not in the manifest ({where}); give it a `src`")
-        return None
-    versions: dict[str, UrlTemplate] = {}
-    if entry is not None:
-        for version, url in entry.versions.items():
-            parsed = _url(item.start, f"manifest version {version!r} of {name!r}", url, problems, params, settings)
-            if parsed is None:
-                return None
-            versions[version] = parsed
-        src: UrlTemplate | None = versions[entry.active]
     else:
-        src = _url(item.start, "src", src_raw or "", problems, params, settings)
-    fallback_raw = attrs.get("fallback-src")
-    if fallback_raw is None and entry is not None:
-        fallback_raw = entry.fallback
-    fallback_src = None
-    if fallback_raw is not None:
-        fallback_src = _url(item.start, "fallback-src", fallback_raw or "", problems, params, settings)
-        ok = ok and fallback_src is not None
-    timeout_ms = entry.timeout_ms if entry is not None and entry.timeout_ms else settings.fragment_timeout_ms
-    raw_timeout = attrs.get("timeout")
-    if raw_timeout is not None:
-        if re.fullmatch(r"0*[0-9]{1,9}", raw_timeout.strip()) and 0 < int(raw_timeout) <= MAX_TIMEOUT_MS:
-            timeout_ms = int(raw_timeout)
-        else:
-            problems.add(item.start, f"timeout must be a whole number of milliseconds between 1 and "
-                                     f"{MAX_TIMEOUT_MS}, not {raw_timeout!r}")
-            ok = False
-    if src is None or not ok:
-        return None
-    return Fragment(
-        id=attrs.get("id") or name or f"{template}#{index + 1}",
-        index=index,
-        line=problems.line(item.start),
-        src=src,
-        fallback_src=fallback_src,
-        timeout=timeout_ms / 1000,
-        primary="primary" in attrs,
-        is_async="async" in attrs,
-        public="public" in attrs,
-        fallback_html=source[item.open_end:item.close_start].encode("utf-8"),
-        **({} if entry is None else {
-            "name": entry.name, "owner": entry.owner, "version": entry.active, "versions": versions,
-            "canary": entry.canary.version if entry.canary else None,
-            "canary_percent": entry.canary.percent if entry.canary else 0, "enabled": entry.enabled}),
-        breaker=merged(settings.circuit_breaker, dict(entry.circuit_breaker or {}) if entry else None),
-    )
+        return True
+    return False
+
+
+def _timeout_ms(item: _Found, entry: Entry | None, settings: Settings, problems: _Problems) -> int | None:
+    """The `timeout` attribute, else the manifest's, else the setting; None if it is not valid."""
+    raw = item.attrs.get("timeout")
+    if raw is None:
+        return entry.timeout_ms if entry is not None and entry.timeout_ms else settings.fragment_timeout_ms
+    if re.fullmatch(r"0*[0-9]{1,9}", raw.strip()) and 0 < int(raw) <= MAX_TIMEOUT_MS:
+        return int(raw)
+    problems.add(item.start, f"timeout must be a whole number of milliseconds between 1 and "
+                             f"{MAX_TIMEOUT_MS}, not {raw!r}")
+    return None
 
 
 def _url(offset: int, attr: str, raw: str, problems: _Problems, params: tuple[str, ...],

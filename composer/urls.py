@@ -13,7 +13,7 @@ import re
 
 from yarl import URL
 
-__all__ = ["origin_allowed", "redact", "url_problem"]
+__all__ = ["origin_allowed", "origin_of", "redact", "url_problem"]
 
 _PROBE = "composerparam"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -36,11 +36,17 @@ def redact(url: str) -> str:
     return f"{scheme.group()}{host}{path}"
 
 
+def origin_of(url: URL) -> str:
+    """`scheme://host:port`, the port always written (80 and 443 too): one spelling per origin,
+    so it can key a circuit breaker or a pool and be compared as a string."""
+    return f"{url.scheme}://{url.raw_host}:{url.port}"
+
+
 def origin_allowed(url: URL, allowed: tuple[str, ...]) -> bool:
     """True when `allowed` is empty or one of its `scheme://host[:port]` globs matches `url`."""
     if not allowed:
         return True
-    origin = f"{url.scheme}://{url.raw_host}:{url.port}"
+    origin = origin_of(url)
     bare = f"{url.scheme}://{url.raw_host}"
     return any(fnmatch.fnmatchcase(origin, p) or fnmatch.fnmatchcase(bare, p) for p in allowed)
 
@@ -66,6 +72,7 @@ def url_problem(raw: str, allowed: tuple[str, ...]) -> str | None:
 
 
 def _fill(raw: str) -> str:
+    """`raw` with each `{param}` replaced by a probe word, so it parses as the URL it will be."""
     out, depth = [], 0
     for ch in raw:
         if ch == "{":

@@ -25,12 +25,11 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from prometheus_client import multiprocess, values
 
-from .config import Config, file_stamp
+from .config import file_stamp
 from .errors import ConfigError, Stamp
 from .logs import JsonFormatter
-from .manifest import Fetched
-from .reload import changed, load
-from .routing import RouteTable
+from .reload import changed
+from .routing import RouteTable, load
 from .server import GRACE_SECONDS, ComposerServer
 
 __all__ = ["ComposerWorker", "serve_workers"]
@@ -49,6 +48,7 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
     server: ComposerServer | None = None
 
     def init_signals(self) -> None:
+        """gunicorn's signals, but SIGHUP reloads in place."""
         super().init_signals()
         # The arbiter forwards SIGHUP (see _HupArbiter): reload in place, keep the process.
         self.loop.add_signal_handler(signal.SIGHUP, self._reload)
@@ -58,14 +58,14 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
             self.server.reloader.trigger()
 
     async def _run(self) -> None:
+        """Serve on the arbiter's sockets until told to stop or orphaned, then drain."""
         app: _Arbiter = self.app
         # The plain sockets inside gunicorn's listener wrappers: uvloop detaches a socket.socket
         # when its server closes, where it would close() any other object after libuv already
         # closed the fd (a second close of that fd number; gunicorn logs the EBADF it gets).
         sockets = [getattr(listener, "sock", listener) for listener in self.sockets]
-        server = self.server = ComposerServer(app.config, app.table, admin_host=app.admin_host,
-                                              admin_port=app.admin_port, grace=GRACE_SECONDS,
-                                              sockets=sockets, manifest=app.manifest)
+        server = self.server = ComposerServer(app.table, admin_host=app.admin_host, admin_port=app.admin_port,
+                                              grace=GRACE_SECONDS, sockets=sockets)
         # A worker started later (a replacement) must not serve the config of the arbiter's
         # start if the files changed since, even with polling off.
         await server.reloader.check()
@@ -79,9 +79,11 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
 
 
 class _Arbiter(BaseApplication):  # type: ignore[misc]
-    def __init__(self, config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
-                 workers: int, manifest: str | None, admin_host: str) -> None:
-        self.config, self.table, self.manifest = config, table, manifest
+    """gunicorn's application: the settings of the arbiter, and the last good table to fork with."""
+
+    def __init__(self, table: RouteTable, *, host: str, port: int, admin_port: int, workers: int,
+                 admin_host: str) -> None:
+        self.table = table
         self.admin_host = admin_host
         self.host, self.port, self.admin_port, self.workers = host, port, admin_port, workers
         self._failed: tuple[tuple[Path, Stamp], ...] | None = None
@@ -95,17 +97,19 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
         watched = self._failed if self._failed is not None else self.table.sources
         if not changed(watched):
             return
+        table = self.table
         try:
-            manifest = self.table.manifest
-            remote = Fetched(manifest.source, manifest.text, manifest.etag) if manifest and manifest.text else None
-            self.config, self.table = load(self.config.path, manifest=self.manifest, remote=remote)
+            # No event loop runs in the arbiter: a manifest URL that changed is fetched here.
+            self.table = load(table.path, table.manifest_option,
+                              fetched=table.manifest.body() if table.manifest else None)
             self._failed = None
         except ConfigError as exc:
-            self._failed = exc.sources or ((self.config.path, file_stamp(self.config.path)),)
+            self._failed = exc.sources or ((table.path, file_stamp(table.path)),)
         except Exception:  # noqa: BLE001 - never let a bad file take the arbiter down
             self._failed = tuple((path, file_stamp(path)) for path, _ in watched)
 
     def load_config(self) -> None:
+        """gunicorn's settings (its name for this hook): composer's, never a gunicorn config file."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         settings: dict[str, Any] = {
             "bind": [f"{host}:{self.port}"],
@@ -141,6 +145,7 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
         return self
 
     def run(self) -> None:
+        """The arbiter's loop; gunicorn's errors exit 1 with its message, as its own run() does."""
         try:
             _HupArbiter(self).run()
         except RuntimeError as exc:  # what gunicorn's own run() does with arbiter errors
@@ -158,19 +163,22 @@ class _HupArbiter(Arbiter):  # type: ignore[misc]
     """
 
     def handle_hup(self) -> None:
+        """SIGHUP: follow the files here, and have every worker reload in place."""
         self.log.info("SIGHUP: workers reload the config")
         self.app.refresh()
         self.kill_workers(signal.SIGHUP)
 
     def manage_workers(self) -> None:
-        settings = self.app.table.settings
-        if settings is None or settings.reload_interval_ms:  # 0: files are read on SIGHUP only
+        """Follow the files as the arbiter's loop turns (about once a second)."""
+        if self.app.table.settings.reload_interval_ms:  # 0: files are read on SIGHUP only
             self.app.refresh()
         super().manage_workers()
 
     def spawn_worker(self) -> int:
-        self.app.refresh()  # a worker forked now starts from what is on disk, if it is good
-        return super().spawn_worker()
+        """Fork a worker with what is on disk now, if it is good."""
+        self.app.refresh()
+        pid: int = super().spawn_worker()
+        return pid
 
 
 def _child_exit(_arbiter: Any, worker: Any) -> None:
@@ -181,8 +189,8 @@ def _child_exit(_arbiter: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
-def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, admin_port: int,
-                  workers: int, manifest: str | None = None, admin_host: str = "127.0.0.1") -> int:
+def serve_workers(table: RouteTable, *, host: str, port: int, admin_port: int, workers: int,
+                  admin_host: str = "127.0.0.1") -> int:
     """Run the arbiter until TERM/INT; gunicorn drains workers within the grace period."""
     metrics_dir = tempfile.mkdtemp(prefix="composer-metrics-")
     arbiter = os.getpid()
@@ -192,8 +200,7 @@ def serve_workers(config: Config, table: RouteTable, *, host: str, port: int, ad
     values.ValueClass = values.get_value_class()
     logging.getLogger("composer").info("starting workers", extra={"fields": {"workers": workers}})
     try:
-        _Arbiter(config, table, host=host, port=port, admin_port=admin_port, workers=workers,
-                 manifest=manifest, admin_host=admin_host).run()
+        _Arbiter(table, host=host, port=port, admin_port=admin_port, workers=workers, admin_host=admin_host).run()
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:

@@ -26,8 +26,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from composer.config import load_config
-from composer.routing import build_table
+from composer.reload import aload
 from composer.server import ComposerServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -322,9 +321,8 @@ async def start_composer(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitabl
 
     async def start(templates: dict[str, str], routes: str | None = None, settings: str = "",
                     grace: float = 10.0) -> Composer:
-        config = load_config(write_config(tmp_path, templates, routes, settings))
-        server = ComposerServer(config, build_table(config), host="127.0.0.1", port=0, admin_port=0,
-                                grace=grace)
+        table = await aload(write_config(tmp_path, templates, routes, settings))
+        server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0, grace=grace)
         await server.start()
         composer = Composer(server=server, session=aiohttp.ClientSession())
         started.append(composer)

@@ -37,10 +37,8 @@ from playwright.async_api import (
     async_playwright,
 )
 
-from composer.config import load_config
+from composer import load
 from composer.demo import demo_app, example_at
-from composer.reload import load
-from composer.routing import build_table
 from composer.server import ComposerServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -105,9 +103,9 @@ class World:
 
     async def compose(self, templates: dict[str, str], routes: str | None = None, settings: str = "") -> str:
         """A composer on a free loopback port for these templates (conftest's `write_config`)."""
-        config = load_config(write_config(self.tmp_path, templates, routes, settings))
+        table = load(write_config(self.tmp_path, templates, routes, settings))
         return await start_composer(self.stack, ComposerServer(
-            config, build_table(config), host="127.0.0.1", port=0, admin_port=0, grace=2))
+            table, host="127.0.0.1", port=0, admin_port=0, grace=2))
 
     async def tab(self) -> Tab:
         return await open_tab(self.stack, self.browser)
@@ -186,12 +184,12 @@ async def demo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Demo]:
     Recommendations come after 0.4 s instead of 1.5 s: still last, so still streamed async."""
     async with AsyncExitStack() as stack:
         origin = await serve(stack, demo_app(recommendation_delay=0.4))
-        config, table = load(example_at(origin, tmp_path_factory.mktemp("demo")))
+        table = load(example_at(origin, tmp_path_factory.mktemp("demo")))
         product = next(r for r in table.routes if r.name == "product")
         assert product.template is not None
         recos = next(f for f in product.template.fragments if f.id == "recommendations")
         url = await start_composer(stack, ComposerServer(
-            config, table, host="127.0.0.1", port=0, admin_port=0, grace=2))
+            table, host="127.0.0.1", port=0, admin_port=0, grace=2))
         yield Demo(url, recos.index, origin)
 
 

@@ -1,6 +1,6 @@
 """The fragment cache (composer/cache.py), end to end: HTTP caching, single flight, last-good.
 
-Everything runs for real: a composer in process (`start_composer`, or `composer.reload.load`
+Everything runs for real: a composer in process (`start_composer`, or `composer.load`
 for a manifest) and aiohttp fragment services on 127.0.0.1 that count what reaches them
 (`FragmentServer.hits`). Each test says how many upstream requests a sequence of pages
 costs, what the pages show and what `composer_fragment_cache_total{result}` says about it.
@@ -30,7 +30,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.cache import FragmentCache, Freshness, freshness
-from composer.reload import load
+from composer.reload import aload
 from composer.server import ComposerServer
 
 # Circuit breakers off: a test that makes a service fail wants to see each failure, not an
@@ -129,7 +129,7 @@ async def counts(composer: Composer, fragment: str = "f") -> Counts:
 
 
 def cache_of(composer: Composer) -> FragmentCache:
-    cache = composer.server._composer.cache
+    cache = composer.server._composer.pipeline.cache
     assert isinstance(cache, FragmentCache)
     return cache
 
@@ -535,13 +535,12 @@ fragments:
 
 @pytest.fixture
 async def start_loaded(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
-    """A composer loaded as `composer serve` loads it (inline `fragments:` need composer.reload.load)."""
+    """A composer loaded as `composer serve` loads it (`composer.reload.aload`, as in the reloader)."""
     started: list[Composer] = []
 
     async def start_(routes: str) -> Composer:
         path = write_config(tmp_path, {"page.html": FOOTER_PAGE}, routes)
-        config, table = await asyncio.to_thread(load, path)
-        server = ComposerServer(config, table, host="127.0.0.1", port=0, admin_port=0)
+        server = ComposerServer(await aload(path), host="127.0.0.1", port=0, admin_port=0)
         composer = Composer(server=server, session=aiohttp.ClientSession())
         started.append(composer)
         await server.start()
@@ -579,7 +578,7 @@ async def test_manifest_fallback_is_fetched_at_load_and_shows_while_its_service_
     # A reload fetches it again (a manifest change can be a new fallback at the same URL).
     statics[0].text = "static-1b"
     reloads = await reloads_ok(composer)
-    rewrite(composer.server.config.path, FOOTER_ROUTES.format(src=src_url, fallback=fallback_1_url) + "# touched\n")
+    rewrite(composer.server.table.path, FOOTER_ROUTES.format(src=src_url, fallback=fallback_1_url) + "# touched\n")
     await eventually(lambda: reloaded(composer, reloads), "the reload")
     await eventually(lambda: _hit(fallback_1, "/static", 2), "the fallback to be fetched again on reload")
 
@@ -594,13 +593,13 @@ async def test_manifest_fallback_is_fetched_at_load_and_shows_while_its_service_
 
     # A reload while the fallback is down keeps its last good copy (the refetch fails).
     reloads = await reloads_ok(composer)
-    rewrite(composer.server.config.path,
+    rewrite(composer.server.table.path,
             FOOTER_ROUTES.format(src=src_url, fallback=fallback_1_url).replace("timeout_ms: 300", "timeout_ms: 250"))
     await eventually(lambda: reloaded(composer, reloads), "the reload")
     assert await page(composer) == "static-1b #2"
 
     # A reload naming another fallback fetches that one at once, before any page needs it.
-    rewrite(composer.server.config.path,
+    rewrite(composer.server.table.path,
             FOOTER_ROUTES.format(src=src_url, fallback=fallback_2_url))
     await eventually(lambda: _hit(fallback_2, "/static2"), "the new fallback to be fetched on reload")
     await fallback_2.server.close()

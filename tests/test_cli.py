@@ -95,6 +95,18 @@ def test_check_relative_paths_follow_the_config_file(tmp_path):
     assert "ok" in result.stdout
 
 
+def test_check_warns_that_a_header_composer_sends_itself_need_not_be_forwarded(tmp_path):
+    """A config written for Tailor lists x-request-id: it loads, and `check` says it is redundant."""
+    write_config(tmp_path, {"page.html": PAGE.format(url="http://127.0.0.1:1/x")},
+                 settings="settings:\n  forward_headers:\n    - cookie\n    - X-Request-Id\n")
+    result = run_cli("check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        ("routes.yaml:4: warning: settings.forward_headers: 'x-request-id' is sent by composer itself; "
+         "listing it changes nothing")], result.stderr
+    assert "ok" in result.stdout
+
+
 def test_check_default_config_is_routes_yaml_in_cwd(tmp_path):
     (tmp_path / "other.yaml").write_text("routes: []\n", encoding="utf-8")
     result = run_cli("check", cwd=tmp_path)

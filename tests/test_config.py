@@ -3,15 +3,18 @@ problems, all collected in one ConfigError."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import textwrap
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
-from composer.config import DEFAULT_FORWARD_HEADERS, load_config, read_config
+from composer import load
+from composer.config import DEFAULT_FORWARD_HEADERS, SETTINGS, Settings, load_config, read_config
 from composer.errors import ConfigError
-from composer.reload import load
 from composer.routing import build_table, compile_path
 
 PAGE = "<html><body><p>page</p></body></html>\n"
@@ -228,6 +231,48 @@ def test_wrong_types(here, setting, value):
 
 def test_settings_not_a_mapping(here):
     one_problem(here, "settings: [a, b]\n" + MINIMAL, 1, "settings")
+
+
+@pytest.mark.parametrize("header", ["x-request-id", "X-Request-URI", "x-request-host", "accept-encoding"])
+def test_forward_headers_composer_sends_itself_load_with_a_warning_and_are_dropped(here, header):
+    table = load(write(here, f"settings:\n  forward_headers:\n    - cookie\n    - {header}\n" + MINIMAL))
+    assert table.settings.forward_headers == ("cookie",)  # composer's own value goes out, once
+    assert table.warnings == ((f"routes.yaml:4: warning: settings.forward_headers: {header.lower()!r} is sent "
+                               "by composer itself; listing it changes nothing"),)
+
+
+@pytest.mark.parametrize("header", ["connection", "Transfer-Encoding", "te", "upgrade", "keep-alive",
+                                    "proxy-authorization", "host", "content-length"])
+def test_forward_headers_that_describe_a_connection_or_message_are_refused(here, header):
+    one_problem(here, f"settings:\n  forward_headers: [cookie, {header}]\n" + MINIMAL, 2,
+                "cannot include", repr(header.lower()))
+
+
+def test_settings_table_is_the_settings_dataclass():
+    """Each `Settings` field is one row (a key, a reader, a default of the field's type): the
+    dataclass and what routes.yaml accepts cannot drift apart."""
+    hints = typing.get_type_hints(Settings)
+    assert [row.name for row in SETTINGS.values()] == [f.name for f in dataclasses.fields(Settings)]
+    for key, row in SETTINGS.items():
+        assert callable(row.metadata["read"]), key
+        kind = typing.get_origin(hints[row.name]) or hints[row.name]
+        if kind not in (typing.Union, types.UnionType):  # `str | None`: None, checked by mypy
+            assert isinstance(row.default, kind), (key, row.default, hints[row.name])
+    assert "cache" in SETTINGS and SETTINGS["cache"].name == "cache_max_bytes"  # `cache: {max_bytes}`
+    assert Settings().fragment_timeout_ms == 3000  # every field has a default: no key is required
+
+
+def test_unknown_settings_key_lists_every_key_of_the_table(here):
+    message = one_problem(here, "settings:\n  timeout_ms: 5\n" + MINIMAL, 2, "timeout_ms")
+    assert message.endswith(f"(known: {', '.join(SETTINGS)})"), message
+
+
+def test_load_builds_the_shipped_example_with_its_manifest():
+    """`composer.load` reads settings.manifest (manifests/dev.yaml) like `composer serve` does."""
+    table = load(Path(__file__).parent.parent / "routes.yaml")
+    assert table.manifest is not None and "footer" in table.manifest.fragments
+    assert {r.name for r in table.routes} >= {"home", "product", "stock-api", "old-product-urls"}
+    assert table.settings.allowed_origins == ("http://127.0.0.1:9101",)
 
 
 @pytest.mark.parametrize(("setting", "value"), [

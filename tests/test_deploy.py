@@ -16,8 +16,8 @@ import yaml
 from conftest import eventually, html, replace_file, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
+from composer import load
 from composer.metrics import Metrics
-from composer.reload import load
 from composer.server import ComposerServer
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -368,8 +368,7 @@ async def replay(fragments: Any, tmp_path: Path) -> list[dict[str, str]]:
     manifest.write_text(yaml.safe_dump({"fragments": {"footer": footer}}), encoding="utf-8")
     path = write_config(tmp_path, {"page.html": '<body><fragment name="footer"><p>no footer</p></fragment></body>'},
                         settings="settings:\n  reload_interval_ms: 50\n  manifest: manifest.yaml\n")
-    config, table = load(path)
-    server = ComposerServer(config, table, host="127.0.0.1", port=0, admin_port=0)
+    server = ComposerServer(load(path), host="127.0.0.1", port=0, admin_port=0)
     await server.start()
     scrapes: list[dict[str, float]] = []
     try:

@@ -5,7 +5,7 @@ import composer
 
 def test_public_names():
     assert sorted(composer.__all__) == [
-        "ComposerServer", "Config", "ConfigError", "Reason", "RouteTable", "build_table", "load_config",
+        "ComposerServer", "ConfigError", "Reason", "RouteTable", "load",
     ]
     for name in composer.__all__:
         assert getattr(composer, name) is not None

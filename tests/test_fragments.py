@@ -23,7 +23,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from composer.errors import Reason
-from composer.fragments import Asset, Failed, Fetched, fetch, new_session, parse_assets
+from composer.fragments import Failed, Fetched, fetch, new_session
+from composer.links import Asset, parse_assets
 
 
 @pytest.fixture
@@ -382,7 +383,7 @@ def test_parse_assets_table(lines, expected):
 
 
 def test_parse_assets_garbage_entry_never_spreads_past_the_next_entry():
-    # aiohttp's parser (used on purpose, not a hand-written one) splits entries only at ", <";
+    # composer's Link parser (links.py, as aiohttp's did) splits entries only at ", <";
     # text glued to an entry spoils that entry's parameters and nothing else.
     got = assets(f'<{CSS}>; rel="stylesheet", garbage, <{JS}>; rel="fragment-script"')
     assert got == (Asset("script", JS),)

@@ -2,7 +2,7 @@
 
 Everything is real, on 127.0.0.1: manifest URLs are served by aiohttp apps that stream their
 body in chunks with pauses (as a slow or far server does), composer runs in process, loaded
-with `composer.reload.load` like `composer serve`, or as `python -m composer check`. Files are
+with `composer.load` like `composer serve`, or as `python -m composer check`. Files are
 rewritten in place in two halves while pages are requested continuously: the half-written
 version must never be served. The only fixed waits are the pause inside a write and the
 proof that a SIGHUP does not wait for a long settle interval.
@@ -11,6 +11,7 @@ proof that a SIGHUP does not wait for a long settle interval.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 import textwrap
@@ -32,9 +33,10 @@ from conftest import (
     write_config,
 )
 
+from composer import load
 from composer.errors import ConfigError
-from composer.manifest import fetch_manifest
-from composer.reload import load
+from composer.manifest import fetch_once
+from composer.reload import aload
 from composer.server import ComposerServer
 from composer.urls import redact
 
@@ -93,15 +95,15 @@ async def serve_manifest(aiohttp_server: Any, handler: Callable[[web.Request], A
 
 @pytest.fixture
 async def start_loaded(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
-    """Factory: a composer loaded the way `composer serve` loads (`composer.reload.load`)."""
+    """Factory: a composer loaded the way the reloader loads (`composer.reload.aload`)."""
     started: list[Composer] = []
 
     async def start(templates: dict[str, str], *, routes: str = PAGE_ROUTE, settings: str = "") -> Composer:
         folder = tmp_path / f"composer-{len(started)}"
         folder.mkdir()
         path = write_config(folder, templates, routes, settings)
-        config, table = await asyncio.to_thread(load, path)  # a URL manifest is fetched with its own loop
-        server = ComposerServer(config, table, host="127.0.0.1", port=0, admin_port=0)
+        table = await aload(path)  # a URL manifest is fetched in this loop, the files read in a thread
+        server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0)
         composer = Composer(server=server, session=aiohttp.ClientSession())
         started.append(composer)
         await server.start()
@@ -155,13 +157,12 @@ async def test_url_manifest_sent_in_chunks_is_read_to_its_end(aiohttp_server, tm
         return await stream_in_chunks(request, body, chunks=8, pause=0.02)
 
     url = await serve_manifest(aiohttp_server, slow)
-    async with aiohttp.ClientSession() as session:
-        fetched = await fetch_manifest(session, url, None)
+    fetched = await fetch_once(url)
     assert fetched.text == text
 
     # the loader `composer serve` uses: the flag at the very end is honoured
     config = write_config(tmp_path, {"page.html": FOOTER_PAGE}, PAGE_ROUTE, f"settings:\n  manifest: {url}\n")
-    _, table = await asyncio.to_thread(load, config)
+    table = await aload(config)
     assert table.manifest is not None
     assert table.manifest.fragments["footer"].enabled is False
 
@@ -186,9 +187,8 @@ async def test_url_manifest_over_16_mb_is_refused_without_reading_all_of_it(aioh
         return resp
 
     url = await serve_manifest(aiohttp_server, endless)
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(ConfigError) as info:
-            await fetch_manifest(session, url, None)
+    with pytest.raises(ConfigError) as info:
+        await fetch_once(url)
     assert len(info.value.problems) == 1
     assert "larger than 16 MB" in info.value.problems[0], info.value.problems
     assert sent < 40 * MB, f"the whole body was read ({sent} bytes) before refusing it"
@@ -204,13 +204,25 @@ async def test_url_manifest_announcing_over_16_mb_is_refused_at_once(aiohttp_ser
         return resp
 
     url = await serve_manifest(aiohttp_server, announced)
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(ConfigError) as info:
-            await asyncio.wait_for(fetch_manifest(session, url, None), 5)
+    with pytest.raises(ConfigError) as info:
+        await asyncio.wait_for(fetch_once(url), 5)
     assert "larger than 16 MB" in info.value.problems[0], info.value.problems
 
 
 # =========================================================================== 2. the manifest URL's secrets
+
+
+async def test_manifest_url_userinfo_is_sent_as_basic_credentials_and_its_query_kept(aiohttp_server):
+    seen: list[tuple[str | None, str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("Authorization"), request.query_string))
+        return web.Response(text="fragments: {}\n", headers={"ETag": '"v1"'})
+
+    url = await serve_manifest(aiohttp_server, handle)
+    fetched = await fetch_once(url.replace("http://", "http://user:s3cret@") + "?token=t0ken")
+    assert (fetched.text, fetched.etag) == ("fragments: {}\n", '"v1"')
+    assert seen == [("Basic " + base64.b64encode(b"user:s3cret").decode(), "token=t0ken")]
 
 
 def test_redact_drops_userinfo_query_and_fragment_only():
@@ -279,7 +291,7 @@ async def test_manifest_url_userinfo_and_query_never_show_in_admin_logs_or_error
     # errors raised by the loader (and printed by `composer check`)
     with pytest.raises(ConfigError) as info:
         inline = "fragments:\n  footer: {owner: t, versions: {'1': 'http://127.0.0.1:1/'}, active: '1'}\n"
-        await asyncio.to_thread(load, write_config(
+        await aload(write_config(
             tmp_path, {"page.html": FOOTER_PAGE}, inline + PAGE_ROUTE, f"settings:\n  manifest: '{secret_url}'\n"))
     assert any("also declared" in p and p.startswith(shown) for p in info.value.problems), info.value.problems
     assert all(clean(p) for p in info.value.problems), info.value.problems
@@ -457,7 +469,7 @@ async def test_unterminated_fragment_tag_is_a_config_error_in_check_load_and_rel
 ])
 def test_fragment_text_that_is_not_markup_is_not_an_unterminated_tag(tmp_path, text):
     write_config(tmp_path, {"page.html": text})
-    _, table = load(tmp_path / "routes.yaml")
+    table = load(tmp_path / "routes.yaml")
     template = table.routes[0].template
     assert template is not None and template.fragments == ()
 

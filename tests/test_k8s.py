@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
+from composer import load
 from composer.cli import _parser
-from composer.reload import load
 from composer.server import GRACE_SECONDS, ComposerServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def prestop_sleep(hook: Doc) -> float:
 
 def admin_paths() -> set[str]:
     """The paths composer's admin listener really serves."""
-    server = ComposerServer(*load(ROOT / "routes.yaml"))
+    server = ComposerServer(load(ROOT / "routes.yaml"))
     return {r.canonical for r in server._admin_app().router.resources()}
 
 
@@ -233,12 +233,12 @@ def test_config_map_routes_pass_composer_check(tmp_path):
     args = serve_args()
     config_path = tmp_path / args.config.lstrip("/")
     manifest = str(tmp_path / args.manifest.lstrip("/")) if args.manifest else None
-    config, table = load(config_path, manifest=manifest)
-    assert config.settings.templates.resolve().is_relative_to(tmp_path)
+    table = load(config_path, manifest)
+    assert table.settings.templates.resolve().is_relative_to(tmp_path)
     assert {r.name for r in table.routes} >= {"home", "product"}
     assert not table.warnings, table.warnings
     if args.manifest:
-        assert config.manifest is not None and config.manifest.fragments
+        assert table.manifest is not None and table.manifest.fragments
     # the CLI says the same
     command = [sys.executable, "-m", "composer", "check", "--config", str(config_path)]
     if manifest:

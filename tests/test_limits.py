@@ -309,12 +309,10 @@ async def test_a_malformed_request_gets_a_fixed_body_and_one_short_line(start_co
 
 
 async def test_the_admin_listener_binds_loopback_whatever_the_page_host(tmp_path: Path) -> None:
-    from composer.config import load_config
-    from composer.routing import build_table
+    from composer import load
     from composer.server import ComposerServer
 
-    config = load_config(write_config(tmp_path, PAGE))
-    server = ComposerServer(config, build_table(config), host="127.0.0.2", port=0, admin_port=0)
+    server = ComposerServer(load(write_config(tmp_path, PAGE)), host="127.0.0.2", port=0, admin_port=0)
     await server.start()
     try:
         assert server._runners[1].addresses[0][0] == "127.0.0.1"

@@ -4,7 +4,7 @@ Everything is real: fragment versions are served by aiohttp apps on 127.0.0.1 (t
 `fragments` fixture; `/<version>/<name>` answers `<p><name> <version></p>`), a URL manifest is
 served by a small aiohttp app that counts its requests and answers 304 to a matching
 `If-None-Match`, and composer runs either in process (`ComposerServer` loaded with
-`composer.reload.load`, the same loader `composer serve` uses) or as `python -m composer`
+`composer.load`, the same loader `composer serve` uses) or as `python -m composer`
 subprocesses. Reloads are awaited by polling what a client sees or the reload counter, with
 a generous deadline; the only fixed waits prove something does NOT happen.
 """
@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -44,8 +45,10 @@ from conftest import (
 from conftest import Serve as ServeBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from composer import load
 from composer.errors import ConfigError
-from composer.reload import load
+from composer.reload import aload
+from composer.routing import ManifestNeeded
 from composer.server import ComposerServer
 
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
@@ -177,7 +180,7 @@ async def visit(composer: Composer, path: str = "/page", *, bucket: int | str | 
 @pytest.fixture
 async def start_with_manifest(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
     """Factory: like conftest's `start_composer`, but loaded the way `composer serve` loads
-    (`composer.reload.load`: settings.manifest, inline `fragments:`, `--manifest`). Each call
+    (`composer.reload.aload`: settings.manifest, inline `fragments:`, `--manifest`). Each call
     gets its own folder; `files` are extra files written next to routes.yaml first."""
     started: list[Composer] = []
 
@@ -188,9 +191,9 @@ async def start_with_manifest(tmp_path: Path) -> AsyncIterator[Callable[..., Awa
         for name, text in (files or {}).items():
             (folder / name).write_text(text, encoding="utf-8")
         path = write_config(folder, templates, routes, settings)
-        # in a thread, as the reloader does: a URL manifest is fetched with its own event loop
-        config, table = await asyncio.to_thread(load, path, manifest=manifest)
-        server = ComposerServer(config, table, host="127.0.0.1", port=0, admin_port=0, manifest=manifest)
+        # as the reloader does: files read in a thread, a URL manifest fetched in this loop
+        table = await aload(path, manifest)
+        server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0)
         composer = Composer(server=server, session=aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))
         started.append(composer)
         await server.start()
@@ -381,7 +384,7 @@ def test_src_together_with_a_manifest_name_is_an_error(tmp_path):
 
 
 def test_good_manifest_file_loads_with_every_field(tmp_path):
-    _, table = load(_config(tmp_path, PAGE, manifest=GOOD_MANIFEST))
+    table = load(_config(tmp_path, PAGE, manifest=GOOD_MANIFEST))
     footer = table.manifest.fragments["footer"]
     assert (footer.owner, footer.active, footer.canary.version, footer.canary.percent, footer.enabled) == \
         ("team-x", "1.0.0", "2.0.0", 5, True)
@@ -444,7 +447,7 @@ def test_a_name_in_both_inline_fragments_and_the_manifest_file_is_an_error(tmp_p
 def test_inline_fragments_and_a_manifest_file_with_other_names_are_merged(tmp_path):
     inline = "fragments:\n  header:\n    versions: {\"0.1\": http://127.0.0.1:1/0.1}\n    active: \"0.1\"\n"
     template = '<fragment name="header"></fragment><fragment name="footer"></fragment>'
-    _, table = load(_config(tmp_path, template, manifest=GOOD_MANIFEST, inline=inline))
+    table = load(_config(tmp_path, template, manifest=GOOD_MANIFEST, inline=inline))
     assert sorted(table.manifest.fragments) == ["footer", "header"]
     assert [f.version for f in table.routes[0].template.fragments] == ["0.1", "1.0.0"]
 
@@ -790,7 +793,7 @@ async def test_url_manifest_refused_for_a_broken_routes_yaml_is_applied_once_rou
     served = await manifest_server(_url_manifest(svc, "1.0.0"))
     settings = f"settings:\n  manifest: {served.url}\n  manifest_poll_s: 1\n  reload_interval_ms: 100\n"
     composer = await start_with_manifest({"page.html": PAGE}, settings=settings)
-    routes_file = composer.server.config.path
+    routes_file = composer.server.table.path
     good_routes = routes_file.read_text(encoding="utf-8")
 
     async def reloads(ok: int, error: int) -> bool:
@@ -854,7 +857,7 @@ async def test_disabled_fragment_renders_its_fallback_without_fetching_and_reena
     view = await admin_json(composer.admin_url)
     assert (view["fragments"]["footer"]["enabled"], view["fragments"]["banner"]["enabled"]) == (False, False)
 
-    replace_file(composer.server.config.path.parent / "manifest.yaml", _flag_manifest(svc, enabled=True))
+    replace_file(composer.server.table.path.parent / "manifest.yaml", _flag_manifest(svc, enabled=True))
 
     async def enabled() -> bool:
         _, body = await composer.get("/page")
@@ -1002,7 +1005,7 @@ async def test_manifest_endpoint_shows_each_fragment_and_recent_failures(fragmen
     async with composer.session.get(composer.admin_url + "/manifest") as resp:
         assert resp.status == 200 and resp.content_type == "application/json"
         view = await resp.json()
-    assert view["source"] == str(composer.server.config.path.parent / "m.yaml")
+    assert view["source"] == str(composer.server.table.path.parent / "m.yaml")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", view["loaded_at"]), view["loaded_at"]
     loaded = datetime.strptime(view["loaded_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
     assert before - 1 <= loaded <= after + 1
@@ -1025,7 +1028,7 @@ async def test_manifest_endpoint_for_inline_fragments_names_routes_yaml(fragment
     svc = await versions_service(fragments)
     composer = await start_with_manifest({"page.html": PAGE}, routes=PAGE_ROUTE + manifest_yaml(footer=entry(svc)))
     view = await admin_json(composer.admin_url)
-    assert view["source"] == str(composer.server.config.path)
+    assert view["source"] == str(composer.server.table.path)
     assert list(view["fragments"]) == ["footer"] and view["fragments"]["footer"]["active"] == "1.0.0"
 
 
@@ -1057,3 +1060,42 @@ async def test_sighup_fetches_a_url_manifest_afresh(fragments, start_with_manife
     async def applied() -> bool:
         return (await visit(composer, bucket=50))[0] == "2.0.0"
     await eventually(applied, "SIGHUP to refetch the URL manifest")
+
+
+async def test_reloads_fetch_a_url_manifest_in_the_event_loop_never_with_a_loop_of_their_own(
+        fragments, start_with_manifest, manifest_server, monkeypatch):
+    """Files are read in a worker thread; the manifest is fetched in the running loop and its
+    body handed to `load`, also when a routes.yaml edit names another URL."""
+    svc = await versions_service(fragments)
+    first = await manifest_server(_url_manifest(svc, "1.0.0"))
+    second = await manifest_server(_url_manifest(svc, "2.0.0"))
+    settings = "settings:\n  manifest: {url}\n  manifest_poll_s: 3600\n  reload_interval_ms: 0\n"
+    composer = await start_with_manifest({"page.html": PAGE}, settings=settings.format(url=first.url))
+    runs: list[str] = []
+
+    def no_run(coro: Any, **_: Any) -> None:
+        coro.close()
+        runs.append(threading.current_thread().name)
+        raise AssertionError("asyncio.run during a reload")
+
+    monkeypatch.setattr(asyncio, "run", no_run)
+    composer.server.reloader.trigger()  # SIGHUP: the same URL, fetched afresh
+    assert await composer.server.reloader.check(force=True) is True
+    routes = composer.server.table.path
+    replace_file(routes, routes.read_text(encoding="utf-8").replace(first.url, second.url))
+    assert await composer.server.reloader.check(force=True) is True
+    assert (await visit(composer, bucket=50))[0] == "2.0.0"
+    assert runs == [] and len(first.seen) == 2 and second.seen == [None]
+
+
+def test_load_asks_for_a_url_manifest_it_may_not_fetch(tmp_path):
+    path = _config(tmp_path, PAGE, settings="  manifest: http://127.0.0.1:1/m.yaml\n")
+    with pytest.raises(ManifestNeeded) as info:
+        load(path, fetch=False)
+    assert info.value.url == "http://127.0.0.1:1/m.yaml" and info.value.problems == ()
+
+    async def in_a_loop() -> None:
+        load(path)  # a loop runs here: no asyncio.run inside it
+
+    with pytest.raises(ManifestNeeded):
+        asyncio.run(in_a_loop())

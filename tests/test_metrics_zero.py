@@ -8,7 +8,7 @@ Also here: the "circuit opened" log line names the owner and version(s) behind t
 as the alerts about it do.
 
 Everything is real: composer runs in process on 127.0.0.1, loaded as `composer serve` loads
-(`composer.reload.load`: the manifest file next to routes.yaml), reloading that file when it
+(`composer.load`: the manifest file next to routes.yaml), reloading that file when it
 changes; fragment services are aiohttp apps.
 """
 
@@ -25,9 +25,9 @@ import yaml
 from conftest import Composer, captured, eventually, html, replace_file, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
+from composer import load
 from composer.cache import Result
 from composer.errors import Reason
-from composer.reload import load
 from composer.server import ComposerServer
 
 REASONS = tuple(r.value for r in Reason)
@@ -64,8 +64,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Compose
                   settings: str = SETTINGS) -> Composer:
         (tmp_path / "manifest.yaml").write_text(manifest_text, encoding="utf-8")
         path = write_config(tmp_path, templates, routes, settings)
-        config, table = load(path)
-        server = ComposerServer(config, table, host="127.0.0.1", port=0, admin_port=0)
+        server = ComposerServer(load(path), host="127.0.0.1", port=0, admin_port=0)
         composer = Composer(server=server, session=aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))
         started.append(composer)
         await server.start()

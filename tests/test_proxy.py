@@ -510,6 +510,23 @@ async def test_header_filters_apply_in_file_order(backend, start_composer):
     assert seen.getall("x-step") == ["two"]
 
 
+async def test_a_status_filter_on_a_bodiless_answer_drops_its_content_length(start_composer):
+    """A 304's Content-Length is the representation's, not its own (RFC 9110 §8.6): relayed
+    as a 200 it would promise bytes that never come, and the client would wait for them."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nETag: \"v1\"\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)  # keeps the connection: only the framing can end the answer
+
+    async with raw_backend(handle) as origin:
+        composer = await start_composer({}, routes=one_route(origin, extra="    filters:\n      - status: 200\n"))
+        async with asyncio.timeout(5), composer.session.get(composer.url + "/cached") as resp:
+            assert (resp.status, resp.reason, resp.headers["etag"]) == (200, "OK", '"v1"')
+            assert "content-length" not in resp.headers or resp.headers["content-length"] == "0"
+            assert await resp.read() == b""
+
+
 # --- errors: refused, silent, broken mid-body ------------------------------------------
 
 async def test_connection_refused_is_502_with_a_small_page_and_a_log_line(start_composer):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +26,8 @@ from yarl import URL
 
 from composer.config import read_config
 from composer.errors import ConfigError
-from composer.predicates import PathPrefixPredicate
+from composer.nodes import Reader
+from composer.predicates import PREDICATES, Condition, PathPrefixPredicate, parse_match
 from composer.routing import RouteTable, build_table
 
 PAGE = "<!DOCTYPE html><html><body><p>page</p></body></html>\n"
@@ -174,6 +176,56 @@ async def backend(aiohttp_server) -> Backend:
     app.router.add_route("*", "/{tail:.*}", handler)
     server = await aiohttp_server(app, host="127.0.0.1")
     return Backend(url=str(server.make_url("")).rstrip("/"), received=received)
+
+
+# --------------------------------------------------------------------------- the predicate registry
+
+
+@pytest.mark.parametrize("key", PREDICATES)
+def test_every_predicate_declares_its_key_kind_and_what_it_takes(key):
+    spec = PREDICATES[key]
+    assert spec.key == key
+    assert spec.kind in ("path", "methods", "condition")
+    assert (spec.kind == "condition") == issubclass(spec, Condition)
+    assert spec.takes.text
+    # shared by every request of its route: frozen, and no room for anything else
+    assert spec.__dataclass_params__.frozen and "__slots__" in vars(spec)
+
+
+def match_problems(text: str) -> list[str]:
+    reader = Reader("routes.yaml")
+    node = yaml.compose(textwrap.dedent(text))
+    assert node is not None
+    parse_match(reader, node)
+    return reader.problems
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("{path: /a, tenant: x}", f"unknown predicate 'tenant' in match (known: {', '.join(PREDICATES)})"),
+    ("{methods: [GET]}", "match needs a `path` or a `path_prefix`"),
+    ("{path: /a, path_prefix: /a}", "match takes one of `path` and `path_prefix`, not both"),
+    ("{path: a}", "match.path: takes a path starting with '/', not 'a'"),
+    ("{path: /a, methods: {GET: x}}",
+     "match.methods: takes a method or a list of methods, e.g. [GET, HEAD], not {'GET': 'x'}"),
+    ("{path: /a, methods: [GET, G E T]}", "match.methods: 'G E T' is not an HTTP method"),
+    ("{path: /a, cookies: []}", "match.cookies: takes a mapping of cookie names to values, not []"),
+    ("{path: /a, headers: {bad name: x}}", "match.headers: 'bad name' is not a valid header name"),
+    ("{path: /a, host: '" + "x" * 100 + " '}", "match.host: takes a host name or a glob such as "
+     "'*.example.com', not '" + "x" * 56 + "..."),  # the value cut short
+])
+def test_match_problems_read_the_registry(text, problem):
+    assert match_problems(text) == [f"routes.yaml:1: {problem}"]
+
+
+def test_match_sorts_predicates_by_their_kind():
+    reader = Reader("routes.yaml")
+    node = yaml.compose("{host: '*.example.com', path_prefix: /api/, methods: get, cookies: {ab: b}}")
+    assert node is not None
+    path, methods, conditions = parse_match(reader, node)
+    assert reader.problems == []
+    assert path == PathPrefixPredicate(prefix="/api", literal=("api",))
+    assert methods == frozenset({"GET"})
+    assert [c.key for c in conditions] == ["host", "cookies"]
 
 
 # --------------------------------------------------------------------------- path predicates
@@ -527,9 +579,10 @@ async def test_response_filters_apply_to_redirects(start_composer):
             filters:
               - set_response_header: {cache-control: "max-age=60", x-from: composer}
               - set_response_header: {x-from: twice}
+              - status: 308
     """)
     status, headers, _ = await fetch(composer, "/moved")
-    assert status == 301
+    assert status == 308  # the status filter: the redirect's own status is only its default
     assert headers["Location"] == "/here"
     assert headers["Cache-Control"] == "max-age=60"
     assert headers["X-From"] == "twice"

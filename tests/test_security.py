@@ -24,10 +24,10 @@ from conftest import FragmentServer, html
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
+from composer import load
 from composer.breaker import DEFAULT_POLICY, BreakerPolicy
 from composer.config import load_config
 from composer.errors import ConfigError
-from composer.reload import load
 from composer.routing import build_table
 from composer.template import UrlTemplate
 
@@ -142,7 +142,7 @@ def test_globs_allow_any_port_of_the_allowed_host(tmp_path):
                 '<fragment src="http://127.0.0.1:65535/b?x={sku}" fallback-src="http://127.0.0.1/c"></fragment>\n'
                 "</body>\n")
     path = write(tmp_path, ALLOW_LOOPBACK + PAGE_ROUTE, {"page.html": template})
-    _, table = load(path)
+    table = load(path)
     (route,) = table.routes
     assert route.template is not None
     assert [f.src.origin for f in route.template.fragments] == ["http://127.0.0.1:1", "http://127.0.0.1:65535"]
@@ -709,7 +709,7 @@ def test_manifest_circuit_breaker_override_merges_over_the_settings_policy(tmp_p
                  + '    active: "1.0.0"\n    circuit_breaker: {failures: 7, window_s: 30}\n' + PAGE_ROUTE,
                  {"page.html": '<body><fragment name="footer"></fragment>'
                                '<fragment src="http://127.0.0.1:9/plain"></fragment></body>'})
-    _, table = load(path)
+    table = load(path)
     footer, plain = table.routes[0].template.fragments
     base = BreakerPolicy(failures=3, cooldown_ms=100)
     assert plain.breaker == base

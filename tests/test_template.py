@@ -6,7 +6,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import hypothesis
 import pytest
+from conftest import html
+from hypothesis import strategies as st
+from selectolax.lexbor import LexborHTMLParser
 from yarl import URL
 
 from composer.config import Settings
@@ -453,3 +457,219 @@ def test_error_lines_in_a_crlf_file(tmp_path):
     label, problems = problems_of(
         tmp_path, '<html>\r\n<body>\r\n\r\n<fragment src="http://a.svc/x" timeout="0"></fragment>\r\n</body>\r\n')
     assert_one_problem(label, problems, 4, "timeout")
+
+
+# --- markup inside attribute values, comments and tags is text; `<template>` content is markup ----
+#
+# The compiler marks candidate tags before asking the HTML parser about them. A mark must not
+# change how its surroundings parse, wherever it lands: in a quoted or unquoted attribute
+# value, a tag or attribute name, a comment or processing instruction, script or RCDATA text.
+
+BUTTON = ("<button onclick=\"w('<script src=x></script>')\" "
+          "title='<fragment src=\"http://a.svc/fake\"></fragment>'>b</button>")
+BODY_IN_ATTRIBUTE = '<a title="<script >" data-x="</body>">'
+
+
+def test_a_fragment_in_an_attribute_value_is_text_whatever_the_other_attributes_hold(tmp_path):
+    real = '<fragment src="http://a.svc/real"></fragment>'
+    source = f"<html><body>\n{BUTTON}\n{real}\n</body></html>\n"
+    template = compile_source(tmp_path, source)
+    assert [str(f.src.render({})) for f in template.fragments] == ["http://a.svc/real"]
+    assert template.fragments[0].line == 3
+    assert rebuild(template, [real.encode()]) == source.encode()
+    assert template.chunks[0] == f"<html><body>\n{BUTTON}\n".encode()
+
+
+def test_the_async_slot_is_the_real_closing_body_not_one_in_an_attribute_value(tmp_path):
+    source = (f'<html><body>\n<fragment src="http://a.svc/x" async></fragment>\n<p>last</p>\n'
+              f"</body>{BODY_IN_ATTRIBUTE}\n</html>\n")
+    template = compile_source(tmp_path, source)
+    i = template.chunks.index(ASYNC_SLOT)
+    assert template.chunks[i - 1] == b"\n<p>last</p>\n"
+    assert template.chunks[i + 1] == f"</body>{BODY_IN_ATTRIBUTE}\n</html>\n".encode()
+
+
+@pytest.mark.parametrize("inner", [
+    "<a title=</fragment>x</a>",                      # unquoted attribute value
+    "<a </fragment>x</a>",                            # attribute name
+    '<?php echo "</fragment>" ?>',                    # processing instruction (a bogus comment)
+    "<!x </fragment>",                                # bogus comment
+    "<a title=<fragment/>x</a>",                      # `<fragment/` as an unquoted value
+    "<a title=<fragment/src=http://a.svc/z>x</a>",
+    "<a title='</fragment>' data-y=\"</fragment>\">x</a>",
+    "<script>w('<fragment src=x>', \"</fragment>\")</script>",
+    "<textarea></fragment></textarea>",
+], ids=["unquoted", "attribute-name", "processing-instruction", "bogus-comment", "unquoted-self-closing",
+        "unquoted-slash", "quoted", "script", "textarea"])
+def test_a_closing_fragment_tag_that_is_text_does_not_close_the_fragment(tmp_path, inner):
+    tag = f'<fragment src="http://a.svc/x">{inner}</fragment>'
+    source = f"<body>\n{tag}\n<p>after</p>\n</body>\n"
+    template = compile_source(tmp_path, source)
+    assert len(template.fragments) == 1
+    assert template.fragments[0].fallback_html == inner.encode()
+    assert rebuild(template, [tag.encode()]) == source.encode()
+
+
+def test_an_unquoted_value_after_a_fragment_in_an_attribute_keeps_its_tag_attributes(tmp_path):
+    # `title=<fragment/async>` is one unquoted value: the fragment tag around it is not async
+    tag = '<fragment src="http://a.svc/x" data-t=<fragment/async></fragment>'
+    template = compile_source(tmp_path, f"<body>{tag}</body>")
+    assert len(template.fragments) == 1
+    assert template.fragments[0].is_async is False
+    assert template.fragments[0].fallback_html == b""
+
+
+def test_a_fragment_in_a_template_element_is_a_fragment(tmp_path):
+    first = '<fragment id="a" src="http://a.svc/a"></fragment>'
+    inner = '<fragment id="b" src="http://a.svc/b"><p>fallback</p></fragment>'
+    deeper = '<fragment id="c" src="http://a.svc/c"/>'
+    last = '<script type="fragment" id="d" src="http://a.svc/d"></script>'
+    source = (f'<html><head><template id="h">{last}</template></head><body>\n{first}\n'
+              f'<template id="t"><div>{inner}</div>\n<template>{deeper}</template></template>\n'
+              "</body></html>\n")
+    template = compile_source(tmp_path, source)
+    assert [f.id for f in template.fragments] == ["d", "a", "b", "c"]
+    assert [f.line for f in template.fragments] == [1, 2, 3, 4]
+    assert template.fragments[2].fallback_html == b"<p>fallback</p>"
+    assert rebuild(template, [last.encode(), first.encode(), inner.encode(), deeper.encode()]) == source.encode()
+
+
+def test_a_closing_body_in_a_template_element_is_not_the_async_slot(tmp_path):
+    source = '<body><fragment src="http://a.svc/x" async></fragment><template></body></template>\n</body>\n'
+    template = compile_source(tmp_path, source)
+    i = template.chunks.index(ASYNC_SLOT)
+    assert template.chunks[i - 1] == b"<template></body></template>\n"
+    assert template.chunks[i + 1] == b"</body>\n"
+
+
+def test_problems_in_a_template_element_are_reported_with_their_line(tmp_path):
+    label, problems = problems_of(tmp_path, '<body>\n<template>\n<fragment src="ftp://a.svc/x"></fragment>\n'
+                                            "</template>\n</body>")
+    assert_one_problem(label, problems, 3, "src")
+    label, problems = problems_of(tmp_path, '<body>\n<template>\n<fragment id="x" src="http://a.svc/x')
+    assert_one_problem(label, problems, 3, "unterminated")
+
+
+@pytest.mark.parametrize("value", ["a <fragment b", "<fragment/x", "<script>", "x <fragment"])
+def test_fragment_text_in_the_fragments_own_attribute_values_is_kept_as_written(tmp_path, value):
+    template = compile_source(tmp_path, f'<body><fragment id="{value}" src="http://a.svc/x"></fragment></body>')
+    assert [f.id for f in template.fragments] == [value]
+
+
+def test_a_fragment_script_whose_tag_end_the_scanner_cannot_find_is_an_error(tmp_path):
+    label, problems = problems_of(tmp_path, '<head>\n<script type="fragment" src="http://a.svc/x" x"y></script>\n'
+                                            '</head><body><fragment src="http://a.svc/y"></fragment></body>')
+    assert_one_problem(label, problems, 2, "cannot tell", "script")
+
+
+def test_fragment_followed_by_a_space_html_does_not_know_is_reported(tmp_path):
+    label, problems = problems_of(tmp_path, '<body>\n<fragment\xa0src="http://a.svc/x"></fragment>\n</body>')
+    assert_one_problem(label, problems, 2, "U+00A0", "plain space")
+    source = '<body>\n<!-- <fragment\xa0src="http://a.svc/x"></fragment> -->\n</body>'  # text: fine
+    assert compile_source(tmp_path, source).fragments == ()
+
+
+# End to end: the bytes a browser gets from a real composer.
+
+async def test_composed_page_keeps_a_fragment_in_an_attribute_value_as_text(fragments, start_composer):
+    svc = await fragments({"/real": html("<p>REAL</p>"), "/fake": html("<p>FAKE</p>")})
+    button = BUTTON.replace("http://a.svc/fake", svc.url("/fake"))
+    composer = await start_composer({"page.html": (
+        f'<html><body>\n{button}\n<fragment src="{svc.url("/real")}"></fragment>\n</body></html>\n')})
+    resp, body = await composer.get("/page")
+    assert resp.status == 200
+    assert body == f"<html><body>\n{button}\n<p>REAL</p>\n</body></html>\n"
+    assert "/fake" not in svc.hits
+
+
+async def test_composed_page_streams_async_fragments_before_the_real_closing_body(fragments, start_composer):
+    svc = await fragments({"/late": html("<p>LATE</p>")})
+    composer = await start_composer({"page.html": (
+        f'<html><body>\n<fragment src="{svc.url("/late")}" async></fragment>\n<p>last</p>\n'
+        f"</body>{BODY_IN_ATTRIBUTE}\n</html>\n")})
+    resp, body = await composer.get("/page")
+    assert resp.status == 200
+    m = re.fullmatch(r'<html><body>\n<template id="composer-async-0"></template>\n<p>last</p>\n'
+                     r'<div hidden id="composer-async-0-content"><p>LATE</p></div><script>[^<]*</script>'
+                     r"(.*)", body, re.DOTALL)
+    assert m is not None, body
+    assert m.group(1) == f"</body>{BODY_IN_ATTRIBUTE}\n</html>\n"
+
+
+async def test_composed_page_fills_fragments_in_template_elements_in_document_order(fragments, start_composer):
+    svc = await fragments({"/a": html("<p>A</p>"), "/b": html("<p>B</p>"), "/c": html("<p>C</p>")})
+    composer = await start_composer({"page.html": (
+        f'<body><fragment src="{svc.url("/a")}"></fragment>'
+        f'<template id="t"><div><fragment src="{svc.url("/b")}"></fragment></div></template>'
+        f'<fragment src="{svc.url("/c")}"></fragment></body>\n')})
+    resp, body = await composer.get("/page")
+    assert resp.status == 200
+    assert body == '<body><p>A</p><template id="t"><div><p>B</p></div></template><p>C</p></body>\n'
+    assert svc.hits == {"/a": 1, "/b": 1, "/c": 1}
+
+
+# Generated pages: real fragments (some in `<template>`), with text that looks like markup around
+# and inside them; the compiler must find exactly the real ones, their fallback and `</body>`.
+
+_LOOKS_LIKE_MARKUP = ['<fragment src="http://h.svc/fake"></fragment>', "<fragment src=http://h.svc/fake>",
+                      "</fragment>", "</fragment >", "</body>", "<script src=x></script>", "<script >",
+                      "<fragment/>", "<script/>", "<fragment/async>", "</body", "</fragment", "<fragment",
+                      "<template>", "</template>"]
+
+
+@st.composite
+def _text_markup(draw: st.DrawFn) -> str:
+    """Markup-looking text where an HTML parser sees no tag: values, names, comments, raw text."""
+    inner = draw(st.lists(st.sampled_from(_LOOKS_LIKE_MARKUP), min_size=1, max_size=3).map("".join))
+    bare = "".join(c for c in inner if c not in " \t\n>")  # an unquoted value or a name
+    single, double = inner.replace("'", ""), inner.replace('"', "")
+    script, closed = single.replace("</script", "<\\/script"), inner.replace(">", "")
+    return draw(st.sampled_from([
+        f"<a title=\"{double}\" data-x='{single}'>x</a>", f"<a title='{single}'>x</a>", f"<a title={bare}>x</a>",
+        f'<a data-x="{double}" title={bare} data-y=\'{single}\'>x</a>', f"<a {bare}>x</a>",
+        f"<!-- {inner} -->", f"<?php {closed} ?>", f"<!x {closed}>", f"<![CDATA[{closed}]]>",
+        f"<script>w('{script}')</script>", f"<textarea>{inner}</textarea>", f"<title>{inner}</title>",
+        f"<style>{inner}</style>", f"<svg><![CDATA[{inner}]]></svg>",
+        f"<button onclick=\"w('<script src=x></script>')\" title='{single}'>b</button>",
+    ]))
+
+
+@st.composite
+def _generated_page(draw: st.DrawFn) -> tuple[str, list[str], list[bytes], int]:
+    """(source, each fragment's tag in order, its fallback, byte offset of the real `</body>`)."""
+    parts, tags, fallbacks = ["<!DOCTYPE html>\n<html><head></head><body>\n"], [], []
+    for n in range(draw(st.integers(0, 4))):
+        parts.extend(draw(st.lists(_text_markup() | st.sampled_from(["<p>x</p>", "\n"]), max_size=2)))
+        fallback = "".join(draw(st.lists(_text_markup(), max_size=2)))
+        kind = draw(st.sampled_from(["element", "element", "self-closing", "script"]))
+        src = f'id="f{n}" src="http://h.svc/{n}"' + draw(st.sampled_from(["", " async"]))
+        tag = {"element": f"<fragment {src}>{fallback}</fragment>", "self-closing": f"<fragment {src} />",
+               "script": f'<script type="fragment" {src}></script>'}[kind]
+        fallbacks.append(fallback.encode() if kind == "element" else b"")
+        parts.append(f"<template><div>{tag}</div></template>" if draw(st.booleans()) else tag)
+        tags.append(tag)
+    parts.extend(draw(st.lists(_text_markup(), max_size=2)))
+    body_at = len("".join(parts).encode())
+    parts.append("</body>")
+    parts.extend(draw(st.lists(_text_markup(), max_size=2)))
+    return "".join(parts) + "</html>\n", tags, fallbacks, body_at
+
+
+@hypothesis.settings(max_examples=300, deadline=None, database=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(page=_generated_page())
+def test_generated_pages_compile_to_their_real_fragments_and_closing_body(tmp_path, page):
+    source, tags, fallbacks, body_at = page
+    parsed = LexborHTMLParser(source)  # the generator's claim: an HTML parser sees these fragments only
+    trees = [parsed.root]
+    for tree in trees:
+        trees.extend(tree.template_fragments())
+    assert sorted(e.attributes["id"] for t in trees for e in t.css("fragment, script[type=fragment]")) \
+        == [f"f{n}" for n in range(len(tags))]
+    template = compile_source(tmp_path, source)
+    assert [f.id for f in template.fragments] == [f"f{n}" for n in range(len(tags))]
+    assert [f.fallback_html for f in template.fragments] == fallbacks
+    assert rebuild(template, [tag.encode() for tag in tags]) == source.encode()
+    before_slot = template.chunks[:template.chunks.index(ASYNC_SLOT)]
+    spans = iter(tags)
+    assert sum(len(c) if isinstance(c, bytes) else len(next(spans).encode()) for c in before_slot) == body_at

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from composer import ComposerServer, build_table, load_config
+from composer import ComposerServer, load
 from composer.tracing import Tracing, from_env
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -110,11 +110,11 @@ async def traced(tmp_path: Path, aiohttp_server) -> AsyncIterator[Callable[..., 
         """
         page = PAGE.format(main=url + "/main", nav=url + "/nav", broken=url + "/broken", later=url + "/later",
                            ads=url + "/ads")
-        config = load_config(write_config(tmp_path, {"page.html": page}, routes, settings))
+        table = load(write_config(tmp_path, {"page.html": page}, routes, settings))
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
-        server = ComposerServer(config, build_table(config), host="127.0.0.1", port=0, admin_port=0,
+        server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0,
                                 tracing=Tracing(provider) if tracing_on else None)
         await server.start()
         servers.append(server)

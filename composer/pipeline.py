@@ -1,0 +1,345 @@
+"""Resolving one fragment: every layer between a `<fragment>` and what the page shows.
+
+Like httpx's send chain, each layer adds one concern and calls the next:
+
+    resolve    chooses the version (canary bucket, QA override, `enabled` flag) and records
+               the outcome, once: metrics, the failure log line, the timing mark, the span
+    _fetch     refuses a URL that left its origin, then asks the cache (`FragmentCache`:
+               fresh and stale copies, one fetch shared by pages that asked alike)
+    _attempt   the circuit breaker, then one GET (`fragments.fetch` on the lean `Client`),
+               timed by the duration histogram: the only layer that talks to a service
+    _fallback  when no content came: `fallback-src` (or its last good copy), the inline
+               markup (never for a primary), or nothing
+
+The answer is an `Outcome`, a value; nothing a service does raises. A `Pipeline` belongs to
+one server and holds what outlives a page: circuit breakers, the cache, and the last good
+copy of each manifest fallback, fetched when a route table is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .breaker import Breaker, Breakers, State
+from .cache import FragmentCache, LastGood, Result
+from .client import Client
+from .config import CACHE_BYTES, Settings
+from .errors import Reason
+from .fragments import Failed, Fetched, fetch
+from .links import Asset
+from .metrics import Metrics
+from .routing import RouteTable
+from .template import Fragment, UrlTemplate
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from .tracing import Tracing
+
+__all__ = ["Mark", "Outcome", "Page", "Pipeline"]
+
+log = logging.getLogger("composer.fragments")
+
+_ACCEPT_ENCODING = "gzip, deflate, br"  # what every fragment request accepts (SPEC §3)
+# A timing mark (settings.timing_marks): fragment, start and duration in ms from the page's
+# start, version, source, error.
+Mark = tuple[str, float, float, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a fragment ends up as on the page, and where that came from."""
+
+    source: Literal["src", "fallback-src", "inline", "none"]
+    body: bytes = b""
+    assets: tuple[Asset, ...] = ()
+    status: int = 0
+    headers: CIMultiDictProxy[str] | None = None
+
+
+_NONE = Outcome("none")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Per-request facts every fragment fetch of the page shares."""
+
+    route: str
+    params: dict[str, str]
+    request_id: str
+    headers: CIMultiDict[str]
+    public_headers: CIMultiDict[str]
+    max_bytes: int
+    deadline: float  # time.monotonic() after which pending fragments render their fallback
+    bucket: int  # the user's canary bucket, 0–99 (-1: the page has no manifest fragment)
+    overrides: Mapping[str, str]  # QA: fragment name → version
+    started: float  # time.perf_counter() when composing began
+    marks: list[Mark] | None  # settings.timing_marks
+    span: Span | None  # compose_page, when tracing is on
+
+    @classmethod
+    def of(cls, request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings, *,
+           request_id: str, bucket: int, started: float, span: Span | None) -> Page:
+        """The page's fragment requests: what they carry of `request` (SPEC §3), and when
+        they must be done. `params` are the route's raw path captures."""
+        public = CIMultiDict({"x-request-id": request_id, "accept-encoding": _ACCEPT_ENCODING})
+        headers = CIMultiDict(public)
+        incoming = request.headers
+        for name in settings.forward_headers:
+            for value in incoming.getall(name, ()):
+                headers.add(name, value)
+        headers["x-request-uri"] = request.raw_path
+        headers["x-request-host"] = incoming.get("host", "")
+        return cls(route=route, params={k: unquote(v) for k, v in params.items()}, request_id=request_id,
+                   headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes,
+                   deadline=time.monotonic() + settings.page_timeout_ms / 1000, bucket=bucket,
+                   overrides=_overrides(incoming.get(settings.version_override_header or "", "")),
+                   started=started, marks=[] if settings.timing_marks else None, span=span)
+
+
+class Pipeline:
+    """Resolves the fragments of one server's pages; holds the client session, metrics,
+    circuit breakers, the fragment cache and the last good copy of each fallback."""
+
+    def __init__(self, session: Client, metrics: Metrics, *,
+                 cache_bytes: int = CACHE_BYTES, tracing: Tracing | None = None) -> None:
+        self.session = session
+        self.metrics = metrics
+        self.tracing = tracing
+        self.breakers = Breakers(self._circuit_changed)
+        self.cache = FragmentCache(cache_bytes)
+        self.last_good = LastGood()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def apply(self, table: RouteTable) -> None:
+        """Take up a (re)loaded table: resize the cache, forget circuits no fragment goes
+        through any more, refetch manifest fragments' fallbacks."""
+        settings = table.settings
+        if settings.cache_max_bytes != self.cache.max_bytes:
+            old, self.cache = self.cache, FragmentCache(settings.cache_max_bytes)
+            self._spawn(old.close())
+        fallbacks: dict[str, Fragment] = {}
+        origins: set[tuple[str, str]] = set()
+        for route in table.routes:
+            for fragment in route.template.fragments if route.template else ():
+                # The circuits pages go through: src (the active version), the canary's. A version
+                # reached only by a QA override gets a new circuit when it is next fetched.
+                origins.add((fragment.id, fragment.src.origin))
+                if fragment.canary is not None:
+                    origins.add((fragment.id, fragment.versions[fragment.canary].origin))
+                if fragment.name is not None and fragment.fallback_src is not None \
+                        and fragment.fallback_src.static is not None:
+                    fallbacks.setdefault(str(fragment.fallback_src.static), fragment)
+        for fragment_id in self.breakers.retain(origins):
+            self.metrics.circuit_state.labels(fragment_id).set(self.breakers.worst(fragment_id))
+        self.last_good.track(frozenset(fallbacks))
+        for url, fragment in fallbacks.items():
+            self._spawn(self._prefetch(url, fragment, settings.max_fragment_bytes))
+
+    async def close(self) -> None:
+        """Stop background work: fallback prefetches and cache refreshes."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cache.close()
+
+    async def resolve(self, fragment: Fragment, page: Page) -> Outcome:
+        """What `fragment` shows on `page` (SPEC §3). Its metrics, failure log line, timing
+        mark and span are recorded here, each once."""
+        started = time.perf_counter()
+        version, src = fragment.version, fragment.src
+        if fragment.name is not None:
+            if fragment.canary is not None and page.bucket < fragment.canary_percent:
+                version = fragment.canary
+            forced = page.overrides.get(fragment.name) if page.overrides else None
+            if forced is not None and forced in fragment.versions:  # listed versions only: QA, not an open door
+                version = forced
+            src = fragment.versions[version]
+        headers = page.public_headers if fragment.public else page.headers
+        span = None
+        if page.span is not None and self.tracing is not None:
+            span = self._span(fragment, version, page.span)
+            if not fragment.public:  # a public fragment gets no request context at all
+                headers = CIMultiDict(headers)
+                self.tracing.inject(span, headers)
+        answer: Fetched | Failed | None = None  # None: flagged off, nothing fetched
+        how: Result | None = None
+        failure: Failed | None = None
+        url: URL | None = None
+        try:
+            if fragment.enabled:
+                url = src.render(page.params)
+                answer, how, failure = await self._fetch(fragment, page, src, url, version, headers)
+                if how is not None:
+                    self.metrics.child(self.metrics.fragment_cache, fragment.id, how).inc()
+                if failure is not None:
+                    self.metrics.child(self.metrics.fragment_failures, fragment.id, page.route, version,
+                                       failure.reason.value).inc()
+            if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
+                outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers)
+            else:
+                outcome = await self._fallback(fragment, page, headers)
+        except BaseException as exc:
+            if span is not None and self.tracing is not None:
+                self.tracing.fail(span, type(exc).__name__,
+                                  "the page went away" if isinstance(exc, asyncio.CancelledError) else str(exc))
+                span.end()
+            raise
+        if failure is not None:
+            self._failed(fragment, page, version, url, failure, outcome, started)
+        if page.marks is not None:
+            page.marks.append((fragment.id, (started - page.started) * 1000, (time.perf_counter() - started) * 1000,
+                               version, outcome.source, failure.reason.value if failure is not None else ""))
+        if span is not None:
+            self._end_span(span, outcome, failure)
+        return outcome
+
+    async def _fetch(self, fragment: Fragment, page: Page, src: UrlTemplate, url: URL, version: str,
+                     headers: CIMultiDict[str]) -> tuple[Fetched | Failed, Result | None, Failed | None]:
+        """The URL and cache layer: what to show, where it came from (None: not looked up), and
+        the failure of the fetch if one failed (a stale copy may still stand in for it)."""
+        if not src.keeps_origin(url):
+            failed = Failed(Reason.INVALID, "the URL left its origin after {param} interpolation")
+            return failed, None, failed
+        breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
+            if fragment.breaker.enabled else None
+        load = partial(self._attempt, fragment, page, version, url, headers, breaker)
+        return await self.cache.get(str(url), headers, load, timeout=_budget(fragment, page),
+                                    refresh_timeout=fragment.timeout)
+
+    async def _attempt(self, fragment: Fragment, page: Page, version: str, url: URL, headers: CIMultiDict[str],
+                       breaker: Breaker | None, timeout: float) -> Fetched | Failed:
+        """The breaker and one upstream GET of `url` within `timeout`: what the cache calls."""
+        if timeout <= 0:  # before the breaker: a half-open circuit's one probe must really go
+            return Failed(Reason.TIMEOUT, "no time left: the page deadline (settings.page_timeout_ms) "
+                                          "passed, or it went waiting for another page's fetch")
+        if breaker is not None and not breaker.allow(time.monotonic()):
+            return Failed(Reason.CIRCUIT_OPEN, f"circuit open for {breaker.origin}")
+        started = time.perf_counter()
+        try:
+            result = await fetch(self.session, url, headers, timeout=timeout, max_bytes=page.max_bytes,
+                                 allow_redirect=fragment.primary, share=fragment.id)
+        except BaseException:
+            if breaker is not None:
+                breaker.release()
+            raise
+        self.metrics.child(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
+            time.perf_counter() - started)
+        if breaker is not None:
+            breaker.record(isinstance(result, Fetched), time.monotonic())
+        return result
+
+    async def _fallback(self, fragment: Fragment, page: Page, headers: CIMultiDict[str]) -> Outcome:
+        """`fallback-src` (2xx only; its last good copy when it fails), else the inline markup
+        (never for a primary), else nothing."""
+        fallback_src = fragment.fallback_src
+        if fallback_src is not None:
+            url = fallback_src.render(page.params)
+            timeout = _budget(fragment, page)
+            fallback: Fetched | Failed | None = None
+            if timeout > 0 and fallback_src.keeps_origin(url):
+                fallback, _, _ = await self.cache.get(
+                    str(url), headers, lambda t: fetch(self.session, url, headers, timeout=t, max_bytes=page.max_bytes,
+                                                       allow_redirect=False, share=fragment.id),
+                    timeout=timeout, refresh_timeout=fragment.timeout)
+            key = str(url) if fallback_src.static is not None else ""
+            if isinstance(fallback, Fetched) and fallback.status < 300:
+                self.last_good.put(key, fallback)
+            else:
+                fallback = self.last_good.get(key)
+            if fallback is not None:
+                return Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
+        if not fragment.primary and fragment.fallback_html.strip():
+            return Outcome("inline", fragment.fallback_html)
+        return _NONE
+
+    def _failed(self, fragment: Fragment, page: Page, version: str, url: URL | None, failure: Failed,
+                outcome: Outcome, started: float) -> None:
+        """A failed fetch's fallback count, recent failures and log line, by what the page shows."""
+        stale = outcome.source == "src"
+        shown = not stale and outcome is not _NONE
+        if shown:
+            self.metrics.child(self.metrics.fragment_fallbacks, fragment.id, page.route).inc()
+        self.metrics.recent.record(fragment.name or fragment.id, fallback=shown)
+        if stale or failure.reason is not Reason.CIRCUIT_OPEN:  # an open circuit logs its transitions, not each page
+            log.warning("fragment failed", extra={"fields": {
+                "fragment": fragment.id, "version": version, "owner": fragment.owner, "route": page.route,
+                "error_type": failure.reason.value, "detail": failure.detail, "url": str(url),
+                "status": failure.status, "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                "request_id": page.request_id, "fallback": "stale" if stale else outcome.source}})
+
+    def _span(self, fragment: Fragment, version: str, parent: Span) -> Span:
+        assert self.tracing is not None
+        return self.tracing.child("fetch_fragment", parent, {
+            "composer.fragment.id": fragment.id, "composer.fragment.version": version,
+            "composer.fragment.owner": fragment.owner, "composer.fragment.primary": fragment.primary,
+            "composer.fragment.async": fragment.is_async,
+            "composer.fragment.timeout_ms": round(fragment.timeout * 1000)})
+
+    def _end_span(self, span: Span, outcome: Outcome, failure: Failed | None) -> None:
+        assert self.tracing is not None
+        span.set_attribute("composer.fragment.source", outcome.source)
+        status = failure.status if failure is not None and failure.status else outcome.status
+        if status:
+            span.set_attribute("http.response.status_code", status)
+        if failure is not None:
+            self.tracing.fail(span, failure.reason.value, failure.detail)
+        span.end()
+
+    async def _prefetch(self, url: str, fragment: Fragment, max_bytes: int) -> None:
+        """Fetch a manifest fallback ahead of need: its copy stands in while its service is down."""
+        assert fragment.fallback_src is not None and fragment.fallback_src.static is not None
+        headers = CIMultiDict({"accept-encoding": _ACCEPT_ENCODING})
+        answer = await fetch(self.session, fragment.fallback_src.static, headers, timeout=fragment.timeout,
+                             max_bytes=max_bytes, allow_redirect=False)
+        if isinstance(answer, Fetched) and answer.status < 300:
+            self.last_good.put(url, answer)
+        else:
+            log.warning("fallback prefetch failed", extra={"fields": {
+                "fragment": fragment.id, "url": url, "owner": fragment.owner,
+                "error_type": answer.reason.value if isinstance(answer, Failed) else "status",
+                "detail": answer.detail if isinstance(answer, Failed) else f"status {answer.status}"}})
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _circuit_changed(self, breaker: Breaker) -> None:
+        """Gauge and log line of a transition. The line names the owner and the version(s)
+        served from the breaker's origin (the labels of its metrics, joined by "," when
+        versions share the origin): whoever is paged can tell whose version to roll back."""
+        self.metrics.circuit_state.labels(breaker.fragment).set(self.breakers.worst(breaker.fragment))
+        owner, version = self.metrics.served_at(breaker.fragment, breaker.origin)
+        fields = {"fragment": breaker.fragment, "origin": breaker.origin, "owner": owner, "version": version,
+                  "state": breaker.state.name.lower(), "consecutive_failures": breaker.consecutive,
+                  "cooldown_ms": breaker.policy.cooldown_ms}
+        if breaker.state is State.CLOSED:
+            log.info("circuit closed", extra={"fields": fields})
+        else:
+            log.warning("circuit opened" if breaker.state is State.OPEN else "circuit half-open",
+                        extra={"fields": fields})
+
+
+def _budget(fragment: Fragment, page: Page) -> float:
+    """The fragment's timeout, cut short by the page's deadline."""
+    return min(fragment.timeout, page.deadline - time.monotonic())
+
+
+def _overrides(header: str) -> dict[str, str]:
+    """`footer=2.4.0, header=1.0` → {"footer": "2.4.0", "header": "1.0"}; junk is ignored."""
+    if not header:
+        return {}
+    pairs = (item.partition("=") for item in header.split(","))
+    return {name.strip(): version.strip() for name, sep, version in pairs if sep and name.strip()}
