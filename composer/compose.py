@@ -11,7 +11,6 @@ pages and knows nothing of fetching, caches, breakers or fallbacks.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from typing import TYPE_CHECKING
@@ -24,8 +23,9 @@ from .errors import error_page
 from .filters import apply_response
 from .links import Asset
 from .logs import REQUEST_ID
-from .pipeline import Mark, Outcome, Page, Pipeline
+from .pipeline import Mark, Outcome, Page, Pipeline, marks_script
 from .routing import Route
+from .signals import PageSignals
 from .template import ASYNC_SLOT, Fragment, Template
 
 if TYPE_CHECKING:
@@ -50,19 +50,6 @@ _MOVE_SCRIPT = (
     'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
     'document.getElementById("composer-async-{0}-content"))</script>'
 )
-# One script per page (settings.timing_marks): a `performance.measure` per fragment, on a
-# "composer" track of Chrome DevTools' Performance panel (its extensibility API reads
-# `detail.devtools`); RUM reads them with performance.getEntriesByType("measure"). Times are
-# ms from the navigation's requestStart, the browser's closest mark to composer's start.
-_MARKS_SCRIPT = (
-    '<script>(function(m){{var p=performance,n=p.getEntriesByType("navigation")[0],o=n?n.requestStart:0;'
-    'm.forEach(function(f){{try{{p.measure("fragment "+f[0],{{start:o+f[1],duration:f[2],detail:{{'
-    'version:f[3],source:f[4],error:f[5],devtools:{{dataType:"track-entry",track:"composer",'
-    'color:f[5]?"error":"primary",properties:[["version",f[3]],["source",f[4]],["error",f[5]]],'
-    'tooltipText:f[0]+": "+(f[5]||f[4])}}}}}})}}catch(e){{}}}})}})({0})</script>'
-)
-
-
 def request_id_of(request: web.BaseRequest) -> str:
     """The incoming `x-request-id` when it is sane (printable, ≤128 chars), else a new one."""
     rid = request.headers.get("x-request-id", "")
@@ -125,8 +112,10 @@ class Composer:
             response = web.StreamResponse(status=status, headers=headers)
             await response.prepare(request)
             if not head_only:
+                signals = PageSignals(route.name, page.request_id, settings.client_signals_sample) \
+                    if template.client_signals else None
                 # The page's last bytes go out with the chunked terminator: one write, not two.
-                await response.write_eof(await self._stream(response, template, tasks, page.marks))
+                await response.write_eof(await self._stream(response, template, tasks, page.marks, signals))
             else:
                 await response.write_eof()
             return response
@@ -143,8 +132,9 @@ class Composer:
 
     async def _stream(self, response: web.StreamResponse, template: Template,
                       tasks: dict[int, asyncio.Task[Outcome]],
-                      marks: list[Mark] | None) -> bytes:
-        """Write the page in order as fragments get ready; return the bytes still to write."""
+                      marks: list[Mark] | None, signals: PageSignals | None) -> bytes:
+        """Write the page in order as fragments get ready; return the bytes still to write.
+        With `signals`, each fragment's markup sits between its marker comments."""
         seen: set[str] = set()
         out: list[bytes] = []
         for chunk in template.chunks:
@@ -153,9 +143,11 @@ class Composer:
             elif chunk is ASYNC_SLOT:
                 if template.async_fragments:
                     await _flush(response, out)
-                    await self._stream_async(response, template, tasks, seen)
+                    await self._stream_async(response, template, tasks, seen, signals)
                 if marks:  # every fragment before </body> has finished by now
-                    out.append(_marks(marks))
+                    out.append(marks_script(marks))
+                if signals is not None:
+                    out.append(signals.block())
             else:
                 assert isinstance(chunk, Fragment)
                 if chunk.is_async:
@@ -164,14 +156,17 @@ class Composer:
                 task = tasks[chunk.index]
                 if not task.done():
                     await _flush(response, out)
-                _render(await task, seen, out)
+                _render(await task, seen, out, chunk, signals)
                 del tasks[chunk.index]  # its outcome (and body) is freed once written
+        if signals is not None and not signals.written:  # a template without </body>
+            out.append(signals.block())
         if len(out) > 1 and sum(map(len, out)) > _SLICE:
             await _flush(response, out)  # a large tail goes out in slices, like the rest
         return b"".join(out)
 
     async def _stream_async(self, response: web.StreamResponse, template: Template,
-                            tasks: dict[int, asyncio.Task[Outcome]], seen: set[str]) -> None:
+                            tasks: dict[int, asyncio.Task[Outcome]], seen: set[str],
+                            signals: PageSignals | None) -> None:
         pending = {tasks[f.index]: f for f in template.async_fragments}
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -182,9 +177,11 @@ class Composer:
                 if outcome.source != "none":
                     _styles(outcome.assets, seen, out)
                     out.append(b'<div hidden id="composer-async-%d-content">' % fragment.index)
-                    _render(outcome, seen, out)
+                    _render(outcome, seen, out, fragment, signals)
                     out.append(b"</div>")
-                out.append(_MOVE_SCRIPT.format(fragment.index).encode())
+                # With signals no inline script (a strict CSP): the collector moves it.
+                out.append(_MOVE_SCRIPT.format(fragment.index).encode() if signals is None
+                           else b'<template data-composer-move="%d"></template>' % fragment.index)
             await _flush(response, out)
 
 
@@ -257,15 +254,21 @@ def _styles(assets: tuple[Asset, ...], seen: set[str], out: list[bytes]) -> None
             out.append(asset.tag)
 
 
-def _render(outcome: Outcome, seen: set[str], out: list[bytes]) -> None:
-    """Append a fragment's stylesheets, body and scripts; each asset URL once per page."""
+def _render(outcome: Outcome, seen: set[str], out: list[bytes], fragment: Fragment,
+            signals: PageSignals | None) -> None:
+    """Append a fragment's stylesheets, body and scripts; each asset URL once per page. With
+    client signals, between its two marker comments, scripts with `crossorigin`."""
     assets = outcome.assets
+    if signals is not None:
+        out.append(signals.open(fragment.index, fragment.id, outcome.version, assets))
     _styles(assets, seen, out)
     out.append(outcome.body)
     for asset in assets:
         if asset.kind == "script" and asset.url not in seen:
             seen.add(asset.url)
-            out.append(asset.tag)
+            out.append(asset.tag if signals is None else asset.cors_tag)
+    if signals is not None:
+        out.append(signals.close(fragment.index))
 
 
 def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
@@ -277,14 +280,6 @@ def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
     ident = primary.id
     desc = ident.replace("\\", "\\\\").replace('"', '\\"') if ident.isascii() and ident.isprintable() else ""
     return f'primary;dur={waited * 1000:.1f};desc="{desc}", {own}'
-
-
-def _marks(marks: list[Mark]) -> bytes:
-    """The page's per-fragment timing script (see _MARKS_SCRIPT); `<` escaped so no value can
-    close the script."""
-    data = json.dumps([[f, round(start, 1), round(dur, 1), v, source, error]
-                       for f, start, dur, v, source, error in marks], separators=(",", ":"))
-    return _MARKS_SCRIPT.format(data.replace("<", "\\u003c")).encode()
 
 
 def _preload(assets: tuple[Asset, ...]) -> str:

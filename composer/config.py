@@ -107,6 +107,11 @@ def _boolean(reader: Reader, node: yaml.Node, what: str) -> bool | _Skip:
     return _Skip.INVALID if value is None else value
 
 
+def _fraction(reader: Reader, node: yaml.Node, what: str) -> float | _Skip:
+    value = reader.fraction(node, what)
+    return _Skip.INVALID if value is None else value
+
+
 def _path(reader: Reader, node: yaml.Node, what: str) -> Path | _Skip:
     """A folder, still relative: `_settings` resolves it against routes.yaml's folder."""
     value = reader.string(node, what)
@@ -208,6 +213,10 @@ class Settings:
     max_ws_message_bytes: int = setting(4 * 1024 * 1024, _integer(1, 1 << 30))  # larger: that socket closes
     max_connections_per_backend: int = setting(256, _integer(1, 100_000))  # read when the process starts
     server_header: bool = setting(True, _boolean)  # `Server: composer` (never a version); false: none
+    # SPEC §7: what each fragment does in the browser (a route's `client_signals: false` opts out)
+    client_signals: bool = setting(False, _boolean)
+    client_signals_sample: float = setting(1.0, _fraction)  # share of pages whose browser reports
+    client_signals_rate: int = setting(10, _integer(1, 10_000))  # beacons per second from one address
 
 
 # The table, keyed by the name under `settings:`. Built at import, so a field declared without
@@ -285,6 +294,7 @@ class RouteSpec:
     redirect: Redirect | None = None
     request_filters: tuple[RequestFilter, ...] = ()
     filters: tuple[ResponseFilter, ...] = ()  # on the response
+    client_signals: bool = True  # False: this route opts out of settings.client_signals
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +319,7 @@ class Config:
 _TOP_KEYS = ("settings", "fragments", "routes")
 _TARGETS = ("template", "backend", "redirect")
 _BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
-_ROUTE_KEYS = ("name", "match", *_TARGETS, *_BACKEND_OPTIONS, "filters")
+_ROUTE_KEYS = ("name", "match", *_TARGETS, *_BACKEND_OPTIONS, "client_signals", "filters")
 _REDIRECT_KEYS = ("to", "status")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 TEMPLATE_METHODS = frozenset({"GET", "HEAD"})
@@ -443,7 +453,18 @@ def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteS
         redirect=redirect,
         request_filters=request_filters,
         filters=filters,
+        client_signals=_client_signals(reader, keys),
     )
+
+
+def _client_signals(reader: Reader, keys: dict[str, yaml.Node]) -> bool:
+    """A template route's `client_signals: false` opts it out of settings.client_signals."""
+    node = keys.get("client_signals")
+    if node is None:
+        return True
+    if "template" not in keys:
+        reader.error(node, "client_signals applies to template routes only")
+    return reader.boolean(node, "client_signals") is not False
 
 
 def _match(reader: Reader, node: yaml.Node) -> tuple[PathPredicate | PathPrefixPredicate | None,

@@ -40,6 +40,9 @@ _PARAM = re.compile(r"^([^\s=]+)\s*=\s*(?:(['\"])(.*?)\2|(\S*))$")
 # The markup of each kind (SPEC §3), with the URL HTML-escaped into it.
 _STYLESHEET = b'<link rel="stylesheet" href="%s">'
 _SCRIPT = b'<script src="%s" defer></script>'
+# With client signals (SPEC §7): a script on another origin reports its errors' details only
+# when fetched with CORS (its server must answer Access-Control-Allow-Origin).
+_CORS_SCRIPT = b'<script src="%s" defer crossorigin></script>'
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +52,13 @@ class Asset:
     kind: Literal["stylesheet", "script"]
     url: str
     tag: bytes = field(init=False, repr=False, compare=False)  # its markup, made once per asset
+    cors_tag: bytes = field(init=False, repr=False, compare=False)  # the same, a script with `crossorigin`
 
     def __post_init__(self) -> None:
         escaped = html.escape(self.url).encode()
-        markup = _STYLESHEET if self.kind == "stylesheet" else _SCRIPT
-        object.__setattr__(self, "tag", markup % escaped)
+        script = self.kind == "script"
+        object.__setattr__(self, "tag", (_SCRIPT if script else _STYLESHEET) % escaped)
+        object.__setattr__(self, "cors_tag", (_CORS_SCRIPT if script else _STYLESHEET) % escaped)
 
 
 def parse_assets(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[Asset, ...]:

@@ -41,6 +41,9 @@ __all__ = ["CACHE_RESULTS", "CONTENT_TYPE_LATEST", "Declared", "Metrics"]
 
 # Fragment and page latencies sit between a few ms and the timeout budget (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+# Web Vitals: Google's thresholds (INP 0.2 / 0.5 s, FCP 1.8 / 3 s, LCP 2.5 / 4 s, TTFB 0.8 / 1.8 s) are edges.
+_VITAL_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.8, 2.5, 3.0, 4.0, 6.0, 10.0, 20.0)
+_CLS_BUCKETS = (0.01, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0)  # good ≤ 0.1, poor > 0.25
 # The `result` label of composer_fragment_cache_total: what composer.cache.FragmentCache.get answers.
 CACHE_RESULTS = ("hit", "miss", "stale", "stale_if_error", "coalesced")
 _REASONS = tuple(reason.value for reason in Reason)
@@ -130,15 +133,38 @@ class Metrics:
             ("result",), registry=r)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)  # present at 0, so alerts on increase() work from the start
+        self._client_families(r)
+
+    def _client_families(self, r: CollectorRegistry) -> None:
+        """Client signals (SPEC §7): label values from the route table only, never from a beacon."""
+        self.client_errors = Counter(
+            "composer_client_errors_total",
+            "Errors in the browser by fragment and version: error (uncaught exception), rejection "
+            "(unhandled promise rejection), asset (a stylesheet, script or image that did not load).",
+            ("route", "fragment", "version", "kind"), registry=r)
+        self.client_vital = Histogram(
+            "composer_client_vital_seconds",
+            "Web Vitals from the browser (LCP, INP, FCP, TTFB); LCP and INP name the fragment holding "
+            "their element (page: none).", ("route", "name", "fragment"), buckets=_VITAL_BUCKETS, registry=r)
+        self.client_cls = Histogram(
+            "composer_client_cls", "Cumulative Layout Shift from the browser, by the fragment of its largest shift.",
+            ("route", "fragment"), buckets=_CLS_BUCKETS, registry=r)
+        self.client_dropped = Counter(
+            "composer_client_signals_dropped_total",
+            "Beacons refused (too_large, invalid, rate) and beacon entries dropped (unknown).",
+            ("reason",), registry=r)
+        for reason in ("too_large", "invalid", "rate", "unknown"):
+            self.client_dropped.labels(reason)
         self._declared: dict[Any, set[tuple[str, ...]]] = {}  # family → label sets `declare` put there
         self._origins: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}  # (fragment, origin) → owner, versions
 
-    def declare(self, uses: Iterable[Declared]) -> None:
+    def declare(self, uses: Iterable[Declared], client: Iterable[tuple[str, ...]] = ()) -> None:
         """Put every label set of the fragment families that `uses` make possible at 0, and
         take out those a previous declaration made that are no longer possible.
 
         Per tag and route: its fallbacks, and per version served, its duration and a failure
-        counter per reason; per fragment id, a counter per cache result. Versions are those
+        counter per reason; per fragment id, a counter per cache result; and the `client`
+        error label sets (SPEC §7). Versions are those
         served (active and canary): a version fetched only through the QA override header
         gets its series with its first fetch. Removing (one process only) keeps a long-lived
         process from accumulating every version it ever served; with several workers a
@@ -146,7 +172,7 @@ class Metrics:
         """
         wanted: dict[Any, set[tuple[str, ...]]] = {
             self.fragment_failures: set(), self.fragment_duration: set(),
-            self.fragment_fallbacks: set(), self.fragment_cache: set()}
+            self.fragment_fallbacks: set(), self.fragment_cache: set(), self.client_errors: set(client)}
         origins: dict[tuple[str, str], tuple[str, list[str]]] = {}
         for use in uses:
             wanted[self.fragment_fallbacks].add((use.fragment, use.route))

@@ -176,6 +176,21 @@ class Reader:
             return None
         return value
 
+    def fraction(self, node: yaml.Node, what: str) -> float | None:
+        """A number within [0, 1] (a share: `0.25`, `1`)."""
+        tag = getattr(node, "tag", "")
+        if not isinstance(node, yaml.ScalarNode) or tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+            self.error(node, f"{what} must be a number between 0 and 1")
+            return None
+        try:
+            value = float(node.value.replace("_", ""))
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 1.0:  # also NaN, .inf and what float() refused
+            self.error(node, f"{what} must be a number between 0 and 1, not {node.value}")
+            return None
+        return value
+
     def strings(self, node: yaml.Node, what: str) -> tuple[str, ...] | None:
         """A list of non-empty strings; None if any entry is not one."""
         if not isinstance(node, yaml.SequenceNode):

@@ -19,10 +19,11 @@ copy of each manifest fallback, fetched when a route table is applied.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
     from .tracing import Tracing
 
-__all__ = ["Mark", "Outcome", "Page", "Pipeline"]
+__all__ = ["Mark", "Outcome", "Page", "Pipeline", "marks_script"]
 
 log = logging.getLogger("composer.fragments")
 
@@ -66,6 +67,7 @@ class Outcome:
     assets: tuple[Asset, ...] = ()
     status: int = 0
     headers: CIMultiDictProxy[str] | None = None
+    version: str = ""  # the version chosen for the page (its fallback shows for it)
 
 
 _NONE = Outcome("none")
@@ -187,9 +189,11 @@ class Pipeline:
                     self.metrics.child(self.metrics.fragment_failures, fragment.id, page.route, version,
                                        failure.reason.value).inc()
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
-                outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers)
+                outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers, version)
             else:
                 outcome = await self._fallback(fragment, page, headers)
+                if version and outcome.source != "none":
+                    outcome = replace(outcome, version=version)
         except BaseException as exc:
             if span is not None and self.tracing is not None:
                 self.tracing.fail(span, type(exc).__name__,
@@ -343,3 +347,24 @@ def _overrides(header: str) -> dict[str, str]:
         return {}
     pairs = (item.partition("=") for item in header.split(","))
     return {name.strip(): version.strip() for name, sep, version in pairs if sep and name.strip()}
+
+
+# One script per page (settings.timing_marks): a `performance.measure` per fragment, on a
+# "composer" track of Chrome DevTools' Performance panel (its extensibility API reads
+# `detail.devtools`); RUM reads them with performance.getEntriesByType("measure"). Times are
+# ms from the navigation's requestStart, the browser's closest mark to composer's start.
+_MARKS_SCRIPT = (
+    '<script>(function(m){{var p=performance,n=p.getEntriesByType("navigation")[0],o=n?n.requestStart:0;'
+    'm.forEach(function(f){{try{{p.measure("fragment "+f[0],{{start:o+f[1],duration:f[2],detail:{{'
+    'version:f[3],source:f[4],error:f[5],devtools:{{dataType:"track-entry",track:"composer",'
+    'color:f[5]?"error":"primary",properties:[["version",f[3]],["source",f[4]],["error",f[5]]],'
+    'tooltipText:f[0]+": "+(f[5]||f[4])}}}}}})}}catch(e){{}}}})}})({0})</script>'
+)
+
+
+def marks_script(marks: list[Mark]) -> bytes:
+    """The page's per-fragment timing script (see _MARKS_SCRIPT); `<` escaped so no value can
+    close the script."""
+    data = json.dumps([[f, round(start, 1), round(dur, 1), v, source, error]
+                       for f, start, dur, v, source, error in marks], separators=(",", ":"))
+    return _MARKS_SCRIPT.format(data.replace("<", "\\u003c")).encode()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .collector import with_collector
 from .config import Backend, Config, Redirect, RouteSpec, Settings, file_stamp, read_config
 from .errors import ConfigError, Stamp
 from .filters import RequestFilter, ResponseFilter
@@ -164,6 +165,8 @@ def build_table(config: Config, *, manifest_option: str | None = None) -> RouteT
     sources: dict[Path, Stamp] = {config.path: config.stamp, **dict(config.manifest_sources)}
     for spec in config.routes:
         template = _template(config, spec, problems, sources) if spec.template is not None else None
+        if template is not None and config.settings.client_signals and spec.client_signals:
+            template = with_collector(template)
         routes.append(Route(
             name=spec.name, line=spec.line, path=spec.path, methods=spec.methods, conditions=spec.conditions,
             template=template, backend=spec.backend, redirect=spec.redirect,

@@ -26,6 +26,7 @@ from prometheus_client import Gauge
 
 from .breaker import State
 from .client import Client
+from .collector import SCRIPT_PREFIX, bundle
 from .compose import BARE_500, Composer, request_id_of
 from .config import Settings
 from .errors import error_page
@@ -39,6 +40,7 @@ from .pipeline import Pipeline
 from .proxy import Proxy, backend_session
 from .reload import Reloader
 from .routing import Route, RouteTable, split_target
+from .signals import BEACON_PATH, Beacons, Labels
 from .tracing import Tracing, from_env
 
 __all__ = ["GRACE_SECONDS", "ComposerServer", "stop_event"]
@@ -54,6 +56,8 @@ MAX_HEADERS = 128
 _NOT_FOUND = error_page(404)
 _NOT_ALLOWED = error_page(405)
 _HTML = "text/html; charset=utf-8"
+_OWN = "/_composer/"  # composer's own endpoints on the page port (client signals)
+_OWN_ROUTE = "_composer"  # their `route` label
 # The `method` label takes these values; anything else counts as "other" (bounded series).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -85,6 +89,8 @@ class ComposerServer:
         self._declared: set[tuple[str, str, str]] = set()
         self._timeouts: set[tuple[str, str]] = set()
         self._circuits: set[str] = set()
+        self.labels = Labels(table)  # what beacons may name (SPEC §7)
+        self._beacons = Beacons(self.metrics, self.labels, table.settings.client_signals_rate)
         self._declare_fragments(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
@@ -120,7 +126,8 @@ class ComposerServer:
                     circuits.labels(fragment.id).set(State.CLOSED)
         _replace(self.metrics.fragment_info, self._declared, dict.fromkeys(declared, 1.0))
         _replace(self.metrics.fragment_timeout, self._timeouts, timeouts)
-        self.metrics.declare(uses)
+        self.labels = Labels(table)
+        self.metrics.declare(uses, self.labels.series())
         self._declared, self._timeouts = declared, set(timeouts)
 
     def _swap(self, table: RouteTable) -> None:
@@ -128,6 +135,7 @@ class ComposerServer:
         old = self.table.settings
         self.table = table
         self._declare_fragments(table)
+        self._beacons.apply(self.labels, table.settings.client_signals_rate)
         if self._composer is not None:
             self._composer.pipeline.apply(table)
         new = table.settings
@@ -214,6 +222,9 @@ class ComposerServer:
             response: web.StreamResponse
             if problem is not None:
                 response = _page(problem[0], error_page(*problem))
+            elif path.startswith(_OWN) and self.labels.routes:  # client signals (SPEC §7) are on
+                route_name = request[ROUTE] = _OWN_ROUTE
+                response = await self._own(request, path)
             else:
                 match = table.match(request, path)
                 route = match.route
@@ -260,6 +271,14 @@ class ComposerServer:
         headers = CIMultiDict({"location": route.redirect.location(params, query)})
         return web.Response(status=apply_response(route.response_filters, route.redirect.status, headers),
                             headers=headers)
+
+    async def _own(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        """composer's own endpoints on the page port: the collector script and the beacons."""
+        if path == BEACON_PATH:
+            return await self._beacons.receive(request)
+        if path.startswith(SCRIPT_PREFIX) and path.endswith(".js") and request.method in ("GET", "HEAD"):
+            return bundle().response(request)
+        return _page(404, _NOT_FOUND)
 
     def _manifest_view(self) -> dict[str, object]:
         """GET /manifest: what runs now, per fragment, and how it fared in the last minutes.

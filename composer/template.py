@@ -152,6 +152,7 @@ class Template:
     primary: Fragment | None
     async_fragments: tuple[Fragment, ...]
     versioned: bool = False  # has manifest fragments: the page needs the user's canary bucket
+    client_signals: bool = False  # SPEC §7: the collector is in its head; pages mark fragments, list data
 
 
 class _Problems:

@@ -29,7 +29,7 @@ def test_compose_only_streams_a_page() -> None:
 # server, …), so a table can be loaded, checked and reloaded without it. client and metrics
 # are leaves (they import nothing of composer's but errors) and serve both sides.
 TABLE_SIDE = {"errors", "nodes", "headers", "urls", "predicates", "filters", "breaker", "manifest", "config",
-              "template", "routing", "reload"}
+              "template", "collector", "routing", "reload"}
 LEAVES = {"client", "metrics"}
 
 
