@@ -106,7 +106,7 @@ class Composer:
             if new_bucket:
                 headers.add("set-cookie", _BUCKET_COOKIE.format(bucket))
             status = 200  # the span's, should the page go away while its primary is awaited
-            status, body = await _head(route, template.primary, tasks, headers, settings.server_timing, started)
+            status, body = await _head(route, template, tasks, headers, settings.server_timing, started)
             if body is not None:  # the head is the whole answer
                 return web.Response(status=status, body=body or None, headers=headers)
             response = web.StreamResponse(status=status, headers=headers)
@@ -195,12 +195,13 @@ def bucket_of(request: web.BaseRequest) -> int:
     return int(value) if value.isascii() and value.isdigit() and len(value) <= 2 else -1
 
 
-async def _head(route: Route, primary: Fragment | None, tasks: dict[int, asyncio.Task[Outcome]],
+async def _head(route: Route, template: Template, tasks: dict[int, asyncio.Task[Outcome]],
                 headers: CIMultiDict[str], server_timing: bool, started: float) -> tuple[int, bytes | None]:
     """The page's status and `headers`, decided once: by the primary's outcome, if there is a
     primary (SPEC §3), then by the route's response filters. The body comes with them when the
     head is the whole answer (a failed primary: BARE_500; a redirect or no content: b"");
     None when the page is to be streamed."""
+    primary = template.primary
     status, body = 200, None
     waited = 0.0  # the wait for the primary (its fetch, or its fallback's)
     if primary is not None:
@@ -219,7 +220,7 @@ async def _head(route: Route, primary: Fragment | None, tasks: dict[int, asyncio
                 del headers["content-type"]
                 body = b""
         if body is None and outcome.assets:
-            headers["link"] = _preload(outcome.assets)
+            headers["link"] = _preload(outcome.assets, template.client_signals)
     if server_timing:
         headers["server-timing"] = _timing(primary, waited, time.perf_counter() - started)
     return apply_response(route.response_filters, status, headers), body
@@ -282,6 +283,9 @@ def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
     return f'primary;dur={waited * 1000:.1f};desc="{desc}", {own}'
 
 
-def _preload(assets: tuple[Asset, ...]) -> str:
+def _preload(assets: tuple[Asset, ...], cors: bool) -> str:
+    """The primary's assets as preloads; with client signals its scripts load with CORS
+    (`crossorigin`), and a preload must say so too, or the browser fetches them twice."""
     kinds = {"stylesheet": "style", "script": "script"}
-    return ", ".join(f'<{a.url}>; rel="preload"; as="{kinds[a.kind]}"' for a in assets)
+    return ", ".join(f'<{a.url}>; rel="preload"; as="{kinds[a.kind]}"'
+                     + ("; crossorigin" if cors and a.kind == "script" else "") for a in assets)

@@ -38,6 +38,9 @@ document.addEventListener("DOMContentLoaded", function () {
   if (el) el.setAttribute("data-enhanced", "true");
 });
 """
+_BROKEN_JS = b"""
+throw new Error("footer 2.4.0: a bug shipped on purpose (composer demo): see composer_client_errors_total");
+"""
 _SITE_CSS = b"body{font-family:system-ui,sans-serif;margin:0 auto;max-width:48em;padding:0 1em}"
 _PRODUCTS = {"42": ("Espresso machine", "199.00"), "7": ("Coffee grinder", "89.00")}
 
@@ -74,8 +77,12 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     async def footer(request: web.Request) -> web.Response:
         version = request.match_info.get("version", "")
         style = ' style="border-top:3px solid #36c"' if version == "2.4.0" else ""
+        # 2.4.0 ships a script that throws (SPEC §7): composer_client_errors_total{fragment="footer",
+        # version="2.4.0"} moves as soon as a browser leaves a demo page.
+        links = {"link": f'<{_origin(request)}/static/footer-2.4.0.js>; rel="fragment-script"'} \
+            if version == "2.4.0" else None
         return web.Response(text=f"<footer{style}>composer demo · footer {version or 'static'} · "
-                                 f"fragments from {request.host}</footer>", content_type="text/html")
+                                 f"fragments from {request.host}</footer>", content_type="text/html", headers=links)
 
     async def stock(request: web.Request) -> web.Response:
         sku = request.match_info["sku"]
@@ -85,7 +92,9 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
 
     def static(body: bytes, content_type: str):  # type: ignore[no-untyped-def]
         async def handler(_: web.Request) -> web.Response:
-            return web.Response(body=body, content_type=content_type)
+            # CORS: with client signals composer loads fragment scripts with `crossorigin`, and
+            # a script on another origin then needs this to run (and to report its errors).
+            return web.Response(body=body, content_type=content_type, headers={"access-control-allow-origin": "*"})
         return handler
 
     app = web.Application()
@@ -99,6 +108,7 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     app.router.add_get("/static/site.css", static(_SITE_CSS, "text/css"))
     app.router.add_get("/static/product.css", static(_CSS, "text/css"))
     app.router.add_get("/static/product.js", static(_JS, "application/javascript"))
+    app.router.add_get("/static/footer-2.4.0.js", static(_BROKEN_JS, "application/javascript"))
     return app
 
 

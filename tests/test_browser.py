@@ -24,6 +24,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -175,6 +176,7 @@ class Demo:
     url: str
     async_index: int  # the recommendations fragment's N in composer-async-N
     services: str  # the demo fragment services' origin
+    admin: str  # composer's admin listener
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -188,9 +190,9 @@ async def demo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Demo]:
         product = next(r for r in table.routes if r.name == "product")
         assert product.template is not None
         recos = next(f for f in product.template.fragments if f.id == "recommendations")
-        url = await start_composer(stack, ComposerServer(
-            table, host="127.0.0.1", port=0, admin_port=0, grace=2))
-        yield Demo(url, recos.index, origin)
+        server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0, grace=2)
+        url = await start_composer(stack, server)
+        yield Demo(url, recos.index, origin, server.admin_url)
 
 
 async def test_demo_async_fragment_lands_at_its_placeholder(demo: Demo, world: World) -> None:
@@ -220,16 +222,40 @@ async def test_demo_async_fragment_lands_at_its_placeholder(demo: Demo, world: W
                         "document.querySelector('footer')) & Node.DOCUMENT_POSITION_FOLLOWING)")
 
 
+async def test_the_demo_footers_deliberate_error_shows_in_metrics_once_the_page_is_left(
+        demo: Demo, world: World) -> None:
+    """What a newcomer sees: open a demo page, leave it, and the footer 2.4.0's client error
+    is counted under its fragment, version and owner's route."""
+    series = 'composer_client_errors_total{fragment="footer",kind="error",route="product",version="2.4.0"}'
+
+    async def count() -> float:
+        async with aiohttp.ClientSession() as session, session.get(demo.admin + "/metrics") as resp:
+            text = await resp.text()
+        return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series)), -1.0)
+
+    before = await count()
+    assert before >= 0  # declared at 0 from the start
+    tab = await world.tab()
+    await tab.goto(demo.url + "/products/42")
+    await tab.page.goto("about:blank")  # leaving the page sends its beacon
+    deadline = time.monotonic() + 10
+    while await count() < before + 1:
+        assert time.monotonic() < deadline, "the footer's client error was never counted"
+        await asyncio.sleep(0.1)
+
+
 async def test_demo_pages_are_clean_and_screenshot(demo: Demo, world: World, tmp_path: Path) -> None:
     """The demo as a user sees it: styled, enhanced by its script, the failing reviews
-    fragment replaced by its inline fallback, no console errors; a screenshot is kept."""
+    fragment replaced by its inline fallback, no console errors but the footer 2.4.0's
+    deliberate one (client signals, SPEC §7); a screenshot is kept."""
     tab = await world.tab()
     await tab.goto(demo.url + "/")
     assert await tab.page.locator("footer").is_visible()
     tab.requests.clear()
     await tab.goto(demo.url + "/products/42")
 
-    assert tab.console_errors == [] and tab.page_errors == [], (tab.console_errors, tab.page_errors)
+    on_purpose = "footer 2.4.0: a bug shipped on purpose"
+    assert all(on_purpose in e for e in tab.console_errors + tab.page_errors), (tab.console_errors, tab.page_errors)
     product = tab.page.locator("article.product")
     assert await product.get_attribute("data-enhanced") == "true"          # product.js ran
     assert await product.evaluate("e => getComputedStyle(e).borderTopLeftRadius") == "8px"  # product.css
