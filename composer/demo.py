@@ -15,6 +15,7 @@ import asyncio
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -90,13 +91,6 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
             return web.json_response({"error": f"no product {sku!r}"}, status=404)
         return web.json_response({"sku": sku, "in_stock": sku == "42"})
 
-    def static(body: bytes, content_type: str):  # type: ignore[no-untyped-def]
-        async def handler(_: web.Request) -> web.Response:
-            # CORS: with client signals composer loads fragment scripts with `crossorigin`, and
-            # a script on another origin then needs this to run (and to report its errors).
-            return web.Response(body=body, content_type=content_type, headers={"access-control-allow-origin": "*"})
-        return handler
-
     app = web.Application()
     app.router.add_get("/header", header)
     app.router.add_get("/product/{sku}", product)
@@ -105,11 +99,19 @@ def demo_app(recommendation_delay: float = 1.5) -> web.Application:
     app.router.add_get("/footer", footer)  # the manifest's fallback for the footer
     app.router.add_get("/footer/{version}", footer)  # one URL per deployed version
     app.router.add_get("/stock/{sku}", stock)
-    app.router.add_get("/static/site.css", static(_SITE_CSS, "text/css"))
-    app.router.add_get("/static/product.css", static(_CSS, "text/css"))
-    app.router.add_get("/static/product.js", static(_JS, "application/javascript"))
-    app.router.add_get("/static/footer-2.4.0.js", static(_BROKEN_JS, "application/javascript"))
+    app.router.add_get("/static/site.css", _static(_SITE_CSS, "text/css"))
+    app.router.add_get("/static/product.css", _static(_CSS, "text/css"))
+    app.router.add_get("/static/product.js", _static(_JS, "application/javascript"))
+    app.router.add_get("/static/footer-2.4.0.js", _static(_BROKEN_JS, "application/javascript"))
     return app
+
+
+def _static(body: bytes, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(_: web.Request) -> web.Response:
+        # CORS: with client signals composer loads fragment scripts with `crossorigin`, and a
+        # script on another origin then needs this to run (and to report its errors).
+        return web.Response(body=body, content_type=content_type, headers={"access-control-allow-origin": "*"})
+    return handler
 
 
 def _origin(request: web.Request) -> str:
