@@ -30,6 +30,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     generate_latest,
     multiprocess,
 )
@@ -210,6 +211,14 @@ class Metrics:
         if found is None:
             found = self._children[key] = family.labels(*values)
         return found
+
+    def families(self) -> Iterable[Metric]:
+        """The metric families /metrics exports; with several workers, summed over them."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return registry.collect()
+        return self.registry.collect()
 
     def render(self) -> bytes:
         """The exposition text; with several workers, the sum over all of them."""

@@ -41,6 +41,7 @@ from .proxy import Proxy, backend_session
 from .reload import Reloader
 from .routing import Route, RouteTable, split_target
 from .signals import BEACON_PATH, Beacons, Labels
+from .status import Status
 from .tracing import Tracing, from_env
 
 __all__ = ["GRACE_SECONDS", "ComposerServer", "stop_event"]
@@ -89,6 +90,7 @@ class ComposerServer:
         self._declared: set[tuple[str, str, str]] = set()
         self._timeouts: set[tuple[str, str]] = set()
         self._circuits: set[str] = set()
+        self.status = Status(self.metrics)  # the admin status page's 5-minute figures
         self.labels = Labels(table)  # what beacons may name (SPEC §7)
         self._beacons = Beacons(self.metrics, self.labels, table.settings.client_signals_rate)
         self._declare_fragments(table)
@@ -180,6 +182,7 @@ class ComposerServer:
         self.port = _bound_port(pages)
         self.admin_port = _bound_port(admin)
         self._tasks.append(asyncio.create_task(self.reloader.run()))
+        self._tasks.append(asyncio.create_task(self.status.run()))
         self._tasks.append(asyncio.create_task(self.reloader.poll_manifest()))
         self.ready = True
 
@@ -322,6 +325,10 @@ class ComposerServer:
         async def healthz(_: web.Request) -> web.Response:
             return web.Response(text="ok\n")
 
+        async def status(_: web.Request) -> web.Response:
+            page = self.status.page(self.table, self._manifest_view())
+            return web.Response(body=page, headers={"content-type": _HTML, "cache-control": "no-store"})
+
         async def readyz(_: web.Request) -> web.Response:
             if self.ready:
                 return web.Response(text="ready\n")
@@ -330,6 +337,7 @@ class ComposerServer:
         async def manifest(_: web.Request) -> web.Response:
             return web.json_response(self._manifest_view(), dumps=_pretty)
 
+        app.router.add_get("/", status)
         app.router.add_get("/manifest", manifest)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
