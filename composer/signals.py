@@ -111,14 +111,19 @@ class Beacons:
         return web.Response(status=204)
 
     def _admit(self, address: str) -> bool:
-        """Fewer than `rate` beacons from `address` in the last second (a sliding window)."""
+        """Fewer than `rate` beacons from `address` in the last second (a sliding window).
+
+        The address's times are stored again on each beacon: the cache forgets an entry a
+        second after it was *stored*, and forgetting a busy address would let it send `rate`
+        more at once, in the same second as its last `rate`."""
         now = time.monotonic()
         seen = self._recent.get(address)
-        if seen is None:
-            seen = self._recent[address] = deque(maxlen=self.rate)
+        if seen is None or seen.maxlen != self.rate:  # new, or the rate changed with a reload
+            seen = deque(maxlen=self.rate)
         if len(seen) >= self.rate and now - seen[0] < 1.0:
             return False
         seen.append(now)
+        self._recent[address] = seen
         return True
 
     def _refused(self, status: int, reason: str) -> web.Response:
@@ -129,14 +134,17 @@ class Beacons:
         route_name = beacon.get("route")
         route = self.labels.routes.get(route_name) if isinstance(route_name, str) else None
         errors, vitals = beacon.get("e"), beacon.get("v")
-        errors = errors[:_MAX_ENTRIES] if isinstance(errors, list) else []
-        vitals = vitals[:_MAX_ENTRIES] if isinstance(vitals, list) else []
+        errors = errors if isinstance(errors, list) else []
+        vitals = vitals if isinstance(vitals, list) else []
         if route is None:
             self._dropped("unknown", len(errors) + len(vitals))
             return
         assert isinstance(route_name, str)
+        # entries past the first _MAX_ENTRIES of each list are not looked at: dropped, counted
+        excess = max(len(errors) - _MAX_ENTRIES, 0) + max(len(vitals) - _MAX_ENTRIES, 0)
+        errors, vitals = errors[:_MAX_ENTRIES], vitals[:_MAX_ENTRIES]
         rid = _request_id(beacon.get("id"))
-        unknown = sum(not self._error(route_name, route, entry, rid) for entry in errors)
+        unknown = excess + sum(not self._error(route_name, route, entry, rid) for entry in errors)
         unknown += sum(not self._vital(route_name, route, entry) for entry in vitals)
         self._dropped("unknown", unknown)
 

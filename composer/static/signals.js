@@ -14,10 +14,13 @@
   var errors = [], vitals = {}, data = null;
   var loadedAt = document.currentScript;
 
+  // The page's JSON block; null while the page is still loading without it (whole), so that
+  // a page hidden mid-load keeps what it saw for a later beacon; false if it is unusable.
   function page() {
     if (data === null) {
-      var el = document.getElementById("composer-signals");
-      try { data = el ? JSON.parse(el.textContent) : false; } catch (e) { data = false; }
+      var el = document.getElementById("composer-signals"), loading = document.readyState === "loading";
+      if (!el && loading) return null;
+      try { data = el ? JSON.parse(el.textContent) : false; } catch (e) { if (loading) return null; data = false; }
     }
     return data;
   }
@@ -77,25 +80,45 @@
     var options = {generateTarget: target};
     var keep = function (name, value, where) { vitals[name] = [name, value, where]; };
     webVitals.onLCP(function (m) { keep("LCP", m.value, m.attribution.target); }, options);
-    webVitals.onINP(function (m) { keep("INP", m.value, m.attribution.interactionTarget); }, options);
+    // INP with every change: web-vitals processes interactions when the browser is idle, and on
+    // `hidden` runs its final report before that pending work, so an interaction followed by
+    // leaving the page within the idle timeout (1 s) would never be reported. Only the latest
+    // value is kept and sent, at the beacon, as for the others.
+    webVitals.onINP(function (m) { keep("INP", m.value, m.attribution.interactionTarget); },
+                    {generateTarget: target, reportAllChanges: true});
     webVitals.onCLS(function (m) { keep("CLS", m.value, m.attribution.largestShiftTarget); }, options);
     webVitals.onFCP(function (m) { keep("FCP", m.value, "page"); });
     webVitals.onTTFB(function (m) { keep("TTFB", m.value, "page"); });
+  }
+
+  // The asset URLs fragments declared, as the browser resolves them (what error events and
+  // stacks name): a root-relative `/x.js` is `https://page.origin/x.js` there.
+  function resolved(d) {
+    if (!d.resolved) {
+      var out = {}, assets = d.a || {};
+      for (var url in assets) {
+        if (!assets.hasOwnProperty(url)) continue;
+        try { out[new URL(url, document.baseURI).href] = assets[url]; } catch (e) { /* not a URL */ }
+      }
+      d.resolved = out;
+    }
+    return d.resolved;
+  }
+
+  function declared(url, assets) {
+    try { url = new URL(url, document.baseURI).href; } catch (e) { return -1; }
+    return assets.hasOwnProperty(url) ? assets[url] : -1;
   }
 
   // The fragment an error belongs to: its inline script's, else the one whose asset threw it
   // (the script's URL, or the first URL in its stack that a fragment declared).
   function blame(e, d) {
     if (e.i >= 0) return e.i;
-    var assets = d.a || {};
-    if (e.s && assets.hasOwnProperty(e.s)) return assets[e.s];
+    var assets = resolved(d), at = e.s ? declared(e.s, assets) : -1;
+    if (at >= 0) return at;
     var urls = (e.t || "").match(/(https?:\/\/|\/)[^\s)]+?(?=:\d+:\d+|\s|\)|$)/g) || [];
-    for (var j = 0; j < urls.length; j++) {
-      if (assets.hasOwnProperty(urls[j])) return assets[urls[j]];
-      var absolute = new URL(urls[j], location.href).href;
-      if (assets.hasOwnProperty(absolute)) return assets[absolute];
-    }
-    return -1;
+    for (var j = 0; j < urls.length && at < 0; j++) at = declared(urls[j], assets);
+    return at;
   }
 
   function named(i, d) {
@@ -107,6 +130,7 @@
 
   function flush() {
     var d = page();
+    if (d === null) return;  // not there yet: keep everything for the next beacon
     if (d && sampled === null) sampled = Math.random() < (d.sample == null ? 1 : d.sample);
     if (!d || !sampled) { errors = []; vitals = {}; return; }
     var out = {route: d.route, id: d.id, e: [], v: []};
