@@ -1,13 +1,17 @@
-"""The `composer` command: serve, check, demo (SPEC §1).
+"""The `composer` command: serve, check, demo (SPEC §1); manifest smoke|promote|rollback (SPEC §8).
 
 Exit status: 0 on success (and after a graceful SIGTERM/SIGINT), 2 when the configuration
 is invalid — each problem printed as `file:line: message` on stderr, nothing started.
+`manifest smoke` exits 1 when it finds a problem; `promote` and `rollback` exit 2 when they
+refuse, leaving the file untouched.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -52,7 +56,27 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--admin-port", type=int, default=9911, help="admin port (default 9911)")
     demo.add_argument("--fragments-port", type=int, default=0,
                       help="port of the demo fragment services (default 0: any free port)")
+    _manifest_parser(commands)
     return parser
+
+
+def _manifest_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`composer manifest smoke|promote|rollback` (SPEC §8)."""
+    group = commands.add_parser("manifest", help="release a fragment: smoke-test, promote, roll back")
+    actions = group.add_subparsers(dest="action", required=True)
+    smoke = actions.add_parser("smoke", help="check every active and canary version, and the pages, "
+                                             "before any user sees them; exit 1 on a problem")
+    smoke.add_argument("--config", default="routes.yaml", help="routes file (default ./routes.yaml)")
+    smoke.add_argument("--path", action="append", default=[], help="a page path to compose too (repeatable)")
+    smoke.add_argument("--json", action="store_true", help="a JSON report on stdout")
+    promote = actions.add_parser("promote", help="VERSION becomes the canary at --percent, else active")
+    promote.add_argument("fragment")
+    promote.add_argument("version")
+    promote.add_argument("--percent", type=_percent, default=None, help="canary share, 0-100")
+    rollback = actions.add_parser("rollback", help="the fragment's rollback version becomes active")
+    rollback.add_argument("fragment")
+    for action in (smoke, promote, rollback):
+        action.add_argument("--manifest", required=True, help="the manifest file (YAML or JSON)")
 
 
 class _Version(argparse.Action):
@@ -72,9 +96,47 @@ def _positive(text: str) -> int:
     return value
 
 
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be 0 to 100, not {value}")
+    return value
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    """`composer manifest ...`: 0 done (smoke: no problem), 1 smoke found problems, 2 refused."""
+    from . import release
+
+    try:
+        if args.action == "promote":
+            print(release.promote(args.manifest, args.fragment, args.version, args.percent))
+        elif args.action == "rollback":
+            print(release.rollback(args.manifest, args.fragment))
+        else:
+            logging.getLogger("composer").addHandler(logging.NullHandler())  # its problems are the output
+            problems, checked = release.smoke(args.config, args.manifest, args.path)
+            if args.json:
+                print(json.dumps({"ok": not problems, "checked": checked,
+                                  "problems": [dataclasses.asdict(p) | {"line": str(p)} for p in problems]},
+                                 indent=2))
+            else:
+                for found in problems:
+                    print(found)
+                if not problems:
+                    print(f"{args.manifest}: ok ({checked['versions']} versions, {checked['pages']} pages)")
+            return 1 if problems else 0
+    except (release.Refused, ConfigError) as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
+    if args.command == "manifest":
+        return _manifest(args)
     try:
         if args.command == "check":
             table = load(args.config, args.manifest)  # no event loop yet: a URL manifest is fetched here

@@ -36,10 +36,12 @@ from .urls import origin_allowed
 
 __all__ = [
     "CACHE_BYTES",
+    "DEFAULT_ANALYSIS",
     "DEFAULT_FORWARD_HEADERS",
     "MAX_FRAGMENT_BYTES",
     "SETTINGS",
     "TEMPLATE_METHODS",
+    "AnalysisPolicy",
     "Backend",
     "Config",
     "Redirect",
@@ -177,6 +179,41 @@ def _cache_max_bytes(reader: Reader, node: yaml.Node, what: str) -> int | _Skip:
 
 
 @dataclass(frozen=True, slots=True)
+class AnalysisPolicy:
+    """`settings.canary_analysis` (SPEC §8; composer.canary runs it)."""
+
+    window_s: int = 60  # the last window_s seconds are judged
+    min_requests: int = 50  # canary fetches in the window below which nothing is judged
+    enabled: bool = True
+
+
+DEFAULT_ANALYSIS = AnalysisPolicy()
+
+
+def _canary_analysis(reader: Reader, node: yaml.Node, what: str) -> AnalysisPolicy | _Skip:
+    """`canary_analysis: {window_s, min_requests, enabled}`: keys given override the defaults."""
+    keys = reader.mapping(node, what, ("window_s", "min_requests", "enabled"))
+    before = len(reader.problems)
+    values: dict[str, Any] = {}
+    if "window_s" in keys:
+        values["window_s"] = reader.integer(keys["window_s"], f"{what}.window_s", 1, 3600)
+    if "min_requests" in keys:
+        values["min_requests"] = reader.integer(keys["min_requests"], f"{what}.min_requests", 1, 1_000_000)
+    if "enabled" in keys:
+        values["enabled"] = reader.boolean(keys["enabled"], f"{what}.enabled")
+    if len(reader.problems) > before:
+        return _Skip.INVALID
+    return replace(DEFAULT_ANALYSIS, **values)
+
+
+def _state_dir(reader: Reader, node: yaml.Node, what: str) -> Path | None | _Skip:
+    """A folder (relative: to routes.yaml's folder, resolved by composer.canary); null: the default."""
+    if is_null(node):
+        return _Skip.DEFAULT
+    return _path(reader, node, what)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     """`settings:` of routes.yaml, and the table that reads it: one field per setting, with its
     type, default and check (`setting`). Adding a setting is adding a field here; the fields'
@@ -217,6 +254,10 @@ class Settings:
     client_signals: bool = setting(False, _boolean)
     client_signals_sample: float = setting(1.0, _fraction)  # share of pages whose browser reports
     client_signals_rate: int = setting(10, _integer(1, 10_000))  # beacons per second from one address
+    # SPEC §8: canaries compared with their active version, aborted when clearly worse
+    canary_analysis: AnalysisPolicy = setting(DEFAULT_ANALYSIS, _canary_analysis)  # noqa: RUF009
+    # where verdicts outlive the process (default: .composer-state beside the manifest file or routes.yaml)
+    state_dir: Path | None = setting(None, _state_dir)  # noqa: RUF009
 
 
 # The table, keyed by the name under `settings:`. Built at import, so a field declared without

@@ -32,7 +32,8 @@ from .urls import redact, url_problem
 __all__ = ["MAX_MANIFEST_BYTES", "Canary", "Entry", "Manifest", "ManifestBody", "fetch_manifest", "fetch_once",
            "is_url", "parse_manifest", "read_manifest"]
 
-_ENTRY_KEYS = ("owner", "timeout_ms", "fallback", "versions", "active", "canary", "enabled", "circuit_breaker")
+_ENTRY_KEYS = ("owner", "timeout_ms", "fallback", "versions", "active", "canary", "rollback", "enabled",
+               "circuit_breaker")
 _CANARY_KEYS = ("version", "percent")
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # SPEC §9: a URL manifest is read whole up to this, else refused
 
@@ -59,6 +60,8 @@ class Entry:
     fallback: str | None = None
     line: int = 0
     circuit_breaker: Mapping[str, int] | None = None  # overrides settings.circuit_breaker, key by key
+    rollback: str | None = None  # the version `composer manifest rollback` makes active (SPEC §8)
+    version_lines: Mapping[str, int] = field(default_factory=dict)  # each version's line in `versions`
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +134,7 @@ def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple
         return None
     owner = reader.string(keys["owner"], f"{what}: owner") if "owner" in keys else ""
     versions: dict[str, str] = {}
+    lines: dict[str, int] = {}
     if "versions" not in keys:
         reader.error(node, f"{what} needs `versions`, e.g. {{\"1.0.0\": http://svc/1.0.0/}}")
     elif not isinstance(keys["versions"], yaml.MappingNode) or not keys["versions"].value:
@@ -141,6 +145,7 @@ def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple
             if url is not None:
                 _check_url(reader, url_node, url, f"{what} version {v_node.value!r}", allowed)
                 versions[str(v_node.value)] = url
+                lines[str(v_node.value)] = v_node.start_mark.line + 1
     active = reader.string(keys["active"], f"{what}: active") if "active" in keys else None
     if "active" not in keys:
         reader.error(node, f"{what} needs `active`: the version pages use")
@@ -148,6 +153,7 @@ def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple
         reader.error(keys["active"], f"{what}: active version {active!r} is not in versions "
                                      f"({', '.join(versions)})")
     canary = _canary(reader, keys["canary"], what, versions) if "canary" in keys else None
+    rollback = _rollback(reader, keys["rollback"], what, versions) if "rollback" in keys else None
     enabled = reader.boolean(keys["enabled"], f"{what}: enabled") if "enabled" in keys else True
     timeout_ms = reader.integer(keys["timeout_ms"], f"{what}: timeout_ms", 1, MAX_TIMEOUT_MS) \
         if "timeout_ms" in keys else None
@@ -159,7 +165,17 @@ def _entry(reader: Reader, name: str, line: int, node: yaml.Node, allowed: tuple
     if len(reader.problems) > before or active is None or owner is None or enabled is None:
         return None
     return Entry(name=name, owner=owner, versions=versions, active=active, canary=canary, enabled=enabled,
-                 timeout_ms=timeout_ms, fallback=fallback, line=line, circuit_breaker=breaker)
+                 timeout_ms=timeout_ms, fallback=fallback, line=line, circuit_breaker=breaker, rollback=rollback,
+                 version_lines=lines)
+
+
+def _rollback(reader: Reader, node: yaml.Node, what: str, versions: dict[str, str]) -> str | None:
+    """`rollback: "2.3.0"`: the version to go back to; it must be one of `versions`."""
+    version = reader.string(node, f"{what}: rollback")
+    if version is not None and versions and version not in versions:
+        reader.error(node, f"{what}: rollback version {version!r} is not in versions ({', '.join(versions)})")
+        return None
+    return version
 
 
 def _canary(reader: Reader, node: yaml.Node, what: str, versions: dict[str, str]) -> Canary | None:

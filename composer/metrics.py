@@ -124,6 +124,10 @@ class Metrics:
             "composer_fragment_circuit_state",
             "Circuit breaker of each fragment: 0 closed, 1 half-open, 2 open (its worst origin).",
             ("fragment",), registry=r, multiprocess_mode="livemax")
+        self.canary_aborted = Gauge(
+            "composer_canary_aborted",
+            "1 when canary analysis aborted this canary version (every user gets the active), else 0.",
+            ("fragment", "version"), registry=r, multiprocess_mode="livemax")
         self.fragment_cache = Counter(
             "composer_fragment_cache_total",
             "Fragment lookups by cache result: hit, miss (fetched), stale (served while refreshing), "

@@ -34,6 +34,7 @@ from yarl import URL
 
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood, Result
+from .canary import Analysis
 from .client import Client
 from .config import CACHE_BYTES, Settings
 from .errors import Reason
@@ -71,6 +72,8 @@ class Outcome:
 
 
 _NONE = Outcome("none")
+# Cache results that are no fetch of this page's: canary analysis does not count them.
+_NOT_FETCHED = frozenset({"hit", "stale", "coalesced"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,10 +118,12 @@ class Pipeline:
     circuit breakers, the fragment cache and the last good copy of each fallback."""
 
     def __init__(self, session: Client, metrics: Metrics, *,
-                 cache_bytes: int = CACHE_BYTES, tracing: Tracing | None = None) -> None:
+                 cache_bytes: int = CACHE_BYTES, tracing: Tracing | None = None,
+                 canary: Analysis | None = None) -> None:
         self.session = session
         self.metrics = metrics
         self.tracing = tracing
+        self.canary = canary if canary is not None else Analysis()  # SPEC §8: counts and verdicts
         self.breakers = Breakers(self._circuit_changed)
         self.cache = FragmentCache(cache_bytes)
         self.last_good = LastGood()
@@ -161,12 +166,15 @@ class Pipeline:
         mark and span are recorded here, each once."""
         started = time.perf_counter()
         version, src = fragment.version, fragment.src
+        analysed: str | None = None  # a canaried fragment, its version chosen by bucket: counted (SPEC §8)
         if fragment.name is not None:
-            if fragment.canary is not None and page.bucket < fragment.canary_percent:
-                version = fragment.canary
+            if fragment.canary is not None:
+                analysed = fragment.name
+                if page.bucket < fragment.canary_percent and self.canary.aborted.get(fragment.name) != fragment.canary:
+                    version = fragment.canary
             forced = page.overrides.get(fragment.name) if page.overrides else None
             if forced is not None and forced in fragment.versions:  # listed versions only: QA, not an open door
-                version = forced
+                version, analysed = forced, None
             src = fragment.versions[version]
         headers = page.public_headers if fragment.public else page.headers
         span = None
@@ -185,6 +193,8 @@ class Pipeline:
                 answer, how, failure = await self._fetch(fragment, page, src, url, version, headers)
                 if how is not None:
                     self.metrics.child(self.metrics.fragment_cache, fragment.id, how).inc()
+                if analysed is not None:
+                    self.canary.count(analysed, version, how not in _NOT_FETCHED, failure is not None)
                 if failure is not None:
                     self.metrics.child(self.metrics.fragment_failures, fragment.id, page.route, version,
                                        failure.reason.value).inc()

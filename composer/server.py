@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 from prometheus_client import Gauge
 
 from .breaker import State
+from .canary import Analysis
 from .client import Client
 from .collector import SCRIPT_PREFIX, bundle
 from .compose import BARE_500, Composer, request_id_of
@@ -94,6 +95,8 @@ class ComposerServer:
         self.labels = Labels(table)  # what beacons may name (SPEC §7)
         self._beacons = Beacons(self.metrics, self.labels, table.settings.client_signals_rate)
         self._declare_fragments(table)
+        self.canary = Analysis(self.metrics)  # SPEC §8: verdicts shared through settings.state_dir
+        self.canary.apply(table)
 
     def _declare_fragments(self, table: RouteTable) -> None:
         """composer_fragment_info = 1 for every active and canary version, and every plain `src`;
@@ -137,6 +140,7 @@ class ComposerServer:
         old = self.table.settings
         self.table = table
         self._declare_fragments(table)
+        self.canary.apply(table)
         self._beacons.apply(self.labels, table.settings.client_signals_rate)
         if self._composer is not None:
             self._composer.pipeline.apply(table)
@@ -156,7 +160,8 @@ class ComposerServer:
         if self.tracing is None:  # here, not in __init__: its export thread must start after a fork
             self.tracing = from_env()
             self._own_tracing = self.tracing is not None
-        pipeline = Pipeline(fragments, self.metrics, cache_bytes=settings.cache_max_bytes, tracing=self.tracing)
+        pipeline = Pipeline(fragments, self.metrics, cache_bytes=settings.cache_max_bytes, tracing=self.tracing,
+                            canary=self.canary)
         pipeline.apply(self.table)
         self._composer = Composer(pipeline, tracing=self.tracing)
         self._proxy = Proxy(backends, self.tracing, max_ws_message_bytes=settings.max_ws_message_bytes)
@@ -184,6 +189,7 @@ class ComposerServer:
         self._tasks.append(asyncio.create_task(self.reloader.run()))
         self._tasks.append(asyncio.create_task(self.status.run()))
         self._tasks.append(asyncio.create_task(self.reloader.poll_manifest()))
+        self._tasks.append(asyncio.create_task(self.canary.run()))
         self.ready = True
 
     @property
@@ -301,8 +307,9 @@ class ComposerServer:
             fragments[entry.name] = {
                 "owner": entry.owner,
                 "active": entry.active,
-                "canary": {"version": entry.canary.version, "percent": entry.canary.percent}
-                if entry.canary else None,
+                "canary": {"version": entry.canary.version, "percent": entry.canary.percent,
+                           **self.canary.view(entry.name, entry.canary.version)} if entry.canary else None,
+                "rollback": entry.rollback,
                 "enabled": entry.enabled,
                 "versions": list(entry.versions),
                 "recent": {"minutes": recent.minutes, "failures": failures, "fallbacks": fallbacks},

@@ -246,3 +246,16 @@ def test_config_map_routes_pass_composer_check(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert ": ok (" in result.stdout
+
+
+def test_the_canary_state_folder_is_a_writable_empty_dir():
+    """Canary verdicts (SPEC §8) must outlive a container restart, and the ConfigMap folders
+    beside the manifest are read-only: COMPOSER_STATE_DIR names an emptyDir mount."""
+    from composer.canary import STATE_DIR_ENV
+
+    env = {e["name"]: e.get("value") for e in container().get("env", ())}
+    path = env.get(STATE_DIR_ENV)
+    assert path, f"{STATE_DIR_ENV} is not set"
+    volumes = {v["name"]: v for v in only("Deployment")["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in container()["volumeMounts"] if m["mountPath"] == path]
+    assert "emptyDir" in volumes[mount["name"]] and not mount.get("readOnly", False)

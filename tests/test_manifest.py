@@ -1012,13 +1012,13 @@ async def test_manifest_endpoint_shows_each_fragment_and_recent_failures(fragmen
     minutes = view["fragments"]["footer"]["recent"]["minutes"]
     assert isinstance(minutes, int) and minutes > 0
     assert view["fragments"] == {
-        "footer": {"owner": "team-x", "active": "1.0.0", "canary": {"version": "2.0.0", "percent": 10},
-                   "enabled": True, "versions": list(VERSIONS),
+        "footer": {"owner": "team-x", "active": "1.0.0", "canary": {"version": "2.0.0", "percent": 10, "state": "running"},
+                   "rollback": None, "enabled": True, "versions": list(VERSIONS),
                    "recent": {"minutes": minutes, "failures": 3, "fallbacks": 3}, "circuit": "closed"},
-        "banner": {"owner": "team-y", "active": "3.0.0", "canary": None, "enabled": False,
+        "banner": {"owner": "team-y", "active": "3.0.0", "canary": None, "rollback": None, "enabled": False,
                    "versions": ["3.0.0"], "recent": {"minutes": minutes, "failures": 0, "fallbacks": 0},
                    "circuit": "closed"},
-        "promo": {"owner": "team-z", "active": "1.0.0", "canary": None, "enabled": True,
+        "promo": {"owner": "team-z", "active": "1.0.0", "canary": None, "rollback": None, "enabled": True,
                   "versions": ["1.0.0", "2.0.0"], "recent": {"minutes": minutes, "failures": 3, "fallbacks": 0},
                   "circuit": "closed"},
     }
