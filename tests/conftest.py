@@ -316,15 +316,27 @@ def write_config(tmp_path: Path, templates: dict[str, str], routes: str | None =
 
 @pytest.fixture
 async def start_composer(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
-    """Factory: `await start_composer({"page.html": "..."}, routes=..., settings=...)`."""
+    """Factory: `await start_composer({"page.html": "..."}, routes=..., settings=...)`, loaded as
+    the reloader loads (`aload`: files read in a thread, a URL manifest fetched in this loop).
+
+    `folder`: a subfolder of tmp_path of its own (default: tmp_path itself); `files`: more
+    files written beside routes.yaml first; `manifest`: as `--manifest`; `cookies=False`: the
+    test client keeps no cookies (each request says its own `composer_bucket`).
+    """
     started: list[Composer] = []
 
     async def start(templates: dict[str, str], routes: str | None = None, settings: str = "",
-                    grace: float = 10.0) -> Composer:
-        table = await aload(write_config(tmp_path, templates, routes, settings))
+                    grace: float = 10.0, *, folder: str | None = None, files: dict[str, str] | None = None,
+                    manifest: str | None = None, cookies: bool = True) -> Composer:
+        where = tmp_path / folder if folder else tmp_path
+        where.mkdir(exist_ok=True)
+        for name, text in (files or {}).items():
+            (where / name).write_text(text, encoding="utf-8")
+        table = await aload(write_config(where, templates, routes, settings), manifest)
         server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0, grace=grace)
         await server.start()
-        composer = Composer(server=server, session=aiohttp.ClientSession())
+        jar = None if cookies else aiohttp.DummyCookieJar()
+        composer = Composer(server=server, session=aiohttp.ClientSession(cookie_jar=jar))
         started.append(composer)
         return composer
 

@@ -20,7 +20,7 @@ import struct
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,15 +54,22 @@ NAV_TIMEOUT_MS = 15_000  # a broken composer fails a test, never hangs it
 
 # ---------------------------------------------------------------- browser
 
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """Debian's chromium; never a downloaded browser (the other browser test modules use it too)."""
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    """Debian's chromium, once for the module; never a downloaded browser."""
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    """One browser for the module."""
+    async with chromium() as launched:
+        yield launched
 
 
 @dataclass

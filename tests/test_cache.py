@@ -18,20 +18,17 @@ import os
 import re
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Composer, FragmentServer, captured, eventually, write_config
+from conftest import Composer, FragmentServer, captured, eventually
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.cache import FragmentCache, Freshness, freshness
-from composer.reload import aload
-from composer.server import ComposerServer
 
 # Circuit breakers off: a test that makes a service fail wants to see each failure, not an
 # open circuit (that is test_faults' subject).
@@ -534,22 +531,14 @@ fragments:
 
 
 @pytest.fixture
-async def start_loaded(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
-    """A composer loaded as `composer serve` loads it (`composer.reload.aload`, as in the reloader)."""
-    started: list[Composer] = []
+def start_loaded(start_composer: Callable[..., Awaitable[Composer]]) -> Callable[..., Awaitable[Composer]]:
+    """A composer of FOOTER_PAGE with these routes (conftest's `start_composer`: loaded as
+    `composer serve` and the reloader load it)."""
 
     async def start_(routes: str) -> Composer:
-        path = write_config(tmp_path, {"page.html": FOOTER_PAGE}, routes)
-        server = ComposerServer(await aload(path), host="127.0.0.1", port=0, admin_port=0)
-        composer = Composer(server=server, session=aiohttp.ClientSession())
-        started.append(composer)
-        await server.start()
-        return composer
+        return await start_composer({"page.html": FOOTER_PAGE}, routes)
 
-    yield start_
-    for composer in started:
-        await composer.session.close()
-        await composer.server.stop()
+    return start_
 
 
 def rewrite(path: Path, text: str) -> None:

@@ -15,11 +15,10 @@ import base64
 import json
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Self
 
-import aiohttp
 import pytest
 from aiohttp import web
 from conftest import (
@@ -37,7 +36,6 @@ from composer import load
 from composer.errors import ConfigError
 from composer.manifest import fetch_once
 from composer.reload import aload
-from composer.server import ComposerServer
 from composer.urls import redact
 
 MB = 1024 * 1024
@@ -94,25 +92,16 @@ async def serve_manifest(aiohttp_server: Any, handler: Callable[[web.Request], A
 
 
 @pytest.fixture
-async def start_loaded(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
-    """Factory: a composer loaded the way the reloader loads (`composer.reload.aload`)."""
-    started: list[Composer] = []
+def start_loaded(start_composer: Callable[..., Awaitable[Composer]]) -> Callable[..., Awaitable[Composer]]:
+    """Factory: conftest's `start_composer`, each call in its own folder."""
+    count = 0
 
     async def start(templates: dict[str, str], *, routes: str = PAGE_ROUTE, settings: str = "") -> Composer:
-        folder = tmp_path / f"composer-{len(started)}"
-        folder.mkdir()
-        path = write_config(folder, templates, routes, settings)
-        table = await aload(path)  # a URL manifest is fetched in this loop, the files read in a thread
-        server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0)
-        composer = Composer(server=server, session=aiohttp.ClientSession())
-        started.append(composer)
-        await server.start()
-        return composer
+        nonlocal count
+        count += 1
+        return await start_composer(templates, routes, settings, folder=f"composer-{count}")
 
-    yield start
-    for composer in started:
-        await composer.session.close()
-        await composer.server.stop()
+    return start
 
 
 async def run_cli(*args: str, cwd: Path) -> tuple[int, str, str]:

@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from composer import load
 from composer.errors import ConfigError
-from composer.reload import aload
 from composer.routing import ManifestNeeded
-from composer.server import ComposerServer
 
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
 PAGE = '<html><body><h1>page</h1>\n<fragment name="footer"></fragment>\n</body></html>\n'
@@ -178,31 +176,19 @@ async def visit(composer: Composer, path: str = "/page", *, bucket: int | str | 
 
 
 @pytest.fixture
-async def start_with_manifest(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Composer]]]:
-    """Factory: like conftest's `start_composer`, but loaded the way `composer serve` loads
-    (`composer.reload.aload`: settings.manifest, inline `fragments:`, `--manifest`). Each call
-    gets its own folder; `files` are extra files written next to routes.yaml first."""
-    started: list[Composer] = []
+def start_with_manifest(start_composer: Callable[..., Awaitable[Composer]]) -> Callable[..., Awaitable[Composer]]:
+    """Factory: conftest's `start_composer`, each call in its own folder and with a cookie-less
+    client; `files` are extra files written next to routes.yaml first."""
+    count = 0
 
     async def start(templates: dict[str, str], *, routes: str = PAGE_ROUTE, settings: str = "",
                     files: dict[str, str] | None = None, manifest: str | None = None) -> Composer:
-        folder = tmp_path / f"composer-{len(started)}"
-        folder.mkdir()
-        for name, text in (files or {}).items():
-            (folder / name).write_text(text, encoding="utf-8")
-        path = write_config(folder, templates, routes, settings)
-        # as the reloader does: files read in a thread, a URL manifest fetched in this loop
-        table = await aload(path, manifest)
-        server = ComposerServer(table, host="127.0.0.1", port=0, admin_port=0)
-        composer = Composer(server=server, session=aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))
-        started.append(composer)
-        await server.start()
-        return composer
+        nonlocal count
+        count += 1
+        return await start_composer(templates, routes, settings, folder=f"composer-{count}", files=files,
+                                    manifest=manifest, cookies=False)
 
-    yield start
-    for composer in started:
-        await composer.session.close()
-        await composer.server.stop()
+    return start
 
 
 # --------------------------------------------------------------------------- URL manifest server

@@ -22,9 +22,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from conftest import captured, write_config
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 from prometheus_client.parser import text_string_to_metric_families
-from test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, World, open_tab, start_composer
+from test_browser import Tab, chromium, World, open_tab, start_composer
 
 from composer import load
 from composer.server import ComposerServer
@@ -39,13 +39,9 @@ Labels = frozenset[tuple[str, str]]
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser() -> AsyncIterator[Browser]:
-    """Debian's chromium, once for the module (as test_browser launches it)."""
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    """One browser for the module."""
+    async with chromium() as launched:
+        yield launched
 
 
 @pytest_asyncio.fixture(loop_scope="module")

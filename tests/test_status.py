@@ -10,20 +10,16 @@ from pathlib import Path
 import aiohttp
 import pytest_asyncio
 from conftest import html
-from playwright.async_api import Browser, async_playwright
-from test_browser import CHROMIUM, CHROMIUM_ARGS
+from playwright.async_api import Browser
+from test_browser import chromium
 
 SCREENSHOT = os.environ.get("COMPOSER_STATUS_SCREENSHOT")  # set to refresh docs/status.png
 
 
 @pytest_asyncio.fixture
 async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with chromium() as launched:
+        yield launched
 
 
 ROUTES = """\
