@@ -22,7 +22,7 @@ from . import __version__
 from .errors import ConfigError
 from .listener import raise_open_files
 from .logs import setup_logging
-from .routing import load
+from .routing import RouteTable, load
 from .server import ComposerServer, stop_event
 
 __all__ = ["main"]
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(warning, file=sys.stderr)
             fragments = sum(len(r.template.fragments) for r in table.routes if r.template)
             print(f"{table.label}: ok ({len(table.routes)} routes, {fragments} fragments)")
+            for line in _layout_lines(table):
+                print(line)
             return 0
         if args.command == "demo":
             from .demo import run_demo
@@ -167,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     server = ComposerServer(table, host=args.host, port=args.port, admin_host=args.admin_host,
                             admin_port=args.admin_port)
     return _run(_serve(server))
+
+
+def _layout_lines(table: RouteTable) -> list[str]:
+    """`layout base.html: home, product`, one line per layout: which pages a layout edit changes."""
+    users: dict[str, list[str]] = {}
+    for route in table.routes:
+        if route.layout is not None:
+            users.setdefault(route.layout, []).append(route.name)
+    return [f"layout {layout}: {', '.join(names)}" for layout, names in users.items()]
 
 
 async def _serve(server: ComposerServer) -> int:

@@ -78,7 +78,8 @@ class Composer:
                 "http.request.method": request.method, "http.route": route.name, "url.path": request.path,
                 "composer.template": route.template.name if route.template else ""})
         rid = request.get(REQUEST_ID) or request_id_of(request)
-        return Page.of(request, route.name, params, settings, request_id=rid, bucket=bucket, started=started, span=span)
+        return Page.of(request, route.name, params, settings, request_id=rid, bucket=bucket, started=started, span=span,
+                       fragments=len(route.template.fragments) if route.template else 0)
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
                       settings: Settings) -> web.StreamResponse:
@@ -174,8 +175,11 @@ class Composer:
             for task in sorted(done, key=lambda t: pending[t].index):
                 fragment = pending.pop(task)
                 outcome = task.result()
+                if fragment.pipe is not None:  # settings.compat: tailor: its `end` call moves it into place
+                    _render(outcome, seen, out, fragment, signals)
+                    continue
                 if outcome.source != "none":
-                    _styles(outcome.assets, seen, out)
+                    _styles(outcome.all_assets, seen, out)
                     out.append(b'<div hidden id="composer-async-%d-content">' % fragment.index)
                     _render(outcome, seen, out, fragment, signals)
                     out.append(b"</div>")
@@ -263,7 +267,13 @@ def _render(outcome: Outcome, seen: set[str], out: list[bytes], fragment: Fragme
     if signals is not None:
         out.append(signals.open(fragment.index, fragment.id, outcome.version, assets))
     _styles(assets, seen, out)
-    out.append(outcome.body)
+    if not outcome.parts:
+        out.append(outcome.body)
+    for part in outcome.parts:  # a nested fragment (SPEC §6); its own fragments carry no signal markers
+        if isinstance(part, bytes):
+            out.append(part)
+        else:
+            _render(part[1], seen, out, part[0], None)
     for asset in assets:
         if asset.kind == "script" and asset.url not in seen:
             seen.add(asset.url)
@@ -278,8 +288,7 @@ def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
     own = f"composer;dur={(elapsed - waited) * 1000:.1f}"
     if primary is None:
         return own
-    ident = primary.id
-    desc = ident.replace("\\", "\\\\").replace('"', '\\"') if ident.isascii() and ident.isprintable() else ""
+    desc = pid.replace("\\", "\\\\").replace('"', '\\"') if (pid := primary.id).isascii() and pid.isprintable() else ""
     return f'primary;dur={waited * 1000:.1f};desc="{desc}", {own}'
 
 

@@ -32,6 +32,7 @@ from .headers import HOP_BY_HOP
 from .manifest import Manifest, parse_fragments
 from .nodes import MAX_TIMEOUT_MS, Reader, file_stamp, is_null, parse_yaml
 from .predicates import Condition, PathPredicate, PathPrefixPredicate, parse_match
+from .tailor import DEFAULT_TAILOR, TailorSettings, read_tailor
 from .urls import origin_allowed
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "AnalysisPolicy",
     "Backend",
     "Config",
+    "LayoutRef",
     "Redirect",
     "RouteSpec",
     "Settings",
@@ -179,6 +181,23 @@ def _cache_max_bytes(reader: Reader, node: yaml.Node, what: str) -> int | _Skip:
 
 
 @dataclass(frozen=True, slots=True)
+class LayoutRef:
+    """A layout as routes.yaml names it (SPEC §6): a file in the templates folder, and the line
+    naming it, where a missing file is reported."""
+
+    name: str
+    line: int
+
+
+def _layout(reader: Reader, node: yaml.Node, what: str) -> LayoutRef | None | _Skip:
+    """`settings.layout`: the layout of every template route that names none; null: none."""
+    if is_null(node):
+        return _Skip.DEFAULT
+    name = reader.string(node, what)
+    return _Skip.INVALID if name is None else LayoutRef(name, node.start_mark.line + 1)
+
+
+@dataclass(frozen=True, slots=True)
 class AnalysisPolicy:
     """`settings.canary_analysis` (SPEC §8; composer.canary runs it)."""
 
@@ -206,6 +225,23 @@ def _canary_analysis(reader: Reader, node: yaml.Node, what: str) -> AnalysisPoli
     return replace(DEFAULT_ANALYSIS, **values)
 
 
+def _compat(reader: Reader, node: yaml.Node, what: str) -> str | None | _Skip:
+    """null, or `tailor`: Tailor's templates and fragment services work unchanged (composer.tailor)."""
+    if is_null(node):
+        return _Skip.DEFAULT
+    value = reader.string(node, what)
+    if value is not None and value != "tailor":
+        reader.error(node, f"{what} must be null or tailor, not {value!r}")
+        return _Skip.INVALID
+    return _Skip.INVALID if value is None else value
+
+
+def _tailor(reader: Reader, node: yaml.Node, what: str) -> TailorSettings | _Skip:
+    """`tailor: {amd_loader_url, max_asset_links, pipe_instance_name, pipe_attributes}`."""
+    value = read_tailor(reader, node, what)
+    return _Skip.INVALID if value is None else value
+
+
 def _state_dir(reader: Reader, node: yaml.Node, what: str) -> Path | None | _Skip:
     """A folder (relative: to routes.yaml's folder, resolved by composer.canary); null: the default."""
     if is_null(node):
@@ -225,6 +261,7 @@ class Settings:
 
     # (RUF009 cannot see that `setting` is `field`, nor that Path and BreakerPolicy are immutable.)
     templates: Path = setting(Path("templates"), _path)  # noqa: RUF009  # folder of the page templates
+    layout: LayoutRef | None = setting(None, _layout)  # noqa: RUF009  # SPEC §6: a route's `layout:` wins
     fragment_timeout_ms: int = setting(3000, _integer(1, MAX_TIMEOUT_MS))
     forward_headers: tuple[str, ...] = setting(DEFAULT_FORWARD_HEADERS, _forward_headers)
     allowed_origins: tuple[str, ...] = setting((), _origins)  # empty: any
@@ -237,6 +274,10 @@ class Settings:
     cache_max_bytes: int = setting(CACHE_BYTES, _cache_max_bytes, key="cache")  # 0 turns caching off
     page_timeout_ms: int = setting(10_000, _integer(1, MAX_TIMEOUT_MS))  # then pending fragments fall back
     max_fragments_per_template: int = setting(100, _integer(1, 10_000))
+    # SPEC §6: nested fragments. Depth 1 is the page's template (ESI's default bound is 5);
+    # the page's budget counts its template's fragments and every nested one.
+    max_nesting_depth: int = setting(5, _integer(1, 64))
+    max_fragments_per_page: int = setting(100, _integer(1, 100_000))
     max_connections_per_origin: int = setting(256, _integer(1, 100_000))  # read when the process starts
     server_timing: bool = setting(True, _boolean)  # Server-Timing: the primary's wait, composer's own time
     # One inline script at </body> with a `performance.measure` per fragment: off by default,
@@ -258,6 +299,9 @@ class Settings:
     canary_analysis: AnalysisPolicy = setting(DEFAULT_ANALYSIS, _canary_analysis)  # noqa: RUF009
     # where verdicts outlive the process (default: .composer-state beside the manifest file or routes.yaml)
     state_dir: Path | None = setting(None, _state_dir)  # noqa: RUF009
+    # README "Tailor compatibility": Tailor's client protocol, attribute and asset rules
+    compat: str | None = setting(None, _compat)
+    tailor: TailorSettings = setting(DEFAULT_TAILOR, _tailor)  # noqa: RUF009  # read with compat: tailor
 
 
 # The table, keyed by the name under `settings:`. Built at import, so a field declared without
@@ -282,6 +326,8 @@ def _settings(reader: Reader, node: yaml.Node | None, base: Path) -> Settings | 
             values[row.name] = value
     if not usable:
         return None
+    if "tailor" in keys and values.get("compat") is None:
+        reader.warn(keys["tailor"], "settings.tailor changes nothing without settings.compat: tailor")
     settings = Settings(**values)
     return replace(settings, templates=base / settings.templates)
 
@@ -336,6 +382,8 @@ class RouteSpec:
     request_filters: tuple[RequestFilter, ...] = ()
     filters: tuple[ResponseFilter, ...] = ()  # on the response
     client_signals: bool = True  # False: this route opts out of settings.client_signals
+    layout: LayoutRef | None = None  # the template goes into this layout's slots (SPEC §6)
+    template_lookup: bool = False  # Tailor's lookup: /x → x.html of the templates folder (composer.routing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,9 +406,9 @@ class Config:
 
 
 _TOP_KEYS = ("settings", "fragments", "routes")
-_TARGETS = ("template", "backend", "redirect")
+_TARGETS = ("template", "template_lookup", "backend", "redirect")
 _BACKEND_OPTIONS = ("preserve_host", "timeout_ms", "connect_timeout_ms")
-_ROUTE_KEYS = ("name", "match", *_TARGETS, *_BACKEND_OPTIONS, "client_signals", "filters")
+_ROUTE_KEYS = ("name", "match", *_TARGETS, *_BACKEND_OPTIONS, "client_signals", "layout", "filters")
 _REDIRECT_KEYS = ("to", "status")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 TEMPLATE_METHODS = frozenset({"GET", "HEAD"})
@@ -456,7 +504,7 @@ def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteS
             reader.error(node, f"route is missing {required!r}")
     targets = [k for k in _TARGETS if k in keys]
     if len(targets) != 1:
-        reader.error(node, "a route needs exactly one of `template`, `backend`, `redirect`"
+        reader.error(node, "a route needs exactly one of `template`, `template_lookup`, `backend`, `redirect`"
                            + (f" (it has {', '.join(targets)})" if targets else ""))
     if "backend" not in keys:
         for option in _BACKEND_OPTIONS:
@@ -469,8 +517,9 @@ def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteS
     request_filters, filters = parse_filters(reader, keys["filters"], params, target) if "filters" in keys \
         else ((), ())
     template = backend = redirect = None
-    if "template" in keys:
-        template = reader.string(keys["template"], "template")
+    lookup = "template_lookup" in keys and _template_lookup(reader, keys["template_lookup"], path)
+    if "template" in keys or lookup:
+        template = reader.string(keys["template"], "template") if "template" in keys else None
         if methods is None:
             methods = TEMPLATE_METHODS
         elif not methods <= TEMPLATE_METHODS:
@@ -495,7 +544,34 @@ def _route(reader: Reader, node: yaml.Node, settings: Settings | None) -> RouteS
         request_filters=request_filters,
         filters=filters,
         client_signals=_client_signals(reader, keys),
+        layout=_route_layout(reader, keys, settings),
+        template_lookup=lookup,
     )
+
+
+def _template_lookup(reader: Reader, node: yaml.Node, path: PathPredicate | PathPrefixPredicate | None) -> bool:
+    """`template_lookup: true` (Tailor's template loader): a path under the route's
+    `path_prefix` names a template, `/x` → `x.html`, `/` → `index.html`."""
+    value = reader.boolean(node, "template_lookup")
+    if value is False:
+        reader.error(node, "template_lookup: false is no route; leave the key out")
+    if value and path is not None and not isinstance(path, PathPrefixPredicate):
+        reader.error(node, "template_lookup needs match.path_prefix (the templates' names follow it)")
+    return bool(value)
+
+
+def _route_layout(reader: Reader, keys: dict[str, yaml.Node], settings: Settings | None) -> LayoutRef | None:
+    """A template route's `layout:` (null: none), else settings.layout."""
+    node = keys.get("layout")
+    if node is None:
+        return settings.layout if settings is not None and "template" in keys else None
+    if "template" not in keys:
+        reader.error(node, "layout applies to template routes only")
+        return None
+    if is_null(node):
+        return None
+    layout = _layout(reader, node, "layout")
+    return layout if isinstance(layout, LayoutRef) else None
 
 
 def _client_signals(reader: Reader, keys: dict[str, yaml.Node]) -> bool:

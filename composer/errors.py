@@ -39,6 +39,11 @@ class Reason(enum.StrEnum):
     TOO_LARGE = "too_large"
     CIRCUIT_OPEN = "circuit_open"
     INVALID = "invalid"
+    # Nested fragments (SPEC §6), refused before any fetch: a nested URL outside
+    # settings.allowed_origins; too deep or a cycle; over settings.max_fragments_per_page.
+    ORIGIN = "origin"
+    NESTING = "nesting"
+    LIMIT = "limit"
 
 
 def error_page(status: int, detail: str = "") -> bytes:

@@ -85,14 +85,17 @@ def _not_content_but_redirects(status: int) -> bool:
     return status >= 500
 
 
-async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *,
-                timeout: float, max_bytes: int, allow_redirect: bool, share: str | None = None) -> Fetched | Failed:
+async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *, timeout: float, max_bytes: int,
+                allow_redirect: bool, share: str | None = None, redirect_body: bool = False) -> Fetched | Failed:
     """One GET with a deadline over connect, headers and body; never raises for I/O trouble.
-    `share`: the fragment, whose fair share of its origin's connections this fetch uses."""
+    `share`: the fragment, whose fair share of its origin's connections this fetch uses.
+    `redirect_body`: a 3xx is content, its body read and checked as any other (Tailor's rule,
+    under settings.compat: tailor)."""
     try:
         async with asyncio.timeout(timeout):
             resp = await session.get(url, headers, max_bytes=max_bytes, share=share,
-                                     skip_body=_not_content_but_redirects if allow_redirect else _not_content)
+                                     skip_body=_not_content_but_redirects if allow_redirect or redirect_body
+                                     else _not_content)
     except TimeoutError:
         return Failed(Reason.TIMEOUT, f"no complete response within {timeout * 1000:.0f} ms")
     except TooLarge as exc:
@@ -112,7 +115,7 @@ async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *,
     if body is None:  # 5xx, or an unasked-for 3xx: the body was not read
         return Failed(Reason.STATUS, f"status {status}", status)
     headers_ = resp.headers
-    if not 300 <= status < 400:  # a redirect's body is never shown
+    if redirect_body or not 300 <= status < 400:  # a redirect's body is never shown (but as content)
         charset = charset_of(headers_.get("content-type"))
         text = utf8(body, charset)
         if text is None:

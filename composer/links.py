@@ -61,12 +61,13 @@ class Asset:
         object.__setattr__(self, "cors_tag", (_CORS_SCRIPT if script else _STYLESHEET) % escaped)
 
 
-def parse_assets(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> tuple[Asset, ...]:
-    """Stylesheets and scripts from `Link` headers, in order; malformed entries are skipped.
+def parse_assets(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str = "link") -> tuple[Asset, ...]:
+    """Stylesheets and scripts from `Link` headers (or `name`, with Link's syntax), in order;
+    malformed entries are skipped.
 
     Each header line is parsed on its own, so one bad line loses only itself.
     """
-    lines = headers.getall("link", ())
+    lines = headers.getall(name, ())
     if not lines:
         return ()
     if len(lines) == 1:

@@ -10,6 +10,9 @@ Like httpx's send chain, each layer adds one concern and calls the next:
                timed by the duration histogram: the only layer that talks to a service
     _fallback  when no content came: `fallback-src` (or its last good copy), the inline
                markup (never for a primary), or nothing
+    nesting    a body (of `src` or `fallback-src`) saying `x-composer-nested: 1` is compiled
+               and its fragments resolved through `resolve` again, one level deeper
+               (composer.nesting); `_fetch` asks it first whether a nested URL may be fetched
 
 The answer is an `Outcome`, a value; nothing a service does raises. A `Pipeline` belongs to
 one server and holds what outlives a page: circuit breakers, the cache, and the last good
@@ -41,8 +44,12 @@ from .errors import Reason
 from .fragments import Failed, Fetched, fetch
 from .links import Asset
 from .metrics import Metrics
+from .nesting import NESTED_HEADER, Nesting, Room
 from .routing import RouteTable
-from .template import Fragment, UrlTemplate
+from .tailor import Slot
+from .tailor import assets as tailor_assets
+from .template import Fragment, Template, UrlTemplate
+from .urls import origin_allowed
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -69,6 +76,16 @@ class Outcome:
     status: int = 0
     headers: CIMultiDictProxy[str] | None = None
     version: str = ""  # the version chosen for the page (its fallback shows for it)
+    # A nested fragment (SPEC §6): its body's bytes and its fragments' outcomes, in order;
+    # empty for any other, whose `body` is shown.
+    parts: tuple[bytes | tuple[Fragment, Outcome], ...] = ()
+
+    @property
+    def all_assets(self) -> tuple[Asset, ...]:
+        """Its assets, then its nested fragments' (in document order, at every depth)."""
+        if not self.parts:
+            return self.assets
+        return self.assets + tuple(a for part in self.parts if isinstance(part, tuple) for a in part[1].all_assets)
 
 
 _NONE = Outcome("none")
@@ -91,13 +108,18 @@ class Page:
     overrides: Mapping[str, str]  # QA: fragment name → version
     started: float  # time.perf_counter() when composing began
     marks: list[Mark] | None  # settings.timing_marks
-    span: Span | None  # compose_page, when tracing is on
+    span: Span | None  # compose_page, when tracing is on (for a nested fragment: its parent's span)
+    settings: Settings
+    room: Room | None = None  # how many more nested fragments the page may fetch
+    depth: int = 1  # SPEC §6: 1 in the page's template, 2 in a fragment of it, …
+    ancestors: tuple[str, ...] = ()  # the URLs a nested fragment is inside of
 
     @classmethod
     def of(cls, request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings, *,
-           request_id: str, bucket: int, started: float, span: Span | None) -> Page:
+           request_id: str, bucket: int, started: float, span: Span | None, fragments: int = 0) -> Page:
         """The page's fragment requests: what they carry of `request` (SPEC §3), and when
-        they must be done. `params` are the route's raw path captures."""
+        they must be done. `params` are the route's raw path captures; `fragments` is how
+        many its template has (the rest of settings.max_fragments_per_page is for nested ones)."""
         public = CIMultiDict({"x-request-id": request_id, "accept-encoding": _ACCEPT_ENCODING})
         headers = CIMultiDict(public)
         incoming = request.headers
@@ -110,7 +132,8 @@ class Page:
                    headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes,
                    deadline=time.monotonic() + settings.page_timeout_ms / 1000, bucket=bucket,
                    overrides=_overrides(incoming.get(settings.version_override_header or "", "")),
-                   started=started, marks=[] if settings.timing_marks else None, span=span)
+                   started=started, marks=[] if settings.timing_marks else None, span=span,
+                   settings=settings, room=Room(settings.max_fragments_per_page - fragments))
 
 
 class Pipeline:
@@ -127,6 +150,7 @@ class Pipeline:
         self.breakers = Breakers(self._circuit_changed)
         self.cache = FragmentCache(cache_bytes)
         self.last_good = LastGood()
+        self.nesting = Nesting(self.resolve)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def apply(self, table: RouteTable) -> None:
@@ -165,17 +189,8 @@ class Pipeline:
         """What `fragment` shows on `page` (SPEC §3). Its metrics, failure log line, timing
         mark and span are recorded here, each once."""
         started = time.perf_counter()
-        version, src = fragment.version, fragment.src
-        analysed: str | None = None  # a canaried fragment, its version chosen by bucket: counted (SPEC §8)
-        if fragment.name is not None:
-            if fragment.canary is not None:
-                analysed = fragment.name
-                if page.bucket < fragment.canary_percent and self.canary.aborted.get(fragment.name) != fragment.canary:
-                    version = fragment.canary
-            forced = page.overrides.get(fragment.name) if page.overrides else None
-            if forced is not None and forced in fragment.versions:  # listed versions only: QA, not an open door
-                version, analysed = forced, None
-            src = fragment.versions[version]
+        version, src, analysed = self._version(fragment, page) if fragment.name is not None \
+            else (fragment.version, fragment.src, None)
         headers = page.public_headers if fragment.public else page.headers
         span = None
         if page.span is not None and self.tracing is not None:
@@ -187,10 +202,14 @@ class Pipeline:
         how: Result | None = None
         failure: Failed | None = None
         url: URL | None = None
+        nested: Template | Failed | None = None
         try:
             if fragment.enabled:
                 url = src.render(page.params)
                 answer, how, failure = await self._fetch(fragment, page, src, url, version, headers)
+                if isinstance(answer, Fetched) and answer.headers.get(NESTED_HEADER) == "1" \
+                        and isinstance(nested := self.nesting.compiled(fragment, page, answer.body), Failed):
+                    answer = failure = nested  # SPEC §6: a nested body that does not compile failed
                 if how is not None:
                     self.metrics.child(self.metrics.fragment_cache, fragment.id, how).inc()
                 if analysed is not None:
@@ -200,6 +219,9 @@ class Pipeline:
                                        failure.reason.value).inc()
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
                 outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers, version)
+                if isinstance(nested, Template):
+                    assert url is not None
+                    outcome = await self.nesting.compose(nested, fragment, page, outcome, url, started, span)
             else:
                 outcome = await self._fallback(fragment, page, headers)
                 if version and outcome.source != "none":
@@ -217,7 +239,23 @@ class Pipeline:
                                version, outcome.source, failure.reason.value if failure is not None else ""))
         if span is not None:
             self._end_span(span, outcome, failure)
+        if fragment.pipe is not None:  # settings.compat: tailor
+            outcome = _tailor(outcome, fragment.pipe)
         return outcome
+
+    def _version(self, fragment: Fragment, page: Page) -> tuple[str, UrlTemplate, str | None]:
+        """A manifest fragment's version for this page, its URL, and its name when its fetch
+        counts for canary analysis (a canaried fragment, its version chosen by bucket: SPEC §8)."""
+        assert fragment.name is not None
+        version, analysed = fragment.version, None
+        if fragment.canary is not None:
+            analysed = fragment.name
+            if page.bucket < fragment.canary_percent and self.canary.aborted.get(fragment.name) != fragment.canary:
+                version = fragment.canary
+        forced = page.overrides.get(fragment.name) if page.overrides else None
+        if forced is not None and forced in fragment.versions:  # listed versions only: QA, not an open door
+            version, analysed = forced, None
+        return version, fragment.versions[version], analysed
 
     async def _fetch(self, fragment: Fragment, page: Page, src: UrlTemplate, url: URL, version: str,
                      headers: CIMultiDict[str]) -> tuple[Fetched | Failed, Result | None, Failed | None]:
@@ -226,6 +264,8 @@ class Pipeline:
         if not src.keeps_origin(url):
             failed = Failed(Reason.INVALID, "the URL left its origin after {param} interpolation")
             return failed, None, failed
+        if page.depth > 1 and (refused := self.nesting.refusal(page, url)) is not None:
+            return refused, None, refused
         breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
             if fragment.breaker.enabled else None
         load = partial(self._attempt, fragment, page, version, url, headers, breaker)
@@ -242,8 +282,10 @@ class Pipeline:
             return Failed(Reason.CIRCUIT_OPEN, f"circuit open for {breaker.origin}")
         started = time.perf_counter()
         try:
+            # Under compat: tailor a non-primary 3xx is content, as any status below 500 is to Tailor.
             result = await fetch(self.session, url, headers, timeout=timeout, max_bytes=page.max_bytes,
-                                 allow_redirect=fragment.primary, share=fragment.id)
+                                 allow_redirect=fragment.primary, share=fragment.id,
+                                 redirect_body=fragment.pipe is not None and not fragment.primary)
         except BaseException:
             if breaker is not None:
                 breaker.release()
@@ -260,9 +302,11 @@ class Pipeline:
         fallback_src = fragment.fallback_src
         if fallback_src is not None:
             url = fallback_src.render(page.params)
-            timeout = _budget(fragment, page)
+            started, timeout = time.perf_counter(), _budget(fragment, page)
             fallback: Fetched | Failed | None = None
-            if timeout > 0 and fallback_src.keeps_origin(url):
+            # A nested fallback-src outside allowed_origins is not fetched (SPEC §6), as its src.
+            if timeout > 0 and fallback_src.keeps_origin(url) and \
+                    (page.depth == 1 or origin_allowed(url, page.settings.allowed_origins)):
                 fallback, _, _ = await self.cache.get(
                     str(url), headers, lambda t: fetch(self.session, url, headers, timeout=t, max_bytes=page.max_bytes,
                                                        allow_redirect=False, share=fragment.id),
@@ -273,7 +317,16 @@ class Pipeline:
             else:
                 fallback = self.last_good.get(key)
             if fallback is not None:
-                return Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
+                outcome = Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
+                if fallback.headers.get(NESTED_HEADER) != "1":
+                    return outcome
+                # Composed as a nested `src` is: the header says the body is a template, whoever serves it.
+                nested = self.nesting.compiled(fragment, page, fallback.body)
+                if isinstance(nested, Template):
+                    return await self.nesting.compose(nested, fragment, page, outcome, url, started, None)
+                log.warning("fragment fallback failed", extra={"fields": {
+                    "fragment": fragment.id, "route": page.route, "url": str(url), "error_type": nested.reason.value,
+                    "detail": nested.detail, "request_id": page.request_id}})
         if not fragment.primary and fragment.fallback_html.strip():
             return Outcome("inline", fragment.fallback_html)
         return _NONE
@@ -344,6 +397,20 @@ class Pipeline:
         else:
             log.warning("circuit opened" if breaker.state is State.OPEN else "circuit half-open",
                         extra={"fields": fields})
+
+
+def _tailor(outcome: Outcome, pipe: Slot) -> Outcome:
+    """What a fragment shows under settings.compat: tailor: its assets as Tailor reads them
+    (`x-amz-meta-link` too, `max_asset_links` of each kind), its body inside Tailor's wrapper
+    of `start`/`end` calls, which load and initialise its scripts (so the page does not write
+    them), and nothing at all when it shows nothing, as in Tailor."""
+    if outcome.source == "none":
+        return outcome
+    found = tailor_assets(outcome.headers, pipe.limit) if outcome.headers is not None else outcome.assets
+    head, tail, kept = pipe.wrap(found)
+    if outcome.parts:  # a nested fragment: its parts are shown, not its body
+        return replace(outcome, assets=kept, parts=(head, *outcome.parts, tail))
+    return replace(outcome, assets=kept, body=b"".join((head, outcome.body, tail)))
 
 
 def _budget(fragment: Fragment, page: Page) -> float:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -25,6 +27,7 @@ from .collector import with_collector
 from .config import Backend, Config, Redirect, RouteSpec, Settings, file_stamp, read_config
 from .errors import ConfigError, Stamp
 from .filters import RequestFilter, ResponseFilter
+from .layouts import compile_layout
 from .manifest import Manifest, ManifestBody, fetch_once, is_url, parse_manifest, read_manifest
 from .predicates import Condition, PathPredicate, PathPrefixPredicate, compile_path
 from .template import Template, compile_template
@@ -49,6 +52,15 @@ class Route:
     redirect: Redirect | None = None
     request_filters: tuple[RequestFilter, ...] = ()
     response_filters: tuple[ResponseFilter, ...] = ()  # run by `apply_response`
+    layout: str | None = None  # the layout its template is poured into (SPEC §6), as routes.yaml names it
+    pages: Mapping[str, Route] | None = None  # template_lookup: `x` (for /x) → the route with x.html
+
+    def page(self, path: str) -> Route | None:
+        """template_lookup: the route whose template the raw `path` names, `/x` → x.html, `/` →
+        index.html, None for any other (a 404). Only names compiled at load are served, so no
+        path leaves the templates folder (Tailor's loader served `/../x` from outside it)."""
+        assert self.pages is not None and isinstance(self.path, PathPrefixPredicate)
+        return self.pages.get(unquote(path[len(self.path.prefix) + 1:]))
 
     def accepts(self, request: web.BaseRequest) -> bool:
         for condition in self.conditions:
@@ -167,15 +179,52 @@ def build_table(config: Config, *, manifest_option: str | None = None) -> RouteT
         template = _template(config, spec, problems, sources) if spec.template is not None else None
         if template is not None and config.settings.client_signals and spec.client_signals:
             template = with_collector(template)
-        routes.append(Route(
+        route = Route(
             name=spec.name, line=spec.line, path=spec.path, methods=spec.methods, conditions=spec.conditions,
             template=template, backend=spec.backend, redirect=spec.redirect,
-            request_filters=spec.request_filters, response_filters=spec.filters))
+            request_filters=spec.request_filters, response_filters=spec.filters,
+            layout=spec.layout.name if spec.layout is not None and template is not None else None)
+        routes.append(replace(route, pages=_lookup(config, spec, route, problems, sources))
+                      if spec.template_lookup else route)
     if problems:
         raise ConfigError(problems, tuple(sources.items()))
     return RouteTable(tuple(routes), settings=config.settings, path=config.path, label=config.label,
                       sources=tuple(sources.items()), manifest=config.manifest, manifest_option=manifest_option,
-                      warnings=config.warnings)
+                      warnings=config.warnings + _template_warnings(routes))
+
+
+def _template_warnings(routes: list[Route]) -> tuple[str, ...]:
+    """What compiling the templates warned of (under compat: tailor), each once."""
+    templates = [r.template for r in routes if r.template is not None]
+    templates += [p.template for r in routes for p in (r.pages or {}).values() if p.template is not None]
+    return tuple(dict.fromkeys(w for t in templates for w in t.warnings))
+
+
+def _lookup(config: Config, spec: RouteSpec, route: Route, problems: list[str],
+            sources: dict[Path, Stamp]) -> dict[str, Route]:
+    """template_lookup: every `*.html` under the templates folder (subfolders too), compiled now
+    as the route's page for the path naming it; the folder is stamped, so a new file reloads."""
+    folder = config.settings.templates
+    sources[folder] = file_stamp(folder)
+    if not folder.is_dir():
+        problems.append(f"{config.where(spec.line)}: template_lookup: the templates folder {folder} is not a folder")
+        return {}
+    pages: dict[str, Route] = {}
+    for file in sorted(folder.rglob("*.html")):
+        name = file.relative_to(folder).as_posix()
+        sources[file] = file_stamp(file)
+        try:
+            template = compile_template(file, params=(), settings=config.settings, name=name,
+                                        manifest=config.manifest)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        if config.settings.client_signals and spec.client_signals:
+            template = with_collector(template)
+        pages[name.removesuffix(".html")] = replace(route, template=template)
+    if "index" in pages:
+        pages[""] = pages["index"]
+    return pages
 
 
 class ManifestNeeded(Exception):
@@ -268,12 +317,35 @@ def _template(config: Config, spec: RouteSpec, problems: list[str], sources: dic
         problems.append(f"{config.where(spec.template_line)}: template {spec.template!r} not found "
                         f"(looked for {file})")
         return None
+    if spec.layout is not None:
+        return _with_layout(config, spec, file, problems, sources)
     try:
         return compile_template(file, params=spec.path.params, settings=config.settings, name=spec.template,
                                 manifest=config.manifest)
     except ConfigError as exc:
         problems.extend(exc.problems)
         return None
+
+
+def _with_layout(config: Config, spec: RouteSpec, child: Path, problems: list[str],
+                 sources: dict[Path, Stamp]) -> Template | None:
+    """`spec`'s template poured into its layout and compiled, the layout stamped in `sources`
+    (a change to it reloads every route using it). Routes sharing a layout would repeat its
+    problems: each is reported once."""
+    assert spec.template is not None and spec.layout is not None
+    file = config.settings.templates / spec.layout.name
+    stamp = sources.setdefault(file, file_stamp(file))  # the first stamp: from before the first read
+    found: list[str] = []
+    if stamp is None or not file.is_file():
+        found.append(f"{config.where(spec.layout.line)}: layout {spec.layout.name!r} not found (looked for {file})")
+    else:
+        try:
+            return compile_layout(file, child, params=spec.path.params, settings=config.settings,
+                                  name=spec.template, manifest=config.manifest)
+        except ConfigError as exc:
+            found = exc.problems
+    problems.extend(p for p in found if p not in problems)
+    return None
 
 
 def _shadowed(label: str, routes: tuple[Route, ...], root: _Node) -> tuple[str, ...]:

@@ -270,6 +270,11 @@ class ComposerServer:
 
     async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
                         path: str, query: str) -> web.StreamResponse:
+        if route.pages is not None:  # template_lookup: a page compiled at load, or none
+            page = route.page(path)
+            if page is None:
+                return _page(404, _NOT_FOUND)
+            route = page
         if route.template is not None:
             assert self._composer is not None
             return await self._composer.compose(request, route, params, table.settings)

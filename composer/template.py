@@ -14,6 +14,7 @@ around it parses, wherever it lands (see `_name_mark` and `_locate`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import re
@@ -29,13 +30,14 @@ from yarl import URL
 from .breaker import DEFAULT_POLICY, BreakerPolicy, merged
 from .errors import ConfigError
 from .nodes import MAX_TIMEOUT_MS
+from .tailor import Slot, definition, looks_false, slot
 from .urls import origin_of, url_problem
 
 if TYPE_CHECKING:
     from .config import Settings
     from .manifest import Entry, Manifest
 
-__all__ = ["ASYNC_SLOT", "Fragment", "Template", "UrlTemplate", "compile_template"]
+__all__ = ["ASYNC_SLOT", "Fragment", "Segment", "Template", "UrlTemplate", "compile_nested", "compile_template", "read_template"]
 
 
 class _AsyncSlot:
@@ -140,6 +142,9 @@ class Fragment:
     versions: Mapping[str, UrlTemplate] = field(default_factory=dict)
     enabled: bool = True
     breaker: BreakerPolicy = DEFAULT_POLICY
+    # settings.compat: tailor — the tag's raw attributes, and its part of Tailor's client protocol
+    attributes: tuple[tuple[str, str | None], ...] = ()
+    pipe: Slot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,19 +158,47 @@ class Template:
     async_fragments: tuple[Fragment, ...]
     versioned: bool = False  # has manifest fragments: the page needs the user's canary bucket
     client_signals: bool = False  # SPEC §7: the collector is in its head; pages mark fragments, list data
+    warnings: tuple[str, ...] = ()  # `file:line: warning: …`, printed by `composer check`
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """From offset `start` on, a compiled source is a verbatim copy of file `label` from its
+    line `line`: a page assembled from several files (a layout and its child, composer.layouts)
+    still reports each problem at the file and line it comes from."""
+
+    start: int
+    label: str
+    line: int
 
 
 class _Problems:
-    def __init__(self, label: str, source: str) -> None:
+    def __init__(self, label: str, source: str, segments: tuple[Segment, ...] = ()) -> None:
         self.label = label
         self.source = source
+        self.segments = segments
         self.items: list[str] = []
+        self.warnings: list[str] = []
+        self.first_tag: int | None = None  # found by `_locate`: the first `<script>` or `<fragment>` element
+
+    def place(self, offset: int) -> tuple[str, int]:
+        """The file and line `offset` of the source comes from."""
+        i = bisect.bisect_right(self.segments, offset, key=lambda s: s.start) - 1
+        if i < 0:
+            return self.label, self.source.count("\n", 0, offset) + 1
+        segment = self.segments[i]
+        return segment.label, segment.line + self.source.count("\n", segment.start, offset)
 
     def line(self, offset: int) -> int:
-        return self.source.count("\n", 0, offset) + 1
+        return self.place(offset)[1]
 
     def add(self, offset: int, message: str) -> None:
-        self.items.append(f"{self.label}:{self.line(offset)}: {message}")
+        label, line = self.place(offset)
+        self.items.append(f"{label}:{line}: {message}")
+
+    def warn(self, offset: int, message: str) -> None:
+        label, line = self.place(offset)
+        self.warnings.append(f"{label}:{line}: warning: {message}")
 
 
 @dataclass(slots=True)
@@ -179,17 +212,28 @@ class _Found:
     attrs: dict[str, str | None]
 
 
-def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
-                     name: str, manifest: Manifest | None = None) -> Template:
-    """Read and compile `file`; raise `ConfigError` with `file:line: message` problems."""
+def read_template(file: Path) -> str:
+    """The text of a template file; `ConfigError` (`file:1: …`) if it is unreadable or not UTF-8."""
     label = str(file)
     try:
-        source = file.read_bytes().decode("utf-8")
+        return file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{label}:1: not valid UTF-8 ({exc.reason} at byte {exc.start})"]) from None
     except OSError as exc:
         raise ConfigError([f"{label}:1: cannot read: {exc.strerror}"]) from None
-    problems = _Problems(label, source)
+
+
+def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
+                     name: str, manifest: Manifest | None = None,
+                     source: str | None = None, segments: tuple[Segment, ...] = ()) -> Template:
+    """Read and compile `file`; raise `ConfigError` with `file:line: message` problems.
+
+    `source` is compiled instead of the file's text when given: a page assembled from several
+    files (composer.layouts), whose `segments` say which file and line each part comes from.
+    """
+    if source is None:
+        source = read_template(file)
+    problems = _Problems(str(file), source, segments)
     found, body_close = _locate(source, problems)
     limit = settings.max_fragments_per_template
     if len(found) > limit:
@@ -202,21 +246,42 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
                              template=name, manifest=manifest)
         if fragment is not None:
             fragments.append(fragment)
-    primaries = _check_page(fragments, found, problems)
+    compat = settings.compat == "tailor"
+    _check_page(fragments, found, problems, compat=compat)
     if problems.items:
         raise ConfigError(problems.items)
+    pipe = None
+    if compat:
+        fragments, pipe = _tailor(fragments, found, problems, settings)
     return Template(
         name=name,
-        chunks=tuple(_chunks(source, found, fragments, body_close)),
+        chunks=tuple(_chunks(source, found, fragments, body_close, pipe)),
         fragments=tuple(fragments),
-        primary=primaries[0] if primaries else None,
+        primary=next((f for f in fragments if f.primary), None),  # under compat, Tailor's first one
         async_fragments=tuple(f for f in fragments if f.is_async),
         versioned=any(f.name is not None for f in fragments),
+        warnings=tuple(problems.warnings),
     )
 
 
-def _check_page(fragments: list[Fragment], found: list[_Found], problems: _Problems) -> list[Fragment]:
-    """Ids name one fragment each, and one fragment at most sets the page's status: the primaries."""
+def _tailor(fragments: list[Fragment], found: list[_Found], problems: _Problems,
+            settings: Settings) -> tuple[list[Fragment], tuple[int, bytes] | None]:
+    """settings.compat: tailor: each fragment's `Slot` (from its raw attributes, as Tailor's
+    `pipeAttributes` sees them), a later primary demoted (the first decides the page, as in
+    Tailor), and where the pipe definition goes: before the first `<script>` or `<fragment>`
+    element, none without one (Tailor's rules)."""
+    first = next((f for f in fragments if f.primary), None)
+    out = [dataclasses.replace(f, primary=f is first, attributes=tuple(found[f.index].attrs.items()),
+                               pipe=slot(found[f.index].attrs, f.index, f.is_async, settings.tailor))
+           for f in fragments]
+    at = problems.first_tag
+    return out, None if at is None else (at, definition(settings.tailor))
+
+
+def _check_page(fragments: list[Fragment], found: list[_Found], problems: _Problems, *,
+                compat: bool = False) -> list[Fragment]:
+    """Ids name one fragment each, and one fragment at most sets the page's status: the primaries
+    (under compat: tailor the first, as in Tailor, and a warning)."""
     ids: dict[str, int] = {}
     primaries = [f for f in fragments if f.primary]
     for f in fragments:
@@ -224,14 +289,16 @@ def _check_page(fragments: list[Fragment], found: list[_Found], problems: _Probl
             problems.add(found[f.index].start, f"duplicate fragment id {f.id!r} (first on line {ids[f.id]})")
         ids.setdefault(f.id, f.line)
     if len(primaries) > 1:
-        problems.add(found[primaries[1].index].start,
-                     f"a template has at most one primary fragment (first on line {primaries[0].line})")
+        (problems.warn if compat else problems.add)(
+            found[primaries[1].index].start, f"a template has at most one primary fragment (first on line "
+                                             f"{primaries[0].line}" + (", which decides the page)" if compat else ")"))
     return primaries
 
 
-def _chunks(source: str, found: list[_Found], fragments: list[Fragment],
-            body_close: int | None) -> list[bytes | Fragment | _AsyncSlot]:
-    """The page in order: the source's own bytes between fragments, and the async slot."""
+def _chunks(source: str, found: list[_Found], fragments: list[Fragment], body_close: int | None,
+            pipe: tuple[int, bytes] | None = None) -> list[bytes | Fragment | _AsyncSlot]:
+    """The page in order: the source's own bytes between fragments, and the async slot (and
+    Tailor's pipe definition, inserted at its offset, under compat)."""
     chunks: list[bytes | Fragment | _AsyncSlot] = []
     pos = 0
 
@@ -244,9 +311,13 @@ def _chunks(source: str, found: list[_Found], fragments: list[Fragment],
             chunks.append(source[pos:upto].encode("utf-8"))
         pos = max(pos, upto)
 
+    if pipe is not None:  # before the first <script> or <fragment>: no fragment comes before it
+        literal(pipe[0])
+        chunks.append(pipe[1])
     for item, fragment in zip(found, fragments, strict=True):
         literal(item.start)
-        chunks.append(fragment)
+        # Under compat: tailor an async fragment leaves Tailor's placeholder call, its own bytes.
+        chunks.append(fragment.pipe.placeholder if fragment.pipe is not None and fragment.is_async else fragment)
         pos = item.end
     literal(len(source))
     if ASYNC_SLOT not in chunks:
@@ -262,6 +333,42 @@ def _merge(chunks: list[bytes | Fragment | _AsyncSlot]) -> list[bytes | Fragment
         else:
             out.append(chunk)
     return out
+
+
+def compile_nested(source: str, *, parent: str, params: tuple[str, ...],
+                   settings: Settings) -> tuple[Template, tuple[int, ...]]:
+    """Compile the body of a nested fragment (SPEC §6), as `compile_template` compiles a file:
+    composer.nesting calls it once per distinct body and caches the result.
+
+    What differs, and why: an id defaults to `<parent>/<n>` (n from 1, in document order);
+    `primary` is dropped (the page's status is decided before any nested body arrives; the
+    lines it stood on are returned, to be logged), and `async` too (composer.nesting says
+    why); URLs are checked against `allowed_origins` per request, a refusal being one
+    fragment's fallback, not the whole body's failure. Raises `ConfigError` with problems
+    labelled `<parent> nested body:LINE`.
+    """
+    problems = _Problems(f"{parent} nested body", source)
+    found, _ = _locate(source, problems)
+    limit = settings.max_fragments_per_template
+    if len(found) > limit:
+        problems.add(found[limit].start, f"more than {limit} fragments (settings.max_fragments_per_template)")
+        raise ConfigError(problems.items)
+    anywhere = dataclasses.replace(settings, allowed_origins=())
+    fragments: list[Fragment] = []
+    for index, item in enumerate(found):
+        fragment = _fragment(item, index, source, problems, params=params, settings=anywhere,
+                             template=parent, manifest=None)
+        if fragment is not None:
+            named = item.attrs.get("id") or item.attrs.get("name")
+            fragments.append(dataclasses.replace(fragment, id=fragment.id if named else f"{parent}/{index + 1}",
+                                                 primary=False, is_async=False))
+    _check_page(fragments, found, problems)  # ids: one fragment each
+    if problems.items:
+        raise ConfigError(problems.items)
+    chunks = [chunk for chunk in _chunks(source, found, fragments, None) if chunk is not ASYNC_SLOT]
+    ignored = tuple(f.line for f in fragments if "primary" in found[f.index].attrs)
+    return Template(name=problems.label, chunks=tuple(_merge(chunks)), fragments=tuple(fragments),
+                    primary=None, async_fragments=()), ignored
 
 
 # --- finding fragment elements and the real `</body>` ----------------------------------------
@@ -308,6 +415,7 @@ def _locate(source: str, problems: _Problems) -> tuple[list[_Found], int | None]
     tree = LexborHTMLParser(_apply(source, inserts))
     roots = _roots(tree)
     elements = _elements(roots)
+    problems.first_tag = min(elements, default=None)
     _unfinished(candidates, elements, {o for r in roots for o in _offsets(r.css(_MARK))}, problems)
     found = [item for start, element in sorted(elements.items())
              if (item := _found(source, start, candidates.tags.get(start), element, problems)) is not None]
@@ -472,7 +580,7 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *, par
               settings: Settings, template: str, manifest: Manifest | None) -> Fragment | None:
     """The `Fragment` a found tag describes, or None once its problems are added."""
     attrs = item.attrs
-    ok = _attributes_known(item, problems)
+    ok = _attributes_known(item, problems, compat=settings.compat == "tailor")
     name = attrs.get("name")
     entry = manifest.fragments.get(name) if manifest is not None and name else None
     if not _one_source(item, entry, manifest, problems):
@@ -509,11 +617,18 @@ def _fragment(item: _Found, index: int, source: str, problems: _Problems, *, par
         canary_percent=entry.canary.percent if entry.canary else 0, enabled=entry.enabled)
 
 
-def _attributes_known(item: _Found, problems: _Problems) -> bool:
-    """A misspelt attribute (`tiemout`) or `async="false"` would silently mean something else."""
+def _attributes_known(item: _Found, problems: _Problems, *, compat: bool = False) -> bool:
+    """A misspelt attribute (`tiemout`) or `async="false"` would silently mean something else.
+    Under compat: tailor, as Tailor reads them: any attribute (its hooks may read it), and a
+    boolean one set by its presence, whatever its value (`primary="false"` warns)."""
     ok = True
     for key, value in item.attrs.items():
         if key == "type" or key.startswith("data-"):
+            continue
+        if compat:
+            if key in _BOOLEAN and looks_false(value):
+                problems.warn(item.start, f'{key}="{value}" sets {key!r} all the same (Tailor reads it by its '
+                                          "presence); remove the attribute to unset it")
             continue
         if key not in _KNOWN:
             problems.add(item.start, f"unknown attribute {key!r} on <fragment> (known: {', '.join(_KNOWN)})")

@@ -26,11 +26,11 @@ def test_compose_only_streams_a_page() -> None:
 
 
 # From files to a table: none of these may import the per-request side (compose, pipeline,
-# server, …), so a table can be loaded, checked and reloaded without it. client and metrics
-# are leaves (they import nothing of composer's but errors) and serve both sides.
+# server, …), so a table can be loaded, checked and reloaded without it. client, metrics and
+# links are leaves (they import nothing of composer's but errors) and serve both sides.
 TABLE_SIDE = {"errors", "nodes", "headers", "urls", "predicates", "filters", "breaker", "manifest", "config",
-              "template", "collector", "routing", "reload"}
-LEAVES = {"client", "metrics"}
+              "template", "collector", "routing", "reload", "layouts", "tailor"}
+LEAVES = {"client", "metrics", "links"}
 
 
 def test_the_table_side_never_imports_the_request_side() -> None:

@@ -222,6 +222,39 @@ def test_failure_ratio_counts_open_circuit_skips_as_attempts_so_it_stays_within_
     promtool_test(case)
 
 
+def test_failure_ratio_counts_refused_nested_fragments_as_attempts(tmp_path):
+    """A nested fragment refused before any request (too deep, a cycle, outside
+    allowed_origins, over the page's fragment limit: SPEC §6) counts a failure and no
+    duration. Its ratio is 100 %, not absent (no attempts) nor infinite."""
+    case = tmp_path / "test.yaml"
+    case.write_text(textwrap.dedent(f"""\
+        rule_files: [{RULES}]
+        evaluation_interval: 1m
+        tests:
+          - interval: 1m
+            input_series:
+              - series: 'composer_fragment_failures_total{{fragment="hdr/1",route="home",version="",reason="nesting"}}'
+                values: '0+10x20'
+              - series: 'composer_fragment_failures_total{{fragment="hdr/2",route="home",version="",reason="origin"}}'
+                values: '0+5x20'
+              - series: 'composer_fragment_request_duration_seconds_count{{fragment="hdr/3",route="home",version=""}}'
+                values: '0+10x20'
+              - series: 'composer_fragment_failures_total{{fragment="hdr/3",route="home",version="",reason="limit"}}'
+                values: '0+10x20'
+            promql_expr_test:
+              - expr: composer:fragment_failures:rate5m / composer:fragment_attempts:rate5m
+                eval_time: 15m
+                exp_samples:
+                  - labels: '{{fragment="hdr/1"}}'
+                    value: 1
+                  - labels: '{{fragment="hdr/2"}}'
+                    value: 1
+                  - labels: '{{fragment="hdr/3"}}'
+                    value: 0.5
+        """), encoding="utf-8")
+    promtool_test(case)
+
+
 def test_fallbacks_alert_takes_a_new_version_for_a_version_change_but_not_a_new_pod(tmp_path):
     """Fallbacks of footer go from 1/min to 60/min at minute 40. When what appears then is a
     second pod serving the same 2.0 (a rollout, a restart, a scale-up), nothing fires; when it
