@@ -6,11 +6,18 @@
 // fragment script. Anything else is a 404. Keep-alive connections stay open 75 s (aiohttp's
 // default), so proxies' pooled connections are not cut between benchmark rows.
 //
-// Run: node bench/fragment_server.js PORT   (prints "ready PORT" once listening)
+// With a PAGES_DIR, it also answers GET /p/<name> with PAGES_DIR/<name>.html (text/html, read
+// once): the page templates Varnish (bench/run.py's ESI peer) fetches from its backend.
+//
+// Run: node bench/fragment_server.js PORT [PAGES_DIR]   (prints "ready PORT" once listening)
 
+const fs = require('fs');
 const http = require('http');
+const nodePath = require('path');
 
 const port = Number(process.argv[2] || 9800);
+const pagesDir = process.argv[3];
+const pages = new Map(); // name -> Buffer
 const bodies = new Map(); // "name size" -> Buffer; at most a few hundred distinct keys in a run
 
 function body(name, size) {
@@ -42,6 +49,23 @@ const server = http.createServer((req, res) => {
     const q = req.url.indexOf('?');
     const path = q < 0 ? req.url : req.url.slice(0, q);
     const query = q < 0 ? '' : req.url.slice(q + 1);
+    if (pagesDir && /^\/p\/[A-Za-z0-9_-]+$/.test(path)) {
+        const name = path.slice(3);
+        let buf = pages.get(name);
+        if (buf === undefined) {
+            try {
+                buf = fs.readFileSync(nodePath.join(pagesDir, `${name}.html`));
+            } catch (e) {
+                buf = null;
+            }
+            pages.set(name, buf);
+        }
+        if (buf !== null) {
+            res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Content-Length': buf.length });
+            res.end(buf);
+            return;
+        }
+    }
     if (!path.startsWith('/f/') || path.length <= 3 || path.indexOf('/', 3) >= 0) {
         res.writeHead(404, { 'Content-Type': 'text/plain' });
         res.end('not found\n');

@@ -1,40 +1,54 @@
-"""composer against Tailor (npm node-tailor 3.9.2), side by side: same templates, same
-fragment server, same run.
+"""composer against Tailor (npm node-tailor 3.9.2), nginx SSI and Varnish ESI, side by side: same
+pages, same fragment server, same run.
 
-    python bench/run.py [--duration 15] [--rounds 3] [--quick] [--pages page0,page5,page20]
-                        [--fragment-server auto|node|python] [--ttfb-samples 200] [--output PATH]
+    python bench/run.py [--duration 15] [--rounds 3] [--quick] [--systems composer,tailor,nginx,varnish]
+                        [--pages page0,page5,page20,page100,page1mb] [--fragment-server auto|node|python]
+                        [--ttfb-samples 200] [--no-scaling] [--output PATH]
 
 What it does, in order (every process it starts is stopped at the end, also on Ctrl-C,
-SIGTERM or an error; each runs in its own process group):
+SIGTERM or an error; each runs in its own process group, which is what gets killed):
 
-1. Installs node-tailor@3.9.2 into bench/node_modules (git-ignored) with npm if missing.
+1. Installs node-tailor@3.9.2 into bench/node_modules (git-ignored) with npm if missing. Tailor,
+   nginx and Varnish are peers: one that cannot run here (no node/npm, no /usr/sbin/nginx or
+   /usr/sbin/varnishd — Debian's nginx-light and varnish —, it does not start or fails the page
+   check) is skipped with a printed note, also in the report; the run goes on without it.
 2. Copies bench/routes.yaml and bench/templates/ into bench/.work/ (git-ignored), pointing the
-   fragment URLs at the port picked for this run (the files in bench/ say 127.0.0.1:9800).
+   fragment URLs at the port picked for this run (the files in bench/ say 127.0.0.1:9800). For
+   the peers the same templates are rewritten, each <fragment> to `<!--# include virtual=… -->`
+   (nginx) or `<esi:include src=…/>` (Varnish), into a temp dir removed at the end.
 3. Fragment server: measures the CPU per request of bench/fragment_server.js (Node `http`)
    and bench/fragment_server.py (aiohttp + uvloop) under `wrk -c64` at /f/x?size=2048 (server
-   on CPU 1, wrk on CPU 0), and uses the cheaper one (`--fragment-server auto`).
-4. Starts the fragment server (CPU 1), Tailor (bench/tailor_server.js, templates parsed once
-   and cached — its best case) and `python -m composer serve` (uvloop), both proxies on
-   CPU 0; wrk and this script run on CPU 1. Checks that every page, through each proxy, is a
-   200 holding every fragment's content (sync ones in document order).
-5. For each page × concurrency (page0, page20: 16, 64; page5: 16, 64, 256): a warm-up, then
-   `--rounds` rounds of `--duration` s of wrk per system, alternating which goes first. The
-   median round (by req/s) of each system is reported; every round is in RESULTS.md. Per
-   run: req/s, p50/p99 (wrk --latency), proxy CPU % and CPU ms per page (/proc/PID/stat),
-   proxy RSS (max seen), non-2xx + socket errors, fragment failures (composer's
-   composer_fragment_failures_total, Tailor's error events), composer log lines other than
-   2xx/499 access lines, and how busy each core was, including load from other processes.
+   on CPU 1, wrk on CPU 0), and uses the cheaper one (`--fragment-server auto`). It also serves
+   the ESI pages at /p/NAME: Varnish's origin.
+4. Starts the fragment server (CPU 1) and the systems, each pinned to CPU 0 with all its
+   processes: Tailor (bench/tailor_server.js, templates parsed once and cached — its best
+   case), `python -m composer serve` (uvloop), nginx (generated config: one worker, SSI, an
+   upstream with keep-alive) and varnishd (generated VCL: page templates cached and ESI-parsed
+   once, includes passed). wrk and this script run on CPU 1. Checks that every page, through
+   each system, is a 200 holding every fragment's content (sync ones in document order), and
+   that the warm-up wrk run of each page had no non-2xx responses or socket errors.
+5. For each page × concurrency (page0, page20, page100, page1mb: 16, 64; page5: 16, 64, 256): a
+   warm-up, then `--rounds` rounds of `--duration` s of wrk per system, rotating which goes
+   first. The median round (by req/s) of each system is reported; every round is in
+   RESULTS.md. Per run: req/s, p50/p99 (wrk --latency), CPU % and CPU ms per page (utime +
+   stime from /proc/PID/stat summed over the system's process tree — nginx master + worker,
+   varnishd manager + cache child —, taken at both ends of the run), RSS (max seen, summed
+   over the tree), non-2xx + socket errors, fragment failures (composer's
+   composer_fragment_failures_total, Tailor's error events, nginx's error.log at [error] or
+   worse, Varnish's fetch_failed/esi_errors/backend_fail/backend_unhealthy), composer log lines
+   other than 2xx/499 access lines, and how busy each core was, including other processes' load.
 6. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
    on page5np (no primary) and page5, while fragments are pending.
-7. CPU per page for page5 and page20, and the cost per extra fragment = (page20 − page5) / 15.
+7. CPU per page for every page, and per fragment = (cpu(pageN) − cpu(page0)) / N, also against
+   page20's.
 8. The physical floor: wrk straight at page5's slowest synchronous fragment (50 ms) at c16.
 9. composer --workers 2 (unpinned: wrk and the fragment server share a core with it) on
-   page20 at c64, against the one-process figure.
+   page20 at c64, against the one-process figure (not with --no-scaling).
 
 Prints the markdown and writes it to bench/RESULTS.md (`--quick`: bench/.work/RESULTS.quick.md
 unless --output is given) with the date, the machine, the load and the exact command.
-`--quick` is a smoke run: 3 s per run, 1 round, 30 TTFB samples. Needs node + npm, wrk and
-taskset, and a machine with at least 2 CPUs.
+`--quick` is a smoke run: 3 s per run, 1 round, 30 TTFB samples. Needs wrk and taskset and a
+machine with at least 2 CPUs; node + npm for Tailor and the Node fragment server.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -70,9 +85,9 @@ WORK = HERE / ".work"
 TAILOR = "node-tailor"
 TAILOR_VERSION = "3.9.2"
 CANON_ORIGIN = "127.0.0.1:9800"  # what bench/templates/*.html say
-CONNS = {"page0": (16, 64), "page5": (16, 64, 256), "page20": (16, 64)}
+CONNS = {"page0": (16, 64), "page5": (16, 64, 256), "page20": (16, 64), "page100": (16, 64), "page1mb": (16, 64)}
 PROXY_CPU, LOAD_CPU = 0, 1  # the proxy under test; wrk, the fragment server and this script
-SYSTEMS = ("composer", "tailor")
+SYSTEMS = ("composer", "tailor", "nginx", "varnish")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -92,6 +107,7 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path | None
+    term_leader_only: bool = False  # SIGTERM the leader alone (it stops its children: varnishd)
 
     @property
     def pid(self) -> int:
@@ -134,7 +150,10 @@ class Processes:
             self.procs.remove(proc)
         if proc.popen.poll() is None:
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
+                if proc.term_leader_only:
+                    os.kill(proc.pid, signal.SIGTERM)
+                else:
+                    os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
             try:
@@ -382,22 +401,63 @@ class System:
     name: str
     proc: Proc
     base: str  # http://127.0.0.1:PORT
-    kind: str  # "composer" or "tailor"
+    kind: str  # "composer", "tailor", "nginx" or "varnish"
     admin: str = ""  # composer's admin listener
+    state: Path | None = None  # nginx: its directory (error.log); varnish: its -n working directory
     notes: list[str] = field(default_factory=list)
     _failures: float = 0.0
+    _log_offset: int = 0
 
     def failures(self) -> int:
         """Fragment failures since the last call: composer's composer_fragment_failures_total
-        (summed), Tailor's error / fragment:error / fragment:warn / fragment:fallback events."""
+        (summed), Tailor's error / fragment:error / fragment:warn / fragment:fallback events,
+        nginx's error.log lines at [error] or worse (a failed include leaves the page a 200),
+        Varnish's fetch_failed + esi_errors + backend_fail + backend_unhealthy counters."""
         if self.kind == "tailor":
             total = float(sum(json.loads(http_get(f"{self.base}/__stats")[1]).values()))
+        elif self.kind == "nginx":
+            total = self._failures + self._nginx_errors()
+        elif self.kind == "varnish":
+            total = float(sum(varnish_counters(self.state, VARNISH_FAILURES).values()))  # type: ignore[arg-type]
         else:
             text = http_get(f"{self.admin}/metrics")[1].decode()
             total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                         if line.startswith("composer_fragment_failures_total{"))
         delta, self._failures = total - self._failures, total
         return round(delta)
+
+    def _nginx_errors(self) -> int:
+        """error.log lines since the last look: [error] and worse are counted, the first few
+        of any level are kept as notes."""
+        assert self.state is not None
+        log = self.state / "error.log"
+        if not log.exists():
+            return 0
+        with log.open("rb") as f:
+            f.seek(self._log_offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._log_offset += end
+        errors = 0
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            if any(level in line for level in ("[error]", "[crit]", "[alert]", "[emerg]")):
+                errors += 1
+            if line.strip() and len(self.notes) < 8:
+                self.notes.append(line.strip()[:400])
+        return errors
+
+
+def varnish_counters(workdir: Path, names: tuple[str, ...]) -> dict[str, int]:
+    """Counters from `varnishstat -1 -j` (Varnish 6.5+ nests them under "counters")."""
+    argv = ["varnishstat", "-n", str(workdir), "-1", "-j"]
+    for name in names:
+        argv += ["-f", name]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        raise BenchError(f"varnishstat failed ({out.returncode}): {out.stderr.strip()}")
+    data = json.loads(out.stdout)
+    counters = data.get("counters", data)
+    return {k: int(v["value"]) for k, v in counters.items() if isinstance(v, dict) and k in names}
 
 
 _ACCESS = re.compile(rb'"msg": "access".*"status": (\d+)')
@@ -445,8 +505,16 @@ def measure(procs: Processes, system: System, fragment_server: Proc, page: str, 
     finally:
         peak = sampler.finish()
     wall = time.monotonic() - t0
-    ticks1, cpu1, frag1, own1 = core_ticks(), cpu_seconds(pids), cpu_seconds([fragment_server.pid]), own_cpu_seconds()
+    # the whole process tree at both ends (nginx master + worker, varnishd manager + cache child,
+    # gunicorn arbiter + workers): a process that appeared during the run counts from 0; one that
+    # ended took its CPU with it (only waited-for children reach a parent's counters), so say so
+    after = tree(system.proc.pid)
+    ticks1, frag1, own1 = core_ticks(), cpu_seconds([fragment_server.pid]), own_cpu_seconds()
+    cpu1 = cpu_seconds(sorted(set(pids) | set(after)))
     check_alive(system.proc, fragment_server)
+    if set(after) != set(pids) and len(system.notes) < 8:
+        system.notes.append(f"{page} c{conns} r{rnd}: the process tree changed during the run "
+                            f"({sorted(pids)} → {sorted(after)}); CPU of processes that ended is not counted")
     cpu_s, frag_s = cpu1 - cpu0, frag1 - frag0
 
     def busy(name: str) -> float:
@@ -627,6 +695,230 @@ def start_tailor(procs: Processes, templates: Path) -> System:
     return System("tailor", proc, f"http://127.0.0.1:{port}", "tailor")
 
 
+# ------------------------------------------------------------------------ nginx SSI, Varnish ESI
+
+_FRAGMENT = re.compile(r"<fragment\b([^>]*)>\s*</fragment>")
+
+
+def peer_page(template: str, kind: str) -> str:
+    """A composer template with each `<fragment src="http://HOST/f/NAME?Q">…</fragment>` as the
+    peer's include of the same fragment: nginx SSI `<!--# include virtual="/frag/NAME?Q" -->`
+    (an internal location proxying to the fragment server) or ESI `<esi:include src="/f/NAME?Q"/>`
+    (Varnish passes /f/ to the fragment server). primary / async have no equivalent and are
+    dropped: every include is synchronous, in document order."""
+    def include(m: re.Match[str]) -> str:
+        src = html.unescape(re.search(r'\ssrc="([^"]*)"', m.group(1)).group(1))  # type: ignore[union-attr]
+        url = urllib.parse.urlsplit(src)
+        if not url.path.startswith("/f/"):
+            raise BenchError(f"fragment {src!r}: only the fragment server's /f/ URLs are mapped for the peers")
+        target = url.path + (f"?{url.query}" if url.query else "")
+        if kind == "ssi":
+            return f'<!--# include virtual="/frag/{target[3:]}" -->'
+        return f'<esi:include src="{target}"/>'
+    return _FRAGMENT.sub(include, template)
+
+
+def write_peer_pages(templates: Path, dest: Path, kind: str, suffix: str) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for source in sorted(templates.glob("*.html")):
+        (dest / f"{source.stem}{suffix}").write_text(peer_page(source.read_text(), kind))
+        (dest / f"{source.stem}{suffix}").chmod(0o644)
+
+
+NGINX_CONF = """\
+# generated by bench/run.py for one run; every path is in this directory
+daemon off;
+master_process on;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+worker_rlimit_nofile {nofile};
+events {{
+    worker_connections {connections};
+}}
+http {{
+    access_log off;
+    server_tokens off;
+    types {{ }}
+    default_type text/html;
+    client_body_temp_path {root}/tmp/body;
+    proxy_temp_path {root}/tmp/proxy;
+    fastcgi_temp_path {root}/tmp/fastcgi;
+    uwsgi_temp_path {root}/tmp/uwsgi;
+    scgi_temp_path {root}/tmp/scgi;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    upstream fragments {{
+        server 127.0.0.1:{fragment_port};
+        keepalive 1024;
+        keepalive_requests 1000000;
+        keepalive_timeout 75s;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location /page {{
+            root {root}/pages;
+            ssi on;
+        }}
+        location /frag/ {{
+            internal;
+            proxy_pass http://fragments/f/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 10s;
+            proxy_buffers 32 64k;
+            proxy_busy_buffers_size 256k;
+        }}
+    }}
+}}
+"""
+
+VARNISH_VCL = """\
+vcl 4.1;
+# generated by bench/run.py for one run
+
+backend origin {{
+    .host = "127.0.0.1";
+    .port = "{fragment_port}";
+    .connect_timeout = 5s;
+    .first_byte_timeout = 10s;
+    .between_bytes_timeout = 10s;
+}}
+
+sub vcl_recv {{
+    if (req.url ~ "^/f/") {{
+        return (pass);  # fragments: fetched per request, never cached
+    }}
+    if (req.url ~ "^/[A-Za-z0-9_]+$") {{
+        set req.url = "/p" + req.url;  # the page template (with its esi:include tags) on the origin
+        return (hash);
+    }}
+    return (synth(404));
+}}
+
+sub vcl_backend_response {{
+    if (bereq.url ~ "^/p/") {{
+        # the template is fetched and ESI-parsed once and then cached (like composer's compiled
+        # templates); every delivery still fetches every include
+        set beresp.do_esi = true;
+        set beresp.ttl = 1d;
+        set beresp.grace = 0s;
+    }}
+    return (deliver);
+}}
+"""
+
+PEER_METHOD = {
+    "nginx": (
+        "- nginx SSI ({version}, Debian's nginx-light): a config generated per run in a temp dir "
+        "(`NGINX_CONF` in bench/run.py): `daemon off`, one master + one worker (`worker_processes 1`), "
+        "access log off, `ssi on` on the pages, which are files with each fragment as "
+        "`<!--# include virtual=\"/frag/NAME?…\" -->`; /frag/ is an internal location proxying to the "
+        "fragment server through an `upstream` with `keepalive 1024` (HTTP/1.1, `Connection \"\"`), "
+        "buffers big enough to keep the 1 MiB fragment in memory. The SSI filter parses the page on every "
+        "request (nginx has no compiled-template cache); a page's includes run as parallel subrequests, "
+        "written out in document order. It does **not**: take the status from a primary fragment (the page "
+        "is always a 200; a failed include becomes the text `[an error occurred while processing the "
+        "directive]`, counted here from error.log), defer async fragments, inject the fragments' Link-header "
+        "assets, apply a timeout or fallback per fragment (one `proxy_read_timeout` for all), count or log "
+        "anything per fragment."),
+    "varnish": (
+        "- Varnish ESI ({version}, Debian's varnish, open source): `varnishd -F -j none` with `-n` in a temp "
+        "dir (manager + cache child, both counted), `thread_pools=1`, `-s malloc,256m`, a VCL generated per "
+        "run (`VARNISH_VCL`): pages come from the fragment server's /p/NAME (the same templates with "
+        "`<esi:include src=\"/f/NAME?…\"/>`), `beresp.do_esi = true`, and the page object **is cached** "
+        "(ttl 1 d): ESI-parsed once, like composer's compiled templates, while every include is "
+        "`return (pass)`: fetched from the fragment server on every page, never cached (backend "
+        "connections pooled). It does **not**: fetch a page's includes in parallel (open-source Varnish "
+        "fetches them one after another as delivery reaches each, so a page takes the *sum* of its "
+        "fragments' latencies — page20 ≥ 20 × 10 ms — and at a given concurrency its req/s is bounded by "
+        "that, not by CPU; CPU per page stays comparable), take the status from a primary (a failed "
+        "include is silently left out, counted here from varnishstat), defer async fragments, inject "
+        "assets, time out per fragment other than the backend's timeouts. Its shared-memory log records "
+        "every request and include (left on: that is how Varnish runs)."),
+}
+
+
+VARNISH_FAILURES = ("MAIN.fetch_failed", "MAIN.esi_errors", "MAIN.backend_fail", "MAIN.backend_unhealthy")
+
+
+PEER_BINARIES = {"nginx": ("nginx", "/usr/sbin/nginx"), "varnish": ("varnishd", "/usr/sbin/varnishd")}
+VARNISH_COUNTERS = ("MAIN.client_req", "MAIN.cache_hit", "MAIN.cache_miss", "MAIN.s_pass", "MAIN.backend_req",
+                    "MAIN.backend_conn", "MAIN.backend_reuse", "MAIN.fetch_failed", "MAIN.esi_errors",
+                    "MAIN.esi_warnings", "MAIN.threads", "MAIN.threads_limited")
+
+
+def peer_binary(name: str, path: str) -> str | None:
+    """The peer's binary (Debian's package puts it in /usr/sbin, not always on PATH), or None."""
+    return shutil.which(name) or shutil.which(name, path=os.path.dirname(path))
+
+
+def start_nginx(procs: Processes, binary: str, tmp: Path, templates: Path, fragment_port: int) -> System:
+    """nginx, one worker, SSI on the pages; includes go to an internal location proxying to the
+    fragment server through an `upstream` with keep-alive connections (HTTP/1.1)."""
+    root = tmp / "nginx"
+    for sub in ("tmp", "pages"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    write_peer_pages(templates, root / "pages", "ssi", "")
+    for d in (tmp, root, root / "pages"):  # a root-started nginx runs its worker as nobody
+        d.chmod(0o755)
+    port = free_port()
+    conf = root / "nginx.conf"
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # the hard limit: no raising it in a container
+    nofile = 65536 if nofile == resource.RLIM_INFINITY else min(nofile, 65536)
+    conf.write_text(NGINX_CONF.format(root=root, port=port, fragment_port=fragment_port, nofile=nofile,
+                                      connections=max(1024, nofile // 2 - 64)))
+    argv = [binary, "-p", f"{root}/", "-c", str(conf), "-e", str(root / "error.log")]
+    proc = procs.start("nginx", pinned(str(PROXY_CPU), argv), log=root / "stderr.log")
+    wait_ready(proc, f"http://127.0.0.1:{port}/page0")
+    return System("nginx", proc, f"http://127.0.0.1:{port}", "nginx", state=root)
+
+
+def start_varnish(procs: Processes, binary: str, tmp: Path, fragment_port: int) -> System:
+    """varnishd in the foreground (manager + cache child), ESI on the page templates it fetches
+    from the fragment server's /p/ (cached), fragments passed (never cached)."""
+    root = tmp / "varnish"
+    root.mkdir(parents=True, exist_ok=True)
+    vcl = root / "bench.vcl"
+    vcl.write_text(VARNISH_VCL.format(fragment_port=fragment_port))
+    port = free_port()
+    argv = [binary, "-F", "-j", "none", "-n", str(root / "work"), "-a", f"127.0.0.1:{port}", "-T", "none",
+            "-f", str(vcl), "-s", "malloc,256m", "-p", "thread_pools=1"]
+    proc = procs.start("varnish", pinned(str(PROXY_CPU), argv), log=root / "varnishd.log")
+    proc.term_leader_only = True  # a SIGTERM to the cache child too makes the manager exit 64
+    wait_ready(proc, f"http://127.0.0.1:{port}/page0", deadline=60)
+    return System("varnish", proc, f"http://127.0.0.1:{port}", "varnish", state=root / "work")
+
+
+def start_peer(procs: Processes, name: str, tmp: Path, templates: Path, fragment_port: int) -> System | str:
+    """nginx or Varnish if Debian's package is installed: the System, or why it is skipped."""
+    binary = peer_binary(*PEER_BINARIES[name])
+    if binary is None:
+        return (f"{'nginx' if name == 'nginx' else 'varnishd'} is not installed "
+                f"(Debian: apt-get install {'nginx-light' if name == 'nginx' else 'varnish'})")
+    try:
+        if name == "nginx":
+            return start_nginx(procs, binary, tmp, templates, fragment_port)
+        if shutil.which("varnishstat") is None:
+            return "varnishstat (package varnish) is missing: fragment failures could not be counted"
+        return start_varnish(procs, binary, tmp, fragment_port)
+    except (BenchError, OSError) as exc:
+        for proc in [p for p in procs.procs if p.name == name]:
+            procs.stop(proc)
+        return f"did not start: {exc}"
+
+
+def peer_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "-V"] if binary.endswith("varnishd") else [binary, "-v"],
+                             capture_output=True, text=True, check=False)
+    except OSError:
+        return "?"
+    first = (out.stderr or out.stdout).splitlines()[:1]
+    return first[0].strip() if first else "?"
+
+
 # ----------------------------------------------------------------------------------- report
 
 def f0(x: float) -> str:
@@ -643,6 +935,11 @@ def f2(x: float) -> str:
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "–"
+
+
+def tailor_version() -> str:
+    manifest = HERE / "node_modules" / TAILOR / "package.json"
+    return json.loads(manifest.read_text())["version"] if manifest.exists() else "not installed"
 
 
 def composer_digest() -> str:
@@ -679,8 +976,8 @@ def machine(start_digest: str) -> list[str]:
         (f"- CPU: {model}, {os.cpu_count()} cores; {round(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30)} GiB; "
         f"Linux {platform.release()}"),
         (f"- Python {platform.python_version()}, aiohttp {version('aiohttp')}, uvloop {version('uvloop')}; "
-        f"Node {command(['node', '-v'])}, {TAILOR} "
-        f"{json.loads((HERE / 'node_modules' / TAILOR / 'package.json').read_text())['version']}; "
+        f"Node {command(['node', '-v']) if shutil.which('node') else 'not installed'}, {TAILOR} "
+        f"{tailor_version()}; "
         f"{wrk_version[0].split(' Copyright')[0]}"),
         f"- composer at git {commit}" + (f" with uncommitted changes in {len(dirty)} file(s) of composer/"
                                          if dirty else "")
@@ -709,6 +1006,11 @@ class Report:
     aborted: str = ""
     digest: str = ""
     elapsed: float = 0.0
+    systems: list[str] = field(default_factory=list)  # measured, in SYSTEMS order
+    skipped: dict[str, str] = field(default_factory=dict)  # system -> why
+    versions: dict[str, str] = field(default_factory=dict)  # nginx / varnish -> version line
+    fragment_counts: dict[str, int] = field(default_factory=dict)  # page -> <fragment> tags
+    varnish_stats: dict[str, int] = field(default_factory=dict)
 
     def cells(self) -> list[tuple[str, int]]:
         seen: list[tuple[str, int]] = []
@@ -725,59 +1027,103 @@ class Report:
     def noisy(run: Run) -> bool:
         return run.other + run.steal > 20
 
+    def label(self, system: str) -> str:
+        return {"composer": "composer", "tailor": "Tailor", "nginx": "nginx SSI", "varnish": "Varnish ESI"}.get(
+            system, system)
+
     def main_table(self) -> list[str]:
         lines = [
-            ("| page | conns | req/s composer | req/s Tailor | req/s C/T | p50 ms C | p50 ms T | p99 ms C | p99 ms T "
-            "| CPU % C | CPU % T | CPU ms/page C | CPU ms/page T | CPU/page C/T | RSS MB C | RSS MB T "
-            "| non-2xx+err C | non-2xx+err T |"),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ("| page | conns | system | req/s | req/s ÷ composer | p50 ms | p99 ms | CPU % | CPU ms/page "
+             "| CPU/page ÷ composer | RSS MB | non-2xx+err | frag fail |"),
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for page, conns in self.cells():
-            c, t = self.median("composer", page, conns), self.median("tailor", page, conns)
-            if c is None or t is None:
-                continue
-            mark = " †" if self.noisy(c) or self.noisy(t) else ""
-            lines.append(
-                f"| {page}{mark} | {conns} | {f0(c.wrk.rps)} | {f0(t.wrk.rps)} | **{ratio(c.wrk.rps, t.wrk.rps)}** "
-                f"| {f1(c.wrk.p50)} | {f1(t.wrk.p50)} | {f1(c.wrk.p99)} | {f1(t.wrk.p99)} "
-                f"| {c.cpu_pct:.0f} | {t.cpu_pct:.0f} | {f2(c.cpu_ms_per_page)} | {f2(t.cpu_ms_per_page)} "
-                f"| {ratio(c.cpu_ms_per_page, t.cpu_ms_per_page)} | {c.rss_mb:.0f} | {t.rss_mb:.0f} "
-                f"| {c.bad} | {t.bad} |")
+            base = self.median("composer", page, conns)
+            for system in self.systems:
+                r = self.median(system, page, conns)
+                if r is None:
+                    continue
+                mark = " †" if self.noisy(r) else ""
+                vs_rps = ratio(r.wrk.rps, base.wrk.rps) if base is not None else "–"
+                vs_cpu = ratio(r.cpu_ms_per_page, base.cpu_ms_per_page) if base is not None else "–"
+                lines.append(
+                    f"| {page}{mark} | {conns} | {self.label(system)} | {f0(r.wrk.rps)} | **{vs_rps}** "
+                    f"| {f1(r.wrk.p50)} | {f1(r.wrk.p99)} | {r.cpu_pct:.0f} | {f2(r.cpu_ms_per_page)} | {vs_cpu} "
+                    f"| {r.rss_mb:.0f} | {r.bad} | {r.fragment_failures} |")
         return lines
 
     def per_fragment(self) -> list[str]:
-        lines = ["| CPU per page (ms) | composer | Tailor | C/T |", "|---|---:|---:|---:|"]
+        """CPU ms per page and µs per fragment = (cpu(pageN) − cpu(page0)) / N, N = the page's
+        fragments, at each concurrency where page0 was measured; ÷ p20 = that per-fragment cost
+        against page20's."""
+        head = "| page (fragments) | " + " | ".join(
+            f"{self.label(s)} ms/page | {self.label(s)} µs/fragment | ÷ p20" for s in self.systems) + " |"
+        lines = [head, "|---|" + "---:|---:|---:|" * len(self.systems)]
         for conns in (16, 64):
-            got = {s: {p: self.median(s, p, conns) for p in ("page5", "page20")} for s in SYSTEMS}
-            if any(r is None for per in got.values() for r in per.values()):
+            if all(self.median(s, "page0", conns) is None for s in self.systems):
                 continue
-            cpp = {s: {p: got[s][p].cpu_ms_per_page for p in got[s]} for s in SYSTEMS}  # type: ignore[union-attr]
-            extra = {s: (cpp[s]["page20"] - cpp[s]["page5"]) / 15 * 1000 for s in SYSTEMS}
-            for p in ("page5", "page20"):
-                lines.append(f"| {p} at c{conns} | {f2(cpp['composer'][p])} | {f2(cpp['tailor'][p])} "
-                             f"| {ratio(cpp['composer'][p], cpp['tailor'][p])} |")
-            lines.append(f"| **per extra fragment** at c{conns}, µs = (page20 − page5) / 15 "
-                         f"| **{extra['composer']:.0f}** | **{extra['tailor']:.0f}** "
-                         f"| {ratio(extra['composer'], extra['tailor'])} |")
+            for page in CONNS:
+                n = self.fragment_counts.get(page, 0)
+                cells = []
+                for s in self.systems:
+                    r, r0, r20 = (self.median(s, p, conns) for p in (page, "page0", "page20"))
+                    if r is None:
+                        cells.append("– | – | –")
+                        continue
+                    if n == 0 or r0 is None:
+                        cells.append(f"{f2(r.cpu_ms_per_page)} | – | –")
+                        continue
+                    per = (r.cpu_ms_per_page - r0.cpu_ms_per_page) / n * 1000
+                    per20 = ((r20.cpu_ms_per_page - r0.cpu_ms_per_page) / self.fragment_counts.get("page20", 20)
+                             * 1000 if r20 is not None else 0.0)
+                    cells.append(f"{f2(r.cpu_ms_per_page)} | **{per:.0f}** | {ratio(per, per20) if per20 else '–'}")
+                if any(c != "– | – | –" for c in cells):
+                    lines.append(f"| {page} ({n}) at c{conns} | " + " | ".join(cells) + " |")
         return lines if len(lines) > 2 else []
+
+    def method(self) -> list[str]:
+        """What each system is and what it does and does not do (also in bench/RESULTS.md)."""
+        out = []
+        if "composer" in self.systems:
+            out.append("- composer: `python -m composer serve` as shipped (uvloop, one JSON access-log line per "
+                       "request to a file, Prometheus metrics); templates compiled once; fragments fetched in "
+                       "parallel per page, the page streamed in document order, primary fragment sets the status, "
+                       "async fragments at the end, fragments' Link-header assets injected.")
+        if "tailor" in self.systems:
+            out.append(f"- Tailor {TAILOR_VERSION}: `bench/tailor_server.js`, templates parsed once and cached (its "
+                       "best case); otherwise defaults (Node's global keep-alive agent). It inlines its client "
+                       "runtime and wraps each fragment in `Pipe.start/end` scripts (larger pages).")
+        for name in ("nginx", "varnish"):
+            if name in self.systems:
+                out.append(PEER_METHOD[name].format(version=self.versions.get(name, "?")))
+        for name, why in self.skipped.items():
+            out.append(f"- **{self.label(name)} not measured:** {why}")
+        return out
 
     def markdown(self) -> str:
         a = self.args
-        out = [f"# composer vs Tailor {TAILOR_VERSION}: benchmark results", "",
+        peers = [self.label(s) + (f" {TAILOR_VERSION}" if s == "tailor" else "") for s in self.systems if s != "composer"]
+        title = "composer vs " + (", ".join(peers) if peers else "nothing") if "composer" in self.systems \
+            else ", ".join(peers)
+        out = [f"# {title}: benchmark results", "",
                f"Run {self.started}, {self.elapsed / 60:.0f} min. Command: `{shlex.join(['python', *sys.argv])}`"
                + (" — **a `--quick` smoke run: numbers are for checking the harness only.**" if a.quick else ""),
                "", *machine(self.digest), "",
                *([f"**ABORTED:** {self.aborted}", ""] if self.aborted else []),
-               (f"- {a.duration:g} s of `wrk -t1 --latency` per run, {a.rounds} round(s) per cell, the two systems "
-               "alternating; each cell shows the **median round** (by req/s; the lower middle one for an even count) of each system; all rounds are in "
+               (f"- {a.duration:g} s of `wrk -t1 --latency` per run, {a.rounds} round(s) per cell, the systems "
+               "taking turns to go first; each cell shows the **median round** (by req/s; the lower middle one for an even count) of each system; all rounds are in "
                "the appendix."),
-               ("- Proxies (one process each) pinned to CPU 0; wrk, the fragment server and this script to CPU 1. "
-               f"Fragment server: **{self.fragment_server}** (cheaper per request, see below). Fragment responses "
-               "carry no Cache-Control, so composer's fragment cache stores nothing: every page fetches every "
-               "fragment."),
-               ("- Tailor: `bench/tailor_server.js`, templates parsed once and cached (its best case); otherwise "
-               "defaults (Node's global keep-alive agent). composer: `python -m composer serve` as shipped "
-               "(uvloop, one JSON access-log line per request to a file, Prometheus metrics)."),
+               ("- Proxies pinned to CPU 0 (with all their processes: nginx's master and worker, varnishd's "
+               "manager and cache child); wrk, the fragment server and this script to CPU 1. CPU of a proxy = "
+               "utime + stime from /proc/PID/stat summed over its whole process tree (read at the start and the "
+               f"end of each run). Fragment server: **{self.fragment_server}** (cheaper per request, see below). "
+               "Fragment responses carry no Cache-Control, so composer's fragment cache stores nothing: every "
+               "page fetches every fragment; nginx and Varnish do not cache them either."),
+               ("- Pages: page0 = 2.5 KB of markup, no fragment; page5 = 5 fragments (2–10 KB, 5–50 ms, one "
+               "primary, one async); page20 = 20 × 2 KB after 10 ms; page100 = the same layout with 100 × 2 KB; "
+               "page1mb = page0's markup around one 1 MiB fragment (10 ms). nginx and Varnish get the same "
+               "templates with each `<fragment>` rewritten to their include tag (primary/async dropped)."),
+               *self.method(),
                f"- Load average before / after: {self.load_before} / {self.load_after}. "
                + (f"Other CPU users seen at the start: {len(self.others)} (e.g. `{self.others[0]}`). "
                   if self.others else "No pytest or other composer process seen at the start. ")
@@ -796,16 +1142,19 @@ class Report:
                      "≥ 95 % busy: there the load side, not the proxy, may have set the pace (see core1 % in "
                      "the appendix)."), ""]
         out += ["## Throughput, latency, CPU, memory", "",
-                ("C = composer, T = Tailor. CPU % is of one core (the proxy's). CPU ms/page = proxy CPU seconds "
+                ("÷ composer = this system's figure over composer's in the same cell. CPU % is of one core (the "
+                "proxy's). CPU ms/page = proxy CPU seconds "
                 "/ pages served. non-2xx+err = wrk's non-2xx responses plus socket errors (timeouts at 10 s, "
                 "resets). † = in a median round shown, other processes or the hypervisor (steal) took more than "
                 "20 % of a core: a disturbed measurement."), "", *self.main_table(), ""]
         per_fragment = self.per_fragment()
         if per_fragment:
-            out += ["## CPU per page and per extra fragment", "",
-                    ("From the median rounds above. page5 and page20 also differ in body sizes and page5 has an "
-                    "async fragment, so the per-fragment figure is the marginal cost of a 2 KB fragment plus "
-                    "noise."), "", *per_fragment, ""]
+            out += ["## CPU per page and per fragment", "",
+                    ("From the median rounds above. µs/fragment = (CPU ms/page of the page − that of page0) / "
+                    "its fragments; ÷ p20 = that figure over page20's (1.00× = each fragment costs what a "
+                    "page20 fragment does). page5's fragments are 2–10 KB and one is async; page1mb's one "
+                    "fragment is 1 MiB, so its figure is the cost of moving 1 MiB through the proxy."), "",
+                    *per_fragment, ""]
         if self.ttfb:
             out += ["## Time to first byte while fragments are pending", "",
                     ("A raw-socket client, one fresh connection per sample (connect not timed), sequential, "
@@ -844,10 +1193,11 @@ class Report:
                 out.append(f"\nBoth cores were busy ({two.core0:.0f} % / {two.core1:.0f} %) in the median 2-worker "
                            "round: with wrk and the fragment server on the same two cores, the machine, not "
                            "composer, sets the limit; a real scaling figure needs a separate load machine.")
+            tailor = self.median("tailor", "page20", 64)
             if one is not None:
-                out.append(f"\n2 workers / 1 process: **{ratio(two.wrk.rps, one.wrk.rps)}** req/s. "
-                           f"Tailor at the same cell: {f0(self.median('tailor', 'page20', 64).wrk.rps)} req/s "  # type: ignore[union-attr]
-                           "(Tailor is one process; it has no cluster mode of its own).")
+                out.append(f"\n2 workers / 1 process: **{ratio(two.wrk.rps, one.wrk.rps)}** req/s."
+                           + (f" Tailor at the same cell: {f0(tailor.wrk.rps)} req/s (Tailor is one process; it "
+                              "has no cluster mode of its own)." if tailor is not None else ""))
             out.append("")
         if self.fragment_servers:
             out += ["## Which fragment server", "",
@@ -861,15 +1211,23 @@ class Report:
                            f"| {fs['bad']:.0f} |")
             out.append("")
         if self.page_bytes:
+            measured = [s for s in self.systems if s in self.page_bytes]
             out += ["## Page sizes (bytes, one GET each, checked before measuring)", "",
                     ("Every page was a 200 holding every fragment's content, sync fragments in document order. "
                     "Tailor's pages are larger: it inlines its client runtime (pipe.min.js) and wraps each "
-                    "fragment in `Pipe.start/end` scripts."), "",
-                    "| page | composer | Tailor |", "|---|---:|---:|"]
-            for page in self.page_bytes.get("composer", {}):
-                out.append(f"| {page} | {f0(self.page_bytes['composer'][page])} "
-                           f"| {f0(self.page_bytes.get('tailor', {}).get(page, 0))} |")
+                    "fragment in `Pipe.start/end` scripts. nginx and Varnish insert the fragments' bodies "
+                    "as they are (no assets, no wrappers)."), "",
+                    "| page | " + " | ".join(self.label(s) for s in measured) + " |",
+                    "|---|" + "---:|" * len(measured)]
+            for page in (self.page_bytes[measured[0]] if measured else {}):
+                out.append(f"| {page} | " + " | ".join(f0(self.page_bytes[s].get(page, 0)) for s in measured) + " |")
             out.append("")
+        if self.varnish_stats:
+            out += ["## Varnish counters over the whole run (varnishstat)", "",
+                    ("cache_hit ≈ pages delivered from the cached template, s_pass ≈ includes fetched; "
+                    "backend_reuse / backend_conn = pooled connections reused / opened."), "",
+                    "| counter | value |", "|---|---:|",
+                    *(f"| {k} | {v:,} |" for k, v in self.varnish_stats.items()), ""]
         notes = {k: v for k, v in self.notes.items() if v}
         if notes:
             out += ["## Log lines worth a look", ""]
@@ -878,7 +1236,8 @@ class Report:
         out += ["## Appendix: every run", "",
                 ("core0/core1 = how busy each CPU was (irq/softirq included); frag srv % = the fragment "
                  "server's CPU; frag fail = fragment failures (composer: composer_fragment_failures_total; "
-                 "Tailor: error, fragment:error/warn/fallback events); odd log = composer log lines other than "
+                 "Tailor: error, fragment:error/warn/fallback events; nginx: error.log lines at [error] or worse; "
+                 "Varnish: fetch_failed + esi_errors + backend_fail + backend_unhealthy); odd log = composer log lines other than "
                  "2xx access lines and 499s (wrk closing connections at the end of a run); other % = CPU used by "
                  "processes this script did not start; steal % = taken by the hypervisor (all % of one core)."),
                 "",
@@ -927,13 +1286,31 @@ def scale(args: argparse.Namespace, procs: Processes, report: Report, routes: Pa
 
 
 def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
-    for tool in ("wrk", "taskset", "node", "npm"):
+    for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             raise BenchError(f"{tool} is not installed")
     if (os.cpu_count() or 1) < 2:
         raise BenchError("needs at least 2 CPUs (the proxy on CPU 0, the load on CPU 1)")
     os.sched_setaffinity(0, {LOAD_CPU})  # this script stays off the proxies' core
-    ensure_tailor()
+    wanted = [s for s in args.systems.split(",") if s]
+    for name in wanted:
+        if name not in SYSTEMS:
+            raise BenchError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
+    if not wanted:
+        raise BenchError("--systems names no system")
+    wanted = [s for s in SYSTEMS if s in wanted]  # one fixed order
+    have_node = shutil.which("node") is not None
+    if "tailor" in wanted:  # a peer: skipped with a note when it cannot run, like nginx and Varnish
+        why = None if have_node and shutil.which("npm") else "node and npm are needed for Tailor"
+        if why is None:
+            try:
+                ensure_tailor()
+            except (BenchError, OSError, subprocess.CalledProcessError) as exc:
+                why = f"npm could not install {TAILOR}@{TAILOR_VERSION}: {exc}"
+        if why is not None:
+            report.skipped["tailor"] = why
+            wanted.remove("tailor")
+            print(f"bench: Tailor skipped: {why}", flush=True)
     WORK.mkdir(exist_ok=True)
     report.digest = composer_digest()
     pages = [p for p in args.pages.split(",") if p]
@@ -942,6 +1319,11 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
             raise BenchError(f"unknown page {page!r} (known: {', '.join(CONNS)})")
 
     kind = args.fragment_server
+    if kind == "node" and not have_node:
+        raise BenchError("--fragment-server node: node is not installed")
+    if kind == "auto" and not have_node:
+        kind = "python"
+        print("bench: node is not installed: using bench/fragment_server.py", flush=True)
     if kind == "auto":
         print("bench: comparing the fragment servers", flush=True)
         report.fragment_servers = compare_fragment_servers(procs, args.fs_duration)
@@ -954,33 +1336,71 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
     fport = free_port()
     routes = prepare_work(fport)
     templates = WORK / "templates"
-    fragment_server = procs.start(f"fragment server ({kind})", pinned(str(LOAD_CPU), fragment_server_argv(kind, fport)),
+    report.fragment_counts = {p.stem: len(_FRAGMENT.findall(p.read_text())) for p in templates.glob("*.html")}
+    esi_pages = args.tmp / "esi-pages"  # served at /p/NAME for Varnish
+    write_peer_pages(templates, esi_pages, "esi", ".html")
+    fragment_server = procs.start(f"fragment server ({kind})",
+                                  pinned(str(LOAD_CPU), [*fragment_server_argv(kind, fport), str(esi_pages)]),
                                   log=WORK / "fragment_server.log")
     wait_ready(fragment_server, f"http://127.0.0.1:{fport}/f/warm")
-    composer = start_composer(procs, routes, workers=1, cpus=str(PROXY_CPU), name="composer")
-    tailor = start_tailor(procs, templates)
-    systems = {"composer": composer, "tailor": tailor}
-    report.notes = {"composer": composer.notes}
+    systems: dict[str, System] = {}
+    for name in wanted:
+        if name == "composer":
+            systems[name] = start_composer(procs, routes, workers=1, cpus=str(PROXY_CPU), name="composer")
+        elif name == "tailor":
+            systems[name] = start_tailor(procs, templates)
+        else:
+            got = start_peer(procs, name, args.tmp, templates, fport)
+            if isinstance(got, str):
+                report.skipped[name] = got
+                print(f"bench: {name} skipped: {got}", flush=True)
+                continue
+            systems[name] = got
+            report.versions[name] = peer_version(peer_binary(*PEER_BINARIES[name]) or "?")
+    if not systems:
+        raise BenchError("no system to measure: " + "; ".join(f"{k}: {v}" for k, v in report.skipped.items()))
+    report.systems = list(systems)
+    report.notes = {name: system.notes for name, system in systems.items() if name != "tailor"}
 
     all_pages = [*pages, "page5np"] if "page5" in pages else pages
-    for name, system in systems.items():
-        report.page_bytes[name] = verify(system, all_pages, templates)
+    for name, system in list(systems.items()):
+        try:
+            report.page_bytes[name] = verify(system, all_pages, templates)
+        except BenchError as exc:
+            if name == "composer":
+                raise
+            report.skipped[name] = f"failed the page check: {exc}"  # a peer never fails the run
+            print(f"bench: {name} skipped: {exc}", flush=True)
+            procs.stop(system.proc)
+            del systems[name]
+            report.systems.remove(name)
+            continue
         system.failures()
-    print("bench: every page verified through both proxies: " + ", ".join(
-        f"{p} {report.page_bytes['composer'][p]:,}/{report.page_bytes['tailor'][p]:,} B" for p in all_pages),
-        flush=True)
+    print("bench: every page verified (200, every fragment's content, sync ones in order) through "
+          + ", ".join(systems) + ": " + "; ".join(
+              f"{p} " + "/".join(f"{report.page_bytes[s][p]:,}" for s in systems) + " B" for p in all_pages),
+          flush=True)
+
+    def check_all() -> None:
+        check_alive(fragment_server, *(s.proc for s in systems.values()))
 
     cell = 0
+    order = list(systems)
     for page in pages:
-        for system in systems.values():  # warm-up: connections, pools, caches, JIT
-            run_wrk(procs, f"{system.base}/{page}", 16, args.warmup)
+        for name, system in systems.items():  # warm-up: connections, pools, caches, JIT; and a clean run
+            warm = run_wrk(procs, f"{system.base}/{page}", 16, args.warmup)
+            if warm.non2xx + warm.socket_errors:
+                message = (f"warm-up of /{page}: {warm.non2xx} non-2xx responses, {warm.socket_errors} socket "
+                           f"errors in {warm.requests} requests")
+                print(f"bench: {name}: {message}", flush=True)
+                report.notes.setdefault(name, system.notes).append(message)
         for conns in CONNS[page]:
             for rnd in range(1, args.rounds + 1):
-                order = SYSTEMS if (cell + rnd) % 2 else SYSTEMS[::-1]
-                for name in order:
+                shift = (cell + rnd) % len(order)  # rotate who goes first
+                for name in order[shift:] + order[:shift]:
                     run = measure(procs, systems[name], fragment_server, page, conns, rnd, args.duration)
                     report.runs.append(run)
-                    check_alive(composer.proc, tailor.proc)
+                    check_all()
                     print(f"  {page} c{conns} r{rnd} {name:8} {run.wrk.rps:8,.0f} req/s  p50 {run.wrk.p50:7.1f} ms"
                           f"  p99 {run.wrk.p99:7.1f} ms  cpu {run.cpu_pct:3.0f}%  {run.cpu_ms_per_page:.2f} ms/page"
                           f"  rss {run.rss_mb:4.0f} MB  bad {run.bad}  frag-fail {run.fragment_failures}"
@@ -997,7 +1417,7 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
                 print(f"  {page:8} {name:8} first byte p50 {t['p50']:6.1f} ms  p99 {t['p99']:6.1f} ms  "
                       f"first markup p50 {t['markup_p50']:6.1f} ms  last byte p50 {t['last_p50']:6.1f} ms",
                       flush=True)
-        check_alive(composer.proc, tailor.proc)
+        check_all()
 
     if "page5" in pages:
         url = f"http://127.0.0.1:{fport}/f/recos?delay=50&size=5120"
@@ -1008,21 +1428,36 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
 
     for system in systems.values():
         system.failures()
-    if "page20" in pages:
+    if "page20" in pages and "composer" in systems and args.scaling:
         print("bench: composer --workers 2 (unpinned) on page20 at c64", flush=True)
         try:
             scale(args, procs, report, routes, templates, fragment_server)
         except BenchError as exc:
             report.scaling_error = str(exc)
             print(f"bench: composer --workers 2 not measured: {exc}", file=sys.stderr, flush=True)
-    tailor_stats = json.loads(http_get(f"{tailor.base}/__stats")[1])
-    if any(tailor_stats.values()):
-        report.notes["tailor events over the whole run"] = [json.dumps(tailor_stats)] + \
-            tailor.proc.tail(20).splitlines()
-    status = procs.stop(composer.proc)
-    scan_composer_log(composer)
-    if status != 0:
-        composer.notes.append(f"composer exited with status {status} on SIGTERM (expected 0)")
+    if "tailor" in systems:
+        tailor = systems["tailor"]
+        tailor_stats = json.loads(http_get(f"{tailor.base}/__stats")[1])
+        if any(tailor_stats.values()):
+            report.notes["tailor events over the whole run"] = [json.dumps(tailor_stats)] + \
+                tailor.proc.tail(20).splitlines()
+    if "varnish" in systems:
+        varnish = systems["varnish"]
+        assert varnish.state is not None
+        report.varnish_stats = varnish_counters(varnish.state, VARNISH_COUNTERS)
+    for name in ("nginx", "varnish"):
+        if name in systems:
+            status = procs.stop(systems[name].proc)
+            if name == "nginx":
+                systems[name].failures()  # the last error.log lines into the notes
+            if status not in (0, None):
+                systems[name].notes.append(f"{name} exited with status {status} on SIGTERM (expected 0)")
+    if "composer" in systems:
+        composer = systems["composer"]
+        status = procs.stop(composer.proc)
+        scan_composer_log(composer)
+        if status != 0:
+            composer.notes.append(f"composer exited with status {status} on SIGTERM (expected 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1031,7 +1466,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per page × concurrency (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 s per run, 1 round, 30 TTFB samples; writes bench/.work/RESULTS.quick.md")
-    parser.add_argument("--pages", default="page0,page5,page20", help="pages to drive (default all three)")
+    parser.add_argument("--pages", default=",".join(CONNS),
+                        help=f"pages to drive (default all: {','.join(CONNS)})")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"systems to measure (default all: {','.join(SYSTEMS)}); a peer that is not "
+                             "installed or does not start is skipped with a note")
+    parser.add_argument("--no-scaling", dest="scaling", action="store_false",
+                        help="skip the composer --workers 2 runs")
     parser.add_argument("--fragment-server", choices=("auto", "node", "python"), default="auto",
                         help="auto (default): measure both, use the cheaper per request")
     parser.add_argument("--ttfb-samples", type=int, default=200, help="TTFB samples per system and page")
@@ -1053,6 +1494,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     status = 0
+    args.tmp = Path(tempfile.mkdtemp(prefix="composer-bench-"))  # nginx's and Varnish's files
     try:
         bench(args, procs, report)
     except BenchError as exc:
@@ -1063,6 +1505,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         procs.stop_all()
+        shutil.rmtree(args.tmp, ignore_errors=True)
     report.elapsed = time.monotonic() - t0
     report.load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     if report.aborted:
@@ -1077,7 +1520,8 @@ def main(argv: list[str] | None = None) -> int:
     raw.write_text(json.dumps({"runs": [asdict(r) for r in [*report.runs, *report.scaling]],
                                "ttfb": {f"{p} {s}": t for (p, s), t in report.ttfb.items()},
                                "floor": asdict(report.floor) if report.floor else None,
-                               "fragment_servers": report.fragment_servers}, indent=1))
+                               "fragment_servers": report.fragment_servers,
+                               "skipped": report.skipped, "varnish_stats": report.varnish_stats}, indent=1))
     print(f"bench: written to {output} (every run as JSON: {raw})")
     return status
 
