@@ -96,6 +96,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--checkout", type=Path, default=run.ROOT, help="the composer checkout to profile")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--keep", type=Path, default=None, help="keep py-spy's raw stacks in this folder")
     args = parser.parse_args()
     procs = run.Processes()
     report: list[str] = [f"composer checkout: {args.checkout.resolve()}", ""]
@@ -125,6 +126,9 @@ def main() -> int:
                 result = profile_page(procs, composer.pid, url, args.duration, args.conns, raw)
                 cpu = run.cpu_seconds([composer.pid]) - cpu0
                 frames, layers, total = read_raw(raw)
+                if args.keep is not None:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(raw, args.keep / raw.name)
                 report += [f"## {page} (c{args.conns}): {result.rps:.0f} req/s, "
                            f"{cpu / result.requests * 1000:.3f} ms CPU per page (py-spy attached), "
                            f"{total} samples", ""]

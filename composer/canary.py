@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,13 +32,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
+from aiohttp.web import BaseRequest
+
 from .config import DEFAULT_ANALYSIS
 
 if TYPE_CHECKING:
     from .metrics import Metrics
     from .routing import RouteTable
 
-__all__ = ["STATE_DIR_ENV", "Analysis", "state_dir_of"]
+__all__ = ["BUCKET_COOKIE", "BUCKET_SET_COOKIE", "STATE_DIR_ENV", "Analysis", "state_dir_of", "user_bucket"]
+
+BUCKET_COOKIE = "composer_bucket"  # the user's canary bucket, 0–99 (SPEC §5)
+# A year: the bucket is the only canary state, so it must outlive the browser session.
+BUCKET_SET_COOKIE = BUCKET_COOKIE + "={}; Max-Age=31536000; Path=/; HttpOnly; SameSite=Lax"
+
+
+def user_bucket(request: BaseRequest) -> tuple[int, bool]:
+    """The user's canary bucket from the `composer_bucket` cookie, and False; or, when it is
+    absent or not 0–99, a new random one and True (the page must set it)."""
+    value = request.cookies.get(BUCKET_COOKIE, "") if "cookie" in request.headers else ""
+    # ASCII only: str.isdigit() also accepts "²" (int() raises: a 500 the cookie would cause
+    # on every page) and "٣" (not a bucket composer ever sets).
+    if value.isascii() and value.isdigit() and len(value) <= 2:
+        return int(value), False
+    return random.randrange(100), True
 
 log = logging.getLogger("composer.canary")
 

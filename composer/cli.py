@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             table = load(args.config, args.manifest)  # no event loop yet: a URL manifest is fetched here
             for warning in table.warnings:
                 print(warning, file=sys.stderr)
-            fragments = sum(len(r.template.fragments) for r in table.routes if r.template)
+            fragments = sum(len(t.fragments) for _, t in table.templates())
             print(f"{table.label}: ok ({len(table.routes)} routes, {fragments} fragments)")
             for line in _layout_lines(table):
                 print(line)

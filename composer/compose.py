@@ -11,18 +11,18 @@ pages and knows nothing of fetching, caches, breakers or fallbacks.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .canary import BUCKET_SET_COOKIE, user_bucket
 from .config import Settings
 from .errors import error_page
 from .filters import apply_response
 from .links import Asset
-from .logs import REQUEST_ID
+from .logs import request_id_of
 from .pipeline import Mark, Outcome, Page, Pipeline, marks_script
 from .routing import Route
 from .signals import PageSignals
@@ -31,13 +31,10 @@ from .template import ASYNC_SLOT, Fragment, Template
 if TYPE_CHECKING:
     from .tracing import Tracing
 
-__all__ = ["BARE_500", "Composer", "request_id_of"]
+__all__ = ["BARE_500", "Composer"]
 
 BARE_500 = error_page(500)
 _CACHE_CONTROL = "no-cache, no-store, must-revalidate"
-BUCKET_COOKIE = "composer_bucket"
-# A year: the bucket is the only canary state, so it must outlive the browser session.
-_BUCKET_COOKIE = BUCKET_COOKIE + "={}; Max-Age=31536000; Path=/; HttpOnly; SameSite=Lax"
 _CONTENT_TYPE = "text/html; charset=utf-8"
 _SLICE = 64 * 1024  # the most written to a client at once
 # A primary answering one of these says "no content": the page follows it, empty, like a 3xx.
@@ -50,12 +47,6 @@ _MOVE_SCRIPT = (
     'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
     'document.getElementById("composer-async-{0}-content"))</script>'
 )
-def request_id_of(request: web.BaseRequest) -> str:
-    """The incoming `x-request-id` when it is sane (printable, ≤128 chars), else a new one."""
-    rid = request.headers.get("x-request-id", "")
-    if 0 < len(rid) <= 128 and rid.isascii() and rid.isprintable():
-        return rid
-    return f"{random.getrandbits(128):032x}"  # an id, not a secret: no urandom syscall per page
 
 
 class Composer:
@@ -77,8 +68,8 @@ class Composer:
             span = self.tracing.page("compose_page", request.headers, {
                 "http.request.method": request.method, "http.route": route.name, "url.path": request.path,
                 "composer.template": route.template.name if route.template else ""})
-        rid = request.get(REQUEST_ID) or request_id_of(request)
-        return Page.of(request, route.name, params, settings, request_id=rid, bucket=bucket, started=started, span=span,
+        return Page.of(request, route.name, params, settings, request_id=request_id_of(request), bucket=bucket,
+                       started=started, span=span,
                        fragments=len(route.template.fragments) if route.template else 0)
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
@@ -89,47 +80,47 @@ class Composer:
         """
         template = route.template
         assert template is not None
-        bucket, new_bucket = -1, False
-        if template.versioned:
-            bucket = bucket_of(request)
-            if bucket < 0:
-                bucket, new_bucket = random.randrange(100), True
+        bucket, new_bucket = user_bucket(request) if template.versioned else (-1, False)
         started = time.perf_counter()
-        page = self._page(request, route, params, settings, bucket, started)
         head_only = request.method == "HEAD"
         # HEAD needs only what decides the status and headers: the primary, if any.
         wanted = template.fragments if not head_only else (template.primary,) if template.primary else ()
+        # A page that fetches nothing (and is not traced) needs no fragment context.
+        page = self._page(request, route, params, settings, bucket, started) \
+            if wanted or self.tracing is not None else None
         tasks: dict[int, asyncio.Task[Outcome]] = {
-            f.index: asyncio.create_task(self.pipeline.resolve(f, page)) for f in wanted}
+            f.index: asyncio.create_task(self.pipeline.resolve(f, page)) for f in wanted} if page else {}
+        span = page.span if page is not None else None
         status = 0
         try:
             headers = CIMultiDict({"content-type": _CONTENT_TYPE, "cache-control": _CACHE_CONTROL})
             if new_bucket:
-                headers.add("set-cookie", _BUCKET_COOKIE.format(bucket))
+                headers.add("set-cookie", BUCKET_SET_COOKIE.format(bucket))
             status = 200  # the span's, should the page go away while its primary is awaited
             status, body = await _head(route, template, tasks, headers, settings.server_timing, started)
             if body is not None:  # the head is the whole answer
                 return web.Response(status=status, body=body or None, headers=headers)
-            response = web.StreamResponse(status=status, headers=headers)
+            response = _Streamed(status=status, headers=headers)
             await response.prepare(request)
             if not head_only:
-                signals = PageSignals(route.name, page.request_id, settings.client_signals_sample) \
+                signals = PageSignals(route.name, page.request_id if page else request_id_of(request),
+                                      settings.client_signals_sample) \
                     if template.client_signals else None
                 # The page's last bytes go out with the chunked terminator: one write, not two.
-                await response.write_eof(await self._stream(response, template, tasks, page.marks, signals))
+                await response.write_eof(await self._stream(response, template, tasks, page.marks if page else None, signals))
             else:
                 await response.write_eof()
             return response
         except BaseException as exc:
-            if page.span is not None and self.tracing is not None:
-                self.tracing.fail(page.span, type(exc).__name__, str(exc))
+            if span is not None and self.tracing is not None:
+                self.tracing.fail(span, type(exc).__name__, str(exc))
             raise
         finally:
             for task in tasks.values():
                 task.cancel()
-            if page.span is not None:
-                page.span.set_attribute("http.response.status_code", status)
-                page.span.end()
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                span.end()
 
     async def _stream(self, response: web.StreamResponse, template: Template,
                       tasks: dict[int, asyncio.Task[Outcome]],
@@ -189,14 +180,11 @@ class Composer:
             await _flush(response, out)
 
 
-def bucket_of(request: web.BaseRequest) -> int:
-    """The user's canary bucket from the `composer_bucket` cookie; -1 when absent or not 0–99."""
-    if "cookie" not in request.headers:
-        return -1
-    value = request.cookies.get(BUCKET_COOKIE, "")
-    # ASCII only: str.isdigit() also accepts "²" (int() raises: a 500 the cookie would cause
-    # on every page) and "٣" (not a bucket composer ever sets).
-    return int(value) if value.isascii() and value.isdigit() and len(value) <= 2 else -1
+class _Streamed(web.StreamResponse):
+    """A page whose head leaves with its first bytes, in one write (StreamResponse's own
+    sends it alone, at once: one more system call per page)."""
+
+    _send_headers_immediately = False
 
 
 async def _head(route: Route, template: Template, tasks: dict[int, asyncio.Task[Outcome]],
@@ -208,6 +196,7 @@ async def _head(route: Route, template: Template, tasks: dict[int, asyncio.Task[
     primary = template.primary
     status, body = 200, None
     waited = 0.0  # the wait for the primary (its fetch, or its fallback's)
+    links = template.preload  # under compat: tailor the AMD loader's entry, first
     if primary is not None:
         outcome = await tasks[primary.index]
         waited = time.perf_counter() - started
@@ -223,8 +212,10 @@ async def _head(route: Route, template: Template, tasks: dict[int, asyncio.Task[
                     headers["location"] = outcome.headers["location"]
                 del headers["content-type"]
                 body = b""
-        if body is None and outcome.assets:
-            headers["link"] = _preload(outcome.assets, template.client_signals)
+        if body is None and (outcome.assets or outcome.preload):
+            links = outcome.link(links, template.client_signals)
+    if body is None and links:
+        headers["link"] = links
     if server_timing:
         headers["server-timing"] = _timing(primary, waited, time.perf_counter() - started)
     return apply_response(route.response_filters, status, headers), body
@@ -234,7 +225,8 @@ async def _flush(response: web.StreamResponse, out: list[bytes]) -> None:
     """Write `out` and empty it. Large output goes in slices, each waiting for the client to
     take the one before (aiohttp drains past 64 KiB): a client that reads slowly holds its
     page's fragments, never a second copy of them in the socket's buffer."""
-    if not out:
+    if not out:  # nothing to add, but the head must go now (it waits for the first bytes)
+        await response.write(b"")
         return
     if len(out) == 1 or sum(map(len, out)) <= _SLICE:
         data = b"".join(out)
@@ -290,11 +282,3 @@ def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
         return own
     desc = pid.replace("\\", "\\\\").replace('"', '\\"') if (pid := primary.id).isascii() and pid.isprintable() else ""
     return f'primary;dur={waited * 1000:.1f};desc="{desc}", {own}'
-
-
-def _preload(assets: tuple[Asset, ...], cors: bool) -> str:
-    """The primary's assets as preloads; with client signals its scripts load with CORS
-    (`crossorigin`), and a preload must say so too, or the browser fetches them twice."""
-    kinds = {"stylesheet": "style", "script": "script"}
-    return ", ".join(f'<{a.url}>; rel="preload"; as="{kinds[a.kind]}"'
-                     + ("; crossorigin" if cors and a.kind == "script" else "") for a in assets)

@@ -27,7 +27,7 @@ from typing import Literal
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = ["Asset", "parse_assets"]
+__all__ = ["Asset", "parse_assets", "preload"]
 
 # A service sends the same lines again and again: what a line gives is remembered (lines up
 # to _LINE_CACHED characters, _LINES_CACHED of them).
@@ -43,6 +43,7 @@ _SCRIPT = b'<script src="%s" defer></script>'
 # With client signals (SPEC §7): a script on another origin reports its errors' details only
 # when fetched with CORS (its server must answer Access-Control-Allow-Origin).
 _CORS_SCRIPT = b'<script src="%s" defer crossorigin></script>'
+_AS = {"stylesheet": "style", "script": "script"}  # a preload's `as`
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,16 @@ class Asset:
         script = self.kind == "script"
         object.__setattr__(self, "tag", (_SCRIPT if script else _STYLESHEET) % escaped)
         object.__setattr__(self, "cors_tag", (_CORS_SCRIPT if script else _STYLESHEET) % escaped)
+
+
+def preload(assets: tuple[Asset, ...], cors: bool, first: str = "") -> str:
+    """A page's `Link` header: its primary's assets as preloads, after `first` (under compat:
+    tailor the AMD loader's entry). With `cors` its scripts load with CORS (`crossorigin`, as
+    client signals write them), and a preload must say so too, or the browser fetches them twice."""
+    entries = [first] if first else []
+    entries += [f'<{a.url}>; rel="preload"; as="{_AS[a.kind]}"' + ("; crossorigin" if cors and a.kind == "script" else "")
+                for a in assets]
+    return ", ".join(entries)
 
 
 def parse_assets(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str = "link") -> tuple[Asset, ...]:

@@ -19,6 +19,10 @@ is left in the order they start): not fetched, and the fragment shows its fallba
 until all its children are done anyway, and its parent may itself be placed anywhere (async
 or not), so streaming a child later would need page-wide placeholder ids and a second path
 through compose.py, for a child whose timeout already bounds the wait.
+
+Under settings.compat: tailor a nested body's fragments are wrapped as the template's are, and
+numbered when the body is placed (`Room.number`): after the template's and every body placed
+before, as Tailor numbers all of a request's fragments in one sequence.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from yarl import URL
 
 from .errors import ConfigError, Reason
 from .fragments import Failed
+from .tailor import TailorSettings, slot
 from .template import Fragment, Template, compile_nested
 from .urls import origin_allowed
 
@@ -57,17 +62,28 @@ _Key = tuple[str, tuple[str, ...], bytes]  # parent id, the route's param names,
 
 
 class Room:
-    """How many more nested fragments a page may fetch (settings.max_fragments_per_page),
-    shared by all its levels: mutable, so it lives outside the frozen `Page`."""
+    """How many more nested fragments a page may fetch (settings.max_fragments_per_page), and
+    how many fragments it has placed (its template's, then nested bodies'), shared by all its
+    levels: mutable, so it lives outside the frozen `Page`."""
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "placed")
 
-    def __init__(self, left: int) -> None:
+    def __init__(self, left: int, placed: int = 0) -> None:
         self.left = left
+        self.placed = placed
 
     def take(self) -> bool:
         self.left -= 1
         return self.left >= 0
+
+    def number(self, fragments: tuple[Fragment, ...], settings: TailorSettings) -> tuple[Fragment, ...]:
+        """settings.compat: tailor: a nested body's `fragments` with their `Slot`s at the page's
+        next positions, after its template's and those of every body placed before: Tailor
+        numbers all of a request's fragments in one sequence, so no two share an index."""
+        first = self.placed
+        self.placed += len(fragments)
+        return tuple(replace(f, pipe=slot(dict(f.attributes), first + i, False, settings))
+                     for i, f in enumerate(fragments))
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +164,15 @@ class Nesting:
         begun = time.monotonic() - (time.perf_counter() - started)
         child = replace(page, deadline=min(page.deadline, begun + fragment.timeout), depth=page.depth + 1,
                         ancestors=(*page.ancestors, str(url)), span=span if span is not None else page.span)
-        tasks = [asyncio.ensure_future(self._resolve(f, child)) for f in template.fragments]
+        fragments = template.fragments
+        if fragments[0].pipe is not None and page.room is not None:  # settings.compat: tailor
+            fragments = page.room.number(fragments, page.settings.tailor)
+        tasks = [asyncio.ensure_future(self._resolve(f, child)) for f in fragments]
         try:
-            shown = iter(await asyncio.gather(*tasks))
+            shown = zip(fragments, await asyncio.gather(*tasks), strict=True)
         finally:
             for task in tasks:  # only if the page went away: resolve never raises otherwise
                 task.cancel()
-        parts = tuple((chunk, next(shown)) if isinstance(chunk, Fragment) else chunk
+        parts = tuple(next(shown) if isinstance(chunk, Fragment) else chunk
                       for chunk in template.chunks if isinstance(chunk, (bytes, Fragment)))
         return replace(outcome, parts=parts)

@@ -43,10 +43,11 @@ from .config import CACHE_BYTES, Settings
 from .errors import Reason
 from .fragments import Failed, Fetched, fetch
 from .links import Asset
+from .links import preload as preload_header
 from .metrics import Metrics
 from .nesting import NESTED_HEADER, Nesting, Room
 from .routing import RouteTable
-from .tailor import Slot
+from .tailor import Slot, capped
 from .tailor import assets as tailor_assets
 from .template import Fragment, Template, UrlTemplate
 from .urls import origin_allowed
@@ -79,6 +80,9 @@ class Outcome:
     # A nested fragment (SPEC §6): its body's bytes and its fragments' outcomes, in order;
     # empty for any other, whose `body` is shown.
     parts: tuple[bytes | tuple[Fragment, Outcome], ...] = ()
+    # Under compat: tailor a primary's assets for the page's `Link` header, its stylesheets then
+    # its scripts (which load through the AMD loader: they are not among `assets`); else None.
+    preload: tuple[Asset, ...] | None = None
 
     @property
     def all_assets(self) -> tuple[Asset, ...]:
@@ -86,6 +90,15 @@ class Outcome:
         if not self.parts:
             return self.assets
         return self.assets + tuple(a for part in self.parts if isinstance(part, tuple) for a in part[1].all_assets)
+
+    def link(self, first: str, cors: bool) -> str:
+        """The page's `Link` header when this is its primary's outcome: `first` (under compat:
+        tailor the AMD loader's entry), then its assets as preloads; with `cors` (client
+        signals) its scripts with `crossorigin`, as they are written. Under compat they load
+        through the AMD loader, without CORS."""
+        if self.preload is not None:
+            return preload_header(self.preload, False, first)
+        return preload_header(self.assets, cors, first)
 
 
 _NONE = Outcome("none")
@@ -133,7 +146,7 @@ class Page:
                    deadline=time.monotonic() + settings.page_timeout_ms / 1000, bucket=bucket,
                    overrides=_overrides(incoming.get(settings.version_override_header or "", "")),
                    started=started, marks=[] if settings.timing_marks else None, span=span,
-                   settings=settings, room=Room(settings.max_fragments_per_page - fragments))
+                   settings=settings, room=Room(settings.max_fragments_per_page - fragments, fragments))
 
 
 class Pipeline:
@@ -162,8 +175,8 @@ class Pipeline:
             self._spawn(old.close())
         fallbacks: dict[str, Fragment] = {}
         origins: set[tuple[str, str]] = set()
-        for route in table.routes:
-            for fragment in route.template.fragments if route.template else ():
+        for _, template in table.templates():
+            for fragment in template.fragments:
                 # The circuits pages go through: src (the active version), the canary's. A version
                 # reached only by a QA override gets a new circuit when it is next fetched.
                 origins.add((fragment.id, fragment.src.origin))
@@ -240,7 +253,7 @@ class Pipeline:
         if span is not None:
             self._end_span(span, outcome, failure)
         if fragment.pipe is not None:  # settings.compat: tailor
-            outcome = _tailor(outcome, fragment.pipe)
+            outcome = _tailor(outcome, fragment.pipe, fragment.primary)
         return outcome
 
     def _version(self, fragment: Fragment, page: Page) -> tuple[str, UrlTemplate, str | None]:
@@ -399,18 +412,21 @@ class Pipeline:
                         extra={"fields": fields})
 
 
-def _tailor(outcome: Outcome, pipe: Slot) -> Outcome:
+def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:
     """What a fragment shows under settings.compat: tailor: its assets as Tailor reads them
     (`x-amz-meta-link` too, `max_asset_links` of each kind), its body inside Tailor's wrapper
     of `start`/`end` calls, which load and initialise its scripts (so the page does not write
-    them), and nothing at all when it shows nothing, as in Tailor."""
+    them), and nothing at all when it shows nothing, as in Tailor. A primary's assets are
+    kept for the page's `Link` header: stylesheets, then scripts (Tailor's order)."""
     if outcome.source == "none":
         return outcome
-    found = tailor_assets(outcome.headers, pipe.limit) if outcome.headers is not None else outcome.assets
+    limit = pipe.limit
+    found = tailor_assets(outcome.headers, limit) if outcome.headers is not None else capped(outcome.assets, limit)
     head, tail, kept = pipe.wrap(found)
+    preload = tuple(sorted(found, key=lambda a: a.kind != "stylesheet")) if primary else None
     if outcome.parts:  # a nested fragment: its parts are shown, not its body
-        return replace(outcome, assets=kept, parts=(head, *outcome.parts, tail))
-    return replace(outcome, assets=kept, body=b"".join((head, outcome.body, tail)))
+        return replace(outcome, assets=kept, parts=(head, *outcome.parts, tail), preload=preload)
+    return replace(outcome, assets=kept, body=b"".join((head, outcome.body, tail)), preload=preload)
 
 
 def _budget(fragment: Fragment, page: Page) -> float:

@@ -361,15 +361,20 @@ def _versions(table: RouteTable, label: str) -> list[tuple[Entry, str, str]]:
 
 
 def _targets(table: RouteTable) -> list[tuple[str, str, str]]:
-    """(route name, file:line, path) of each template route a plain GET reaches: no params, no conditions."""
+    """(route name, file:line, path) of each template route (each page of a `template_lookup` one) a plain
+    GET reaches: no params, no conditions."""
     found = []
     for route in table.routes:
-        if route.template is None or route.conditions or route.path.params:
+        if route.template is None and route.pages is None or route.conditions or route.path.params:
             continue
         if route.methods is not None and "GET" not in route.methods:
             continue
         path = route.path.pattern if isinstance(route.path, PathPredicate) else route.path.prefix or "/"
-        found.append((route.name, f"{table.label}:{route.line}", path))
+        if route.pages is None:
+            found.append((route.name, f"{table.label}:{route.line}", path))
+        else:  # template_lookup: each page, `/x` for x.html (`/` is `/index`)
+            found += [(route.name, f"{table.label}:{route.line}", f"{path.rstrip('/')}/{name}")
+                      for name in route.pages if name]
     return found
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import unquote
@@ -119,6 +119,11 @@ class RouteTable:
         self._root, self._depth = _index(routes)
         self.warnings = warnings + _shadowed(self.label, routes, self._root)  # `file:line: warning: …`
 
+    def templates(self) -> Iterator[tuple[Route, Template]]:
+        """Every template a page is composed from, with the route that serves it: what anything
+        enumerating fragments (circuits, metrics, fallback prefetch, client-signal labels) walks."""
+        return _templates(self.routes)
+
     def match(self, request: web.BaseRequest, path: str) -> Match:
         """First route, in file order, whose predicates all accept the request.
 
@@ -193,11 +198,20 @@ def build_table(config: Config, *, manifest_option: str | None = None) -> RouteT
                       warnings=config.warnings + _template_warnings(routes))
 
 
+def _templates(routes: Iterable[Route]) -> Iterator[tuple[Route, Template]]:
+    """Each route's template, and each page of a `template_lookup` route (once: `/` is
+    `/index`'s), in file order."""
+    for route in routes:
+        if route.template is not None:
+            yield route, route.template
+        for name, page in (route.pages or {}).items():
+            if name and page.template is not None:
+                yield page, page.template
+
+
 def _template_warnings(routes: list[Route]) -> tuple[str, ...]:
     """What compiling the templates warned of (under compat: tailor), each once."""
-    templates = [r.template for r in routes if r.template is not None]
-    templates += [p.template for r in routes for p in (r.pages or {}).values() if p.template is not None]
-    return tuple(dict.fromkeys(w for t in templates for w in t.warnings))
+    return tuple(dict.fromkeys(w for _, t in _templates(routes) for w in t.warnings))
 
 
 def _lookup(config: Config, spec: RouteSpec, route: Route, problems: list[str],

@@ -28,14 +28,14 @@ from .breaker import State
 from .canary import Analysis
 from .client import Client
 from .collector import SCRIPT_PREFIX, bundle
-from .compose import BARE_500, Composer, request_id_of
+from .compose import BARE_500, Composer
 from .config import Settings
 from .errors import error_page
 from .filters import apply_response
 from .fragments import new_session
 from .guard import request_problem
 from .listener import Limits, PageServer
-from .logs import REQUEST_ID, ROUTE, AccessLogger
+from .logs import REQUEST_ID, ROUTE, AccessLogger, request_id_of
 from .metrics import CONTENT_TYPE_LATEST, Declared, Metrics
 from .pipeline import Pipeline
 from .proxy import Proxy, backend_session
@@ -113,8 +113,8 @@ class ComposerServer:
         circuits = self.metrics.circuit_state
         timeouts: dict[tuple[str, str], float] = {}
         uses: list[Declared] = []
-        for route in table.routes:
-            for fragment in route.template.fragments if route.template else ():
+        for route, template in table.templates():
+            for fragment in template.fragments:
                 timeouts[fragment.id, route.name] = fragment.timeout
                 if fragment.name is None:
                     declared.add((fragment.id, "", ""))

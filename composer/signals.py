@@ -55,18 +55,16 @@ class Labels:
     """The label values beacons may use, from one route table (rebuilt on each reload)."""
 
     def __init__(self, table: RouteTable) -> None:
-        routes: dict[str, _Route] = {}
-        for route in table.routes:
-            template = route.template
-            if template is None or not template.client_signals:
+        routes: dict[str, dict[str, tuple[str, frozenset[str]]]] = {}
+        for route, template in table.templates():  # a template_lookup route's pages share its name
+            if not template.client_signals:
                 continue
-            fragments: dict[str, tuple[str, frozenset[str]]] = {}
+            fragments = routes.setdefault(route.name, {})
             for fragment in template.fragments:
                 versions = frozenset(fragment.versions) if fragment.name is not None else frozenset({""})
                 owner, known = fragments.get(fragment.id, (fragment.owner, frozenset()))
                 fragments[fragment.id] = (owner, known | versions)
-            routes[route.name] = _Route(fragments)
-        self.routes = routes
+        self.routes = {name: _Route(fragments) for name, fragments in routes.items()}
 
     def series(self) -> Iterable[tuple[str, str, str, str]]:
         """Every (route, fragment, version, kind) a client error can be counted under."""

@@ -122,8 +122,8 @@ def _fragment_rows(table: RouteTable, manifest: Mapping[str, Any], now: Snapshot
     rows = []
     views: Mapping[str, Any] = manifest.get("fragments") or {}
     seen: dict[str, tuple[str | None, str]] = {}
-    for route in table.routes:
-        for fragment in route.template.fragments if route.template else ():
+    for _, template in table.templates():
+        for fragment in template.fragments:
             seen.setdefault(fragment.id, (fragment.name, fragment.owner))
     circuits: dict[str, str] = {}  # fragment → its worst circuit over its origins
     for circuit in manifest.get("circuits") or ():
@@ -156,7 +156,7 @@ def _route_rows(table: RouteTable, now: Snapshot, since: Snapshot, minutes: floa
         mix = ", ".join(f"{status}: {count / total:.0%}" for status, count in sorted(counts.items()) if count) \
             if total else "–"
         errors = sum(c for s, c in counts.items() if s.startswith("5"))
-        kind = "template" if route.template else "backend" if route.backend else "redirect"
+        kind = "template" if route.template or route.pages is not None else "backend" if route.backend else "redirect"
         rows.append(_row([route.name, kind, f"{total / minutes:.1f}/min", mix], bool(total) and errors / total > 0.01))
     return "".join(rows)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -30,7 +31,7 @@ from .links import Asset, parse_assets
 from .nodes import Reader
 
 __all__ = ["DEFAULT_AMD_LOADER", "DEFAULT_TAILOR", "PipeAttribute", "Slot", "TailorSettings", "assets",
-           "definition", "looks_false", "read_tailor", "slot"]
+           "capped", "definition", "looks_false", "preload", "read_tailor", "slot"]
 
 # Tailor's default `amdLoaderUrl`.
 DEFAULT_AMD_LOADER = "https://cdnjs.cloudflare.com/ajax/libs/require.js/2.1.22/require.min.js"
@@ -42,6 +43,7 @@ _RESERVED = frozenset(("break", "case", "catch", "class", "const", "continue", "
     "public", "undefined", "NaN", "Infinity", "eval", "arguments", "window", "document"))
 _TAILOR_KEYS = ("amd_loader_url", "max_asset_links", "pipe_instance_name", "pipe_attributes")
 _FALSE = frozenset({"false", "0", "no", "off"})
+_URL_SAFE = "/:?#[]@!$&'()*+,;=%~"  # a URL's own characters: `<`, `>`, `"` and non-ASCII are encoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +188,8 @@ def _json(value: object) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """A fragment's part of Tailor's client protocol, fixed at load: see `render`."""
+    """A fragment's part of Tailor's client protocol, fixed at load (a nested fragment's when
+    its parent is placed, composer.nesting): see `wrap`."""
 
     name: bytes  # settings.tailor.pipe_instance_name
     index: int  # its first script index: its position in the template × max_asset_links
@@ -201,23 +204,39 @@ class Slot:
 
     def wrap(self, found: tuple[Asset, ...]) -> tuple[bytes, bytes, tuple[Asset, ...]]:
         """Tailor's wrapper for a fragment declaring `found` (at most `limit` of each kind): what
-        goes before its body (`loadCSS` calls when async; a `start` call per script, or just
-        `start(i)`), what goes after it (the `end` calls, in reverse), and the assets the page
-        still writes itself: a sync fragment's stylesheets, as `<link>` tags."""
+        goes before its body (a `start` call per script, or just `start(i)`), what goes after
+        it (the `end` calls, in reverse), and the stylesheets the page writes before it, once
+        per page as any asset (SPEC §3): `<link>` tags, an async fragment's as `loadCSS` calls."""
         name, first = self.name, self.index
-        styles = [a for a in found if a.kind == "stylesheet"][:self.limit]
+        styles = tuple(a if not self.is_async else _load_css(name, a)
+                       for a in [a for a in found if a.kind == "stylesheet"][:self.limit])
         scripts = [_json(a.url) for a in found if a.kind == "script"][:self.limit]
-        head = b"".join(b"<script>%s.loadCSS(%s)</script>" % (name, _json(a.url)) for a in styles) \
-            if self.is_async else b""
         if not scripts:
-            return (head + b"<script data-pipe>%s.start(%d)</script>" % (name, first),
-                    b"<script data-pipe>%s.end(%d)</script>" % (name, first), () if self.is_async else tuple(styles))
+            return (b"<script data-pipe>%s.start(%d)</script>" % (name, first),
+                    b"<script data-pipe>%s.end(%d)</script>" % (name, first), styles)
         attrs = b"%s%d]}" % (self.attrs, first + len(scripts) - 1)
-        head += b"".join(b"<script data-pipe>%s.start(%d, %s, %s)</script>" % (name, first + i, url, attrs)
-                         for i, url in enumerate(scripts))
+        head = b"".join(b"<script data-pipe>%s.start(%d, %s, %s)</script>" % (name, first + i, url, attrs)
+                        for i, url in enumerate(scripts))
         tail = b"".join(b"<script data-pipe>%s.end(%d, %s, %s)</script>" % (name, first + i, scripts[i], attrs)
                         for i in range(len(scripts) - 1, -1, -1))
-        return head, tail, () if self.is_async else tuple(styles)
+        return head, tail, styles
+
+
+def _load_css(name: bytes, asset: Asset) -> Asset:
+    """An async fragment's stylesheet as Tailor writes it, `NAME.loadCSS("URL")`: an `Asset`
+    whose markup is that call, so the page writes it as it writes a `<link>`, once per URL."""
+    call = Asset("stylesheet", asset.url)
+    object.__setattr__(call, "tag", b"<script>%s.loadCSS(%s)</script>" % (name, _json(asset.url)))
+    return call
+
+
+def preload(settings: TailorSettings) -> str:
+    """The AMD loader's entry of a page's `Link` header, first as in Tailor (research §2.2),
+    in composer's form and without `crossorigin` (its tag has none); "" for a `file://`
+    loader, which is inlined."""
+    if settings.amd_loader_source is not None:
+        return ""
+    return f'<{quote(settings.amd_loader_url, safe=_URL_SAFE)}>; rel="preload"; as="script"'
 
 
 def slot(attrs: Mapping[str, str | None], position: int, is_async: bool, settings: TailorSettings) -> Slot:
@@ -238,7 +257,11 @@ def slot(attrs: Mapping[str, str | None], position: int, is_async: bool, setting
 def assets(headers: CIMultiDictProxy[str] | CIMultiDict[str], limit: int) -> tuple[Asset, ...]:
     """A fragment's assets as Tailor reads them: `Link` and then `x-amz-meta-link` (S3 object
     metadata), at most `limit` stylesheets and `limit` scripts, in order."""
-    found = parse_assets(headers) + parse_assets(headers, "x-amz-meta-link")
+    return capped(parse_assets(headers) + parse_assets(headers, "x-amz-meta-link"), limit)
+
+
+def capped(found: tuple[Asset, ...], limit: int) -> tuple[Asset, ...]:
+    """The first `limit` stylesheets and `limit` scripts of `found`, in order."""
     kept: list[Asset] = []
     counts = {"stylesheet": 0, "script": 0}
     for asset in found:

@@ -30,7 +30,7 @@ from yarl import URL
 from .breaker import DEFAULT_POLICY, BreakerPolicy, merged
 from .errors import ConfigError
 from .nodes import MAX_TIMEOUT_MS
-from .tailor import Slot, definition, looks_false, slot
+from .tailor import Slot, definition, looks_false, preload, slot
 from .urls import origin_of, url_problem
 
 if TYPE_CHECKING:
@@ -159,6 +159,8 @@ class Template:
     versioned: bool = False  # has manifest fragments: the page needs the user's canary bucket
     client_signals: bool = False  # SPEC §7: the collector is in its head; pages mark fragments, list data
     warnings: tuple[str, ...] = ()  # `file:line: warning: …`, printed by `composer check`
+    # settings.compat: tailor — the AMD loader's entry of the page's `Link` header ("" without a fragment)
+    preload: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +263,7 @@ def compile_template(file: Path, *, params: tuple[str, ...], settings: Settings,
         async_fragments=tuple(f for f in fragments if f.is_async),
         versioned=any(f.name is not None for f in fragments),
         warnings=tuple(problems.warnings),
+        preload=preload(settings.tailor) if compat and fragments else "",
     )
 
 
@@ -344,8 +347,9 @@ def compile_nested(source: str, *, parent: str, params: tuple[str, ...],
     `primary` is dropped (the page's status is decided before any nested body arrives; the
     lines it stood on are returned, to be logged), and `async` too (composer.nesting says
     why); URLs are checked against `allowed_origins` per request, a refusal being one
-    fragment's fallback, not the whole body's failure. Raises `ConfigError` with problems
-    labelled `<parent> nested body:LINE`.
+    fragment's fallback, not the whole body's failure. Under compat: tailor each fragment
+    keeps its raw attributes and gets a `Slot`, renumbered per page as it is placed. Raises
+    `ConfigError` with problems labelled `<parent> nested body:LINE`.
     """
     problems = _Problems(f"{parent} nested body", source)
     found, _ = _locate(source, problems)
@@ -362,6 +366,9 @@ def compile_nested(source: str, *, parent: str, params: tuple[str, ...],
             named = item.attrs.get("id") or item.attrs.get("name")
             fragments.append(dataclasses.replace(fragment, id=fragment.id if named else f"{parent}/{index + 1}",
                                                  primary=False, is_async=False))
+            if settings.compat == "tailor":  # its `Slot` is numbered per page when it is placed (composer.nesting)
+                fragments[-1] = dataclasses.replace(fragments[-1], attributes=tuple(item.attrs.items()),
+                                                    pipe=slot(item.attrs, 0, False, settings.tailor))
     _check_page(fragments, found, problems)  # ids: one fragment each
     if problems.items:
         raise ConfigError(problems.items)

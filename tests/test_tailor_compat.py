@@ -14,11 +14,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, html, write_config
+from aiohttp import web
+from conftest import cli_env, eventually, html, write_config
 from yarl import URL
 
 from composer import load
 from composer.errors import ConfigError
+from composer.release import _targets
+from composer.signals import Labels
 from composer.tailor import DEFAULT_AMD_LOADER, TailorSettings, definition
 
 # As Tailor's tests configure it: instance `p`, hook attributes `{id}` (+ range).
@@ -427,3 +430,180 @@ async def test_template_lookup_reloads_a_new_template(start_composer, tmp_path):
         await asyncio.sleep(0.05)
     assert resp.status == 200 and body == "<p>new</p>"
 
+
+
+# ---------------------------------------------------------------- nested fragments under compat
+
+def nested(body: str, link: str = ""):
+    """A nested fragment's handler: `body` (`{base}` is the service's own URL) as a template."""
+    async def handler(request: web.Request) -> web.Response:
+        headers = {"x-composer-nested": "1", **({"link": link} if link else {})}
+        return web.Response(text=body.format(base=f"http://{request.host}"), content_type="text/html",
+                            headers=headers)
+    return handler
+
+
+async def test_nested_fragments_are_wrapped_with_indices_after_the_templates(fragments, start_composer):
+    """Tailor numbers every fragment of a request in one sequence (`nextIndex`), nested ones
+    (custom tags + processTemplate) too: here after the template's two, stride max_asset_links."""
+    svc = await fragments({"/outer": nested('<fragment src="{base}/a"></fragment>|<fragment id="b" src="{base}/b">'
+                                            "</fragment>"),
+                           "/a": linked("A", '<http://x/a.js>; rel="fragment-script"'),
+                           "/b": linked("B", '<http://x/b.css>; rel="stylesheet"'), "/2": html("two")})
+    composer = await start_composer(page(f'<fragment src="{svc.url("/outer")}"></fragment>'
+                                         f'<fragment src="{svc.url("/2")}"></fragment>'),
+                                    settings=TAILOR_P + "        max_asset_links: 2\n")
+    _, body = await composer.get("/page")
+    assert without_pipe(body) == (
+        "<html><head></head><body>"
+        "<script data-pipe>p.start(0)</script>"
+        '<script data-pipe>p.start(4, "http://x/a.js", {"id":4,"range":[4,4]})</script>A'
+        '<script data-pipe>p.end(4, "http://x/a.js", {"id":4,"range":[4,4]})</script>|'
+        '<link rel="stylesheet" href="http://x/b.css">'
+        "<script data-pipe>p.start(6)</script>B<script data-pipe>p.end(6)</script>"
+        "<script data-pipe>p.end(0)</script>"
+        "<script data-pipe>p.start(2)</script>two<script data-pipe>p.end(2)</script>"
+        "</body></html>")
+    _, again = await composer.get("/page")  # per page, not per server: the next page starts over
+    assert again == body
+
+
+async def test_nested_indices_never_collide_across_bodies_and_depths(fragments, start_composer):
+    svc = await fragments({
+        "/left": nested('<fragment src="{base}/deep"></fragment><fragment src="{base}/leaf"></fragment>'),
+        "/right": nested('<fragment src="{base}/leaf"></fragment><fragment src="{base}/leaf"></fragment>'),
+        "/deep": nested('<fragment src="{base}/leaf"></fragment>'),
+        "/leaf": linked("leaf", '<http://x/leaf.js>; rel="fragment-script"')})
+    composer = await start_composer(page(f'<fragment src="{svc.url("/left")}"></fragment>'
+                                         f'<fragment src="{svc.url("/right")}"></fragment>'), settings=TAILOR_P)
+    _, body = await composer.get("/page")
+    starts = [int(i) for i in re.findall(r"p\.start\((\d+)", body)]
+    ends = [int(i) for i in re.findall(r"p\.end\((\d+)", body)]
+    # 2 in the template (0, 1), 5 nested (2–6, in the order their bodies arrive): each its own index
+    assert sorted(starts) == sorted(ends) == list(range(7)), body
+    assert starts[0] == 0 and body.count("leaf<script data-pipe>p.end(") == 4
+
+
+async def test_nested_fragments_are_not_wrapped_without_compat(fragments, start_composer):
+    svc = await fragments({"/outer": nested('<fragment src="{base}/a"></fragment>'),
+                           "/a": linked("A", '<http://x/a.js>; rel="fragment-script"')})
+    composer = await start_composer(page(f'<fragment src="{svc.url("/outer")}"></fragment>'))
+    _, body = await composer.get("/page")
+    assert "data-pipe" not in body and 'A<script src="http://x/a.js" defer></script>' in body
+
+
+# ---------------------------------------------------------------- the page's Link header
+
+LOADER = "/js/require.js"
+WITH_LOADER = COMPAT + f"""\
+      tailor: {{amd_loader_url: "{LOADER}", max_asset_links: 2}}
+    """
+
+
+async def test_link_header_is_the_loader_then_the_primarys_styles_then_its_scripts(fragments, start_composer):
+    """Research §2.2: Tailor's order, in composer's form (no `nopush`; no `crossorigin`: the
+    loader's tag has none, and RequireJS loads fragment scripts without CORS)."""
+    svc = await fragments({"/p": linked("P", '<http://x/p1.js>; rel="fragment-script", <http://x/p.css>; rel='
+                                        '"stylesheet", <http://x/p2.js>; rel="fragment-script", <http://x/p3.js>; '
+                                        'rel="fragment-script", <http://x/q.css>; rel="stylesheet"'),
+                           "/o": linked("O", '<http://x/o.js>; rel="fragment-script", <http://x/o.css>; rel="stylesheet"')})
+    composer = await start_composer(page(f'<fragment src="{svc.url("/o")}"></fragment>'
+                                         f'<fragment primary src="{svc.url("/p")}"></fragment>'), settings=WITH_LOADER)
+    resp, _ = await composer.get("/page")
+    assert resp.headers["link"] == (
+        f'<{LOADER}>; rel="preload"; as="script", <http://x/p.css>; rel="preload"; as="style", '
+        '<http://x/q.css>; rel="preload"; as="style", <http://x/p1.js>; rel="preload"; as="script", '
+        '<http://x/p2.js>; rel="preload"; as="script"')  # max_asset_links: 2 of each; no other fragment's
+
+
+async def test_link_header_without_a_primary_is_the_loader_alone(fragments, start_composer):
+    svc = await fragments({"/o": linked("O", '<http://x/o.js>; rel="fragment-script"')})
+    composer = await start_composer(page(f'<fragment src="{svc.url("/o")}"></fragment>'), settings=WITH_LOADER,
+                                    folder="one")
+    resp, _ = await composer.get("/page")
+    assert resp.headers["link"] == f'<{LOADER}>; rel="preload"; as="script"'
+    none = await start_composer(page("<script>var x;</script>"), settings=WITH_LOADER, folder="none")
+    resp, body = await none.get("/page")
+    assert "link" not in resp.headers and "var Pipe=" in body  # no fragment: no loader entry (Tailor's rule)
+
+
+async def test_link_header_has_no_loader_entry_for_a_file_loader(fragments, start_composer, tmp_path):
+    svc = await fragments({"/p": linked("P", '<http://x/p.js>; rel="fragment-script"')})
+    composer = await start_composer(page(f'<fragment primary src="{svc.url("/p")}"></fragment>'),
+                                    settings=COMPAT + '      tailor: {amd_loader_url: "file://loader.js"}\n',
+                                    files={"loader.js": "var require = function () {};"})
+    resp, _ = await composer.get("/page")
+    assert resp.headers["link"] == '<http://x/p.js>; rel="preload"; as="script"'
+
+
+async def test_link_header_escapes_the_loader_url(fragments, start_composer):
+    svc = await fragments({"/o": html("O")})
+    composer = await start_composer(page(f'<fragment src="{svc.url("/o")}"></fragment>'),
+                                    settings=COMPAT + '      tailor: {amd_loader_url: "/js/re>q\\"ü.js?a=1,2"}\n')
+    resp, _ = await composer.get("/page")
+    assert resp.headers["link"] == '</js/re%3Eq%22%C3%BC.js?a=1,2>; rel="preload"; as="script"'
+
+
+# ---------------------------------------------------------------- async stylesheets, once per page
+
+async def test_load_css_is_not_repeated_for_a_stylesheet_already_on_the_page(fragments, start_composer):
+    svc = await fragments({"/s": linked("S", '<http://x/shared.css>; rel="stylesheet"'),
+                           "/a1": linked("A1", '<http://x/shared.css>; rel="stylesheet", <http://x/own.css>; '
+                                         'rel="stylesheet"', ),
+                           "/a2": html("A2", delay=0.2, headers={"link": '<http://x/own.css>; rel="stylesheet"'})})
+    composer = await start_composer(page(f'<fragment src="{svc.url("/s")}"></fragment>'
+                                         f'<fragment async src="{svc.url("/a1")}"></fragment>'
+                                         f'<fragment async src="{svc.url("/a2")}"></fragment>'),
+                                    settings=TAILOR_P + "        max_asset_links: 2\n")
+    _, body = await composer.get("/page")
+    assert body.count("http://x/shared.css") == 1 and '<link rel="stylesheet" href="http://x/shared.css">' in body
+    assert body.count("http://x/own.css") == 1
+    assert without_pipe(body).endswith(
+        '<script>p.loadCSS("http://x/own.css")</script><script data-pipe>p.start(2)</script>A1'
+        "<script data-pipe>p.end(2)</script><script data-pipe>p.start(4)</script>A2"
+        "<script data-pipe>p.end(4)</script></body></html>")
+
+
+# ---------------------------------------------------------------- lookup pages are enumerated as routes are
+
+LOOKUP_MANIFEST = """
+    settings:
+      client_signals: true
+    routes:
+      - name: pages
+        match: {{path_prefix: /}}
+        template_lookup: true
+    fragments:
+      footer:
+        owner: team-x
+        versions: {{"1.0.0": "{svc}/footer"}}
+        active: "1.0.0"
+        fallback: "{svc}/static"
+"""
+
+
+async def test_template_lookup_pages_count_wherever_templates_are_enumerated(fragments, start_composer, tmp_path):
+    """Circuits, the manifest fallback's prefetch, metrics and client-signal labels see a lookup
+    route's pages (`RouteTable.templates`), not only routes with a `template`."""
+    svc = await fragments({"/footer": html("F"), "/static": html("S"), "/h": html("H")})
+    templates = {"index.html": '<html><head></head><body><fragment name="footer"></fragment></body></html>',
+                 "a.html": f'<html><head></head><body><fragment id="hdr" src="{svc.url("/h")}"></fragment>'
+                           '</body></html>'}
+    routes = LOOKUP_MANIFEST.format(svc=svc.url("").rstrip("/"))
+    (tmp_path / "table").mkdir()
+    table = load(write_config(tmp_path / "table", templates, routes=routes))
+    assert [(route.name, template.name) for route, template in table.templates()] == \
+        [("pages", "a.html"), ("pages", "index.html")]  # `/` is `/index`: once
+    assert set(Labels(table).routes["pages"].fragments) == {"hdr", "footer"}
+    assert [path for _, _, path in _targets(table)] == ["/a", "/index"]  # `composer manifest smoke` composes them
+
+    composer = await start_composer(templates, routes=routes)
+    await eventually(lambda: asyncio.sleep(0, svc.hits.get("/static") == 1), "the fallback prefetched")
+    metrics = await composer.metrics()
+    for fragment in ("hdr", "footer"):
+        assert f'composer_fragment_timeout_seconds{{fragment="{fragment}",route="pages"}}' in metrics, fragment
+    resp, _ = await composer.get("/a")
+    assert resp.status == 200
+    pipeline = composer.server._composer.pipeline
+    pipeline.apply(table)  # as a reload does: the circuit of a lookup page's fragment is kept
+    assert [b.fragment for b in pipeline.breakers.all()] == ["hdr"]

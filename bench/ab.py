@@ -1,0 +1,80 @@
+"""Two checkouts of composer, A and B, side by side: CPU per page, interleaved.
+
+    python bench/ab.py A_DIR [B_DIR] [--pages page0,page20] [--conns 16] [--duration 5] [--rounds 5]
+
+For judging one change on a noisy machine: both composers (each on CPU 0, one loaded at a
+time) serve the same bench pages from the same fragment server (CPU 1, with wrk); rounds
+alternate which goes first, and the report gives each one's median CPU µs per page and B/A.
+A change is worth keeping when B/A holds across rounds, not when one run looks good. B
+defaults to this checkout; A is typically `git worktree add /tmp/base <commit>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402
+
+
+def start(procs: run.Processes, checkout: Path, routes: Path, label: str) -> tuple[run.Proc, int]:
+    port, admin = run.free_port(), run.free_port()
+    env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
+    argv = [sys.executable, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
+            "--port", str(port), "--admin-port", str(admin)]
+    log = run.WORK / f"ab_{label}.log"
+    popen = subprocess.Popen(run.pinned(str(run.PROXY_CPU), argv), cwd=checkout, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True)
+    proc = run.Proc(label, popen, log)
+    procs.procs.append(proc)
+    run.wait_ready(proc, f"http://127.0.0.1:{admin}/readyz")
+    return proc, port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path, nargs="?", default=run.ROOT)
+    parser.add_argument("--pages", default="page0,page20")
+    parser.add_argument("--conns", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    procs = run.Processes()
+    try:
+        fport = run.free_port()
+        routes = run.prepare_work(fport)
+        fserver = procs.start("fragments", run.pinned(str(run.LOAD_CPU), run.fragment_server_argv("node", fport)),
+                              log=run.WORK / "ab_fragments.log")
+        run.wait_ready(fserver, f"http://127.0.0.1:{fport}/f/x?size=16")
+        systems = {"A": start(procs, args.a, routes, "A"), "B": start(procs, args.b, routes, "B")}
+        for page in args.pages.split(","):
+            cpu: dict[str, list[float]] = {"A": [], "B": []}
+            bad = 0
+            for label, (_, port) in systems.items():
+                run.run_wrk(procs, f"http://127.0.0.1:{port}/{page}", args.conns, 2)  # warm-up
+            for i in range(args.rounds):
+                order = ("A", "B") if i % 2 == 0 else ("B", "A")
+                for label in order:
+                    proc, port = systems[label]
+                    before = run.cpu_seconds([proc.pid])
+                    result = run.run_wrk(procs, f"http://127.0.0.1:{port}/{page}", args.conns, args.duration)
+                    cpu[label].append((run.cpu_seconds([proc.pid]) - before) / result.requests * 1e6)
+                    bad += result.non2xx + result.socket_errors
+            a, b = statistics.median(cpu["A"]), statistics.median(cpu["B"])
+            rounds = " ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(cpu["A"], cpu["B"], strict=True))
+            print(f"{page} c{args.conns}: A {a:.0f} µs  B {b:.0f} µs  B/A {b / a:.3f}  (rounds A/B: {rounds})"
+                  f"{f'  BAD {bad}' if bad else ''}", flush=True)
+    finally:
+        procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
