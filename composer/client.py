@@ -527,7 +527,7 @@ class _Pool:
 class Client:
     """Pooled keep-alive HTTP/1.1 GETs; one per process (see the module docstring)."""
 
-    __slots__ = ("_closed", "_conns", "_dns", "_expiry", "_loop", "_pools", "_ssl", "dns_ttl", "keepalive",
+    __slots__ = ("_closed", "_conns", "_dns", "_expiry", "_last", "_loop", "_pools", "_ssl", "dns_ttl", "keepalive",
                  "limit_per_host", "max_field_size", "max_head")
 
     def __init__(self, *, limit_per_host: int = 256, max_field_size: int = MAX_FIELD_SIZE,
@@ -545,6 +545,7 @@ class Client:
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last: tuple[CIMultiDict[str] | None, str] | None = None  # the last headers sent, and their lines
 
     @property
     def closed(self) -> bool:
@@ -567,7 +568,13 @@ class Client:
         pool = self._pools.get(key)  # type: ignore[arg-type]
         if pool is None:
             pool = self._pool(url, loop)
-        data = _request(url.raw_path_qs, pool.host_header, headers)
+        # A page's fragments share one headers object, asked for in a burst: its lines are
+        # made once (the object is kept, so `is` cannot match another; callers never change
+        # headers they passed).
+        last = self._last
+        if last is None or last[0] is not headers:
+            last = self._last = (headers, _lines(headers))
+        data = _request(url.raw_path_qs, pool.host_header, headers, last[1])
         idle = pool.idle
         if idle and idle[-1].idle_since > loop.time() - self.keepalive \
                 and pool.admits(share, pool.size - len(idle)):  # the common case, inline
@@ -775,11 +782,14 @@ class Client:
         await asyncio.sleep(0)  # let the transports close their sockets
 
 
-def _request(target: str, host: str, headers: CIMultiDict[str] | None) -> bytes:
-    """`GET target HTTP/1.1`, Host (unless given) and the headers, as bytes; refuses CR/LF
-    inside a line (header injection) and text that cannot be sent."""
+def _lines(headers: CIMultiDict[str] | None) -> str:
+    return "".join([f"{name}: {value}\r\n" for name, value in headers.items()]) if headers else ""
+
+
+def _request(target: str, host: str, headers: CIMultiDict[str] | None, lines: str) -> bytes:
+    """`GET target HTTP/1.1`, Host (unless given) and the headers (`lines`: `_lines(headers)`),
+    as bytes; refuses CR/LF inside a line (header injection) and text that cannot be sent."""
     if headers:
-        lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
         count = len(headers) + 2
         if "host" not in headers:
             text = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{lines}\r\n"
