@@ -11,7 +11,7 @@ leaf frame: composer.<module>, aiohttp.<module>, asyncio, uvloop, ...). `--check
 another checkout of composer (e.g. a `git worktree` of an older commit): the before/after of
 a change, on the same machine and fragment server. Every process it starts is stopped.
 
-py-spy is the profiler the project chose (`pip install py-spy`); it needs ptrace rights over
+py-spy is the profiler the project chose (`pip install -e '.[profile]'`); it needs ptrace rights over
 composer (root, or kernel.yama.ptrace_scope = 0).
 """
 

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .listener import raise_open_files
 from .logs import setup_logging
 from .routing import RouteTable, load
-from .server import ComposerServer, stop_event
+from .server import ComposerServer, stop_event, tune_gc
 
 __all__ = ["main"]
 
@@ -191,6 +191,7 @@ async def _serve(server: ComposerServer) -> int:
         await server.stop()
         return 1
     print(f"composer serving {server.url} (admin {server.admin_url})", flush=True)
+    tune_gc()
     await stop.wait()
     log.info("stopping: draining in-flight pages", extra={"fields": {"grace_s": server.grace}})
     await server.stop()

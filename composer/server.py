@@ -10,6 +10,7 @@ listener, lets in-flight requests finish within the grace period, then closes th
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from .signals import BEACON_PATH, Beacons, Labels
 from .status import Status
 from .tracing import Tracing, from_env
 
-__all__ = ["GRACE_SECONDS", "ComposerServer", "stop_event"]
+__all__ = ["GRACE_SECONDS", "ComposerServer", "stop_event", "tune_gc"]
 
 log = logging.getLogger("composer.server")
 
@@ -401,6 +402,14 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 def _display(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def tune_gc() -> None:
+    """Once a serving process is up: what is loaded by now (modules, the route table, compiled
+    templates) lives as long as the process, so the collector's full passes need not walk it
+    again and again (`gc.freeze`). A rarer generation-0 pass (20,000 allocations, not 700)
+    cut page100's CPU by 4 % but held 8 MB more in bench/soak.py: not done."""
+    gc.freeze()
 
 
 def stop_event() -> asyncio.Event:

@@ -30,7 +30,7 @@ from .errors import ConfigError, Stamp
 from .logs import JsonFormatter
 from .reload import changed
 from .routing import RouteTable, load
-from .server import GRACE_SECONDS, ComposerServer
+from .server import GRACE_SECONDS, ComposerServer, tune_gc
 
 __all__ = ["ComposerWorker", "serve_workers"]
 
@@ -70,6 +70,7 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
         # start if the files changed since, even with polling off.
         await server.reloader.check()
         await server.start()
+        tune_gc()
         self.booted = True
         ppid = os.getppid()
         while self.alive and os.getppid() == ppid:
