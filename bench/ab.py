@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run  # noqa: E402
+import run
 
 
 def start(procs: run.Processes, checkout: Path, routes: Path, label: str) -> tuple[run.Proc, int]:

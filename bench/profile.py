@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import shutil
 import subprocess
@@ -30,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run  # noqa: E402  (bench/run.py: processes, wrk, the fragment server, the work folder)
+import ab
+import run
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
@@ -106,17 +106,7 @@ def main() -> int:
         fserver = procs.start("fragment server", run.pinned(str(run.LOAD_CPU), run.fragment_server_argv("node", fport)),
                               log=run.WORK / "profile_fragment_server.log")
         run.wait_ready(fserver, f"http://127.0.0.1:{fport}/f/x?size=16")
-        port, admin = run.free_port(), run.free_port()
-        env = dict(os.environ, PYTHONPATH=str(args.checkout.resolve()))
-        argv = [sys.executable, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
-                "--port", str(port), "--admin-port", str(admin)]
-        log = run.WORK / "profile_composer.log"
-        popen = subprocess.Popen(run.pinned(str(run.PROXY_CPU), argv), cwd=args.checkout, env=env,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=log.open("wb"), start_new_session=True)
-        composer = run.Proc("composer", popen, log)
-        procs.procs.append(composer)
-        run.wait_ready(composer, f"http://127.0.0.1:{admin}/readyz")
+        composer, port = ab.start(procs, args.checkout, routes, "profile")
         with tempfile.TemporaryDirectory() as tmp:
             for page in args.pages.split(","):
                 url = f"http://127.0.0.1:{port}/{page}"
@@ -129,9 +119,9 @@ def main() -> int:
                 if args.keep is not None:
                     args.keep.mkdir(parents=True, exist_ok=True)
                     shutil.copy(raw, args.keep / raw.name)
-                report += [f"## {page} (c{args.conns}): {result.rps:.0f} req/s, "
-                           f"{cpu / result.requests * 1000:.3f} ms CPU per page (py-spy attached), "
-                           f"{total} samples", ""]
+                report += [(f"## {page} (c{args.conns}): {result.rps:.0f} req/s, "
+                            f"{cpu / result.requests * 1000:.3f} ms CPU per page (py-spy attached), "
+                            f"{total} samples"), ""]
                 report += table(frames, total, args.top, "frame (own time)") + [""]
                 report += table(layers, total, args.top, "layer (module of the leaf frame)") + [""]
     finally:
