@@ -13,18 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from aiohttp import web
 from conftest import captured, write_config
-from playwright.async_api import Browser
 from prometheus_client.parser import text_string_to_metric_families
-from test_browser import Tab, chromium, World, open_tab, start_composer
+from test_browser import Tab, World, browser, open_tab, start_composer, world  # noqa: F401  (fixtures)
 
 from composer import load
 from composer.server import ComposerServer
@@ -36,19 +32,6 @@ Labels = frozenset[tuple[str, str]]
 
 
 # ---------------------------------------------------------------- browser, servers, metrics
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One browser for the module."""
-    async with chromium() as launched:
-        yield launched
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def world(browser: Browser, tmp_path: Path) -> AsyncIterator[World]:
-    async with AsyncExitStack() as stack:
-        yield World(browser, stack, tmp_path)
-
 
 async def tab_of(world: World) -> Tab:
     return await open_tab(world.stack, world.browser)

@@ -15,33 +15,17 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-import pytest_asyncio
 from aiohttp import web
-from playwright.async_api import Browser
-from test_browser import NAV_TIMEOUT_MS, Tab, World, chromium
+from test_browser import NAV_TIMEOUT_MS, Tab, World, browser, world  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 REQUIRE_JS = Path("/usr/share/javascript/requirejs/require.js")
 JS_HEADERS = {"content-type": "application/javascript", "access-control-allow-origin": "*"}
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as launched:
-        yield launched
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def world(browser: Browser, tmp_path: Path) -> AsyncIterator[World]:
-    async with AsyncExitStack() as stack:
-        yield World(browser, stack, tmp_path)
 
 
 async def loader(world: World) -> str:
