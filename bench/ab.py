@@ -23,6 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run
 
 
+def fragments(procs: run.Processes, label: str) -> Path:
+    """The Node fragment server on CPU 1, and bench/.work/routes.yaml pointing at it."""
+    port = run.free_port()
+    routes = run.prepare_work(port)
+    server = procs.start(f"{label} fragments", run.pinned(str(run.LOAD_CPU), run.fragment_server_argv("node", port)),
+                         log=run.WORK / f"{label}_fragments.log")
+    run.wait_ready(server, f"http://127.0.0.1:{port}/f/x?size=16")
+    return routes
+
+
 def start(procs: run.Processes, checkout: Path, routes: Path, label: str) -> tuple[run.Proc, int]:
     port, admin = run.free_port(), run.free_port()
     env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
@@ -48,11 +58,7 @@ def main() -> int:
     args = parser.parse_args()
     procs = run.Processes()
     try:
-        fport = run.free_port()
-        routes = run.prepare_work(fport)
-        fserver = procs.start("fragments", run.pinned(str(run.LOAD_CPU), run.fragment_server_argv("node", fport)),
-                              log=run.WORK / "ab_fragments.log")
-        run.wait_ready(fserver, f"http://127.0.0.1:{fport}/f/x?size=16")
+        routes = fragments(procs, "ab")
         systems = {"A": start(procs, args.a, routes, "A"), "B": start(procs, args.b, routes, "B")}
         for page in args.pages.split(","):
             cpu: dict[str, list[float]] = {"A": [], "B": []}

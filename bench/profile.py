@@ -101,11 +101,7 @@ def main() -> int:
     procs = run.Processes()
     report: list[str] = [f"composer checkout: {args.checkout.resolve()}", ""]
     try:
-        fport = run.free_port()
-        routes = run.prepare_work(fport)
-        fserver = procs.start("fragment server", run.pinned(str(run.LOAD_CPU), run.fragment_server_argv("node", fport)),
-                              log=run.WORK / "profile_fragment_server.log")
-        run.wait_ready(fserver, f"http://127.0.0.1:{fport}/f/x?size=16")
+        routes = ab.fragments(procs, "profile")
         composer, port = ab.start(procs, args.checkout, routes, "profile")
         with tempfile.TemporaryDirectory() as tmp:
             for page in args.pages.split(","):
