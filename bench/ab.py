@@ -62,6 +62,8 @@ def main() -> int:
         systems = {"A": start(procs, args.a, routes, "A"), "B": start(procs, args.b, routes, "B")}
         for page in args.pages.split(","):
             cpu: dict[str, list[float]] = {"A": [], "B": []}
+            kernel: dict[str, list[float]] = {"A": [], "B": []}  # the kernel's share of each round's CPU
+            calls: dict[str, list[float]] = {"A": [], "B": []}  # read + write system calls per page
             bad = 0
             for label, (_, port) in systems.items():
                 run.run_wrk(procs, f"http://127.0.0.1:{port}/{page}", args.conns, 2)  # warm-up
@@ -69,13 +71,20 @@ def main() -> int:
                 order = ("A", "B") if i % 2 == 0 else ("B", "A")
                 for label in order:
                     proc, port = systems[label]
-                    before = run.cpu_seconds([proc.pid])
+                    user, system = run.cpu_split([proc.pid])
+                    io = run.syscalls(proc.pid)
                     result = run.run_wrk(procs, f"http://127.0.0.1:{port}/{page}", args.conns, args.duration)
-                    cpu[label].append((run.cpu_seconds([proc.pid]) - before) / result.requests * 1e6)
+                    user2, system2 = run.cpu_split([proc.pid])
+                    calls[label].append((run.syscalls(proc.pid) - io) / result.requests)
+                    used = user2 - user + system2 - system
+                    cpu[label].append(used / result.requests * 1e6)
+                    kernel[label].append((system2 - system) / used if used else 0.0)
                     bad += result.non2xx + result.socket_errors
             a, b = statistics.median(cpu["A"]), statistics.median(cpu["B"])
             rounds = " ".join(f"{x:.0f}/{y:.0f}" for x, y in zip(cpu["A"], cpu["B"], strict=True))
             print(f"{page} c{args.conns}: A {a:.0f} µs  B {b:.0f} µs  B/A {b / a:.3f}  (rounds A/B: {rounds})"
+                  f"  kernel share A {statistics.median(kernel['A']):.0%} B {statistics.median(kernel['B']):.0%}"
+                  f"  syscalls/page A {statistics.median(calls['A']):.1f} B {statistics.median(calls['B']):.1f}"
                   f"{f'  BAD {bad}' if bad else ''}", flush=True)
     finally:
         procs.stop_all()

@@ -237,15 +237,31 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds in user space and in the kernel (system calls, loopback TCP) of `pids`."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / TICK, system / TICK
+
+
+def syscalls(pid: int) -> int:
+    """Read and write system calls `pid` made so far (/proc/PID/io: libuv reads and writes
+    sockets with read(2) and write(2)/writev(2)); 0 when unreadable."""
+    try:
+        fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return 0
+    return int(fields.get("syscr", 0)) + int(fields.get("syscw", 0))
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_split(pids))
 
 
 def rss_mb(pids: list[int]) -> float:

@@ -222,26 +222,33 @@ async def _head(route: Route, template: Template, tasks: dict[int, asyncio.Task[
 
 
 async def _flush(response: web.StreamResponse, out: list[bytes]) -> None:
-    """Write `out` and empty it. Large output goes in slices, each waiting for the client to
-    take the one before (aiohttp drains past 64 KiB): a client that reads slowly holds its
-    page's fragments, never a second copy of them in the socket's buffer."""
+    """Write `out` and empty it, in as few writes as slices of `_SLICE`: a piece that size or
+    larger goes out in slices of its own (never copied), smaller ones joined. Each slice waits
+    for the client to take the one before (aiohttp drains past 64 KiB): a client that reads
+    slowly holds its page's fragments, never a second copy of them in the socket's buffer."""
     if not out:  # nothing to add, but the head must go now (it waits for the first bytes)
         await response.write(b"")
         return
-    if len(out) == 1 or sum(map(len, out)) <= _SLICE:
-        data = b"".join(out)
-        out.clear()
-        if len(data) <= _SLICE:
-            await response.write(data)
-            return
-        pieces = [data]
-    else:
-        pieces = out[:]
-        out.clear()
+    pieces = out[:]
+    out.clear()
+    if sum(map(len, pieces)) <= _SLICE:  # the common case: one write
+        await response.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        return
+    batch: list[bytes] = []
+    size = 0
     for piece in pieces:
-        view = memoryview(piece)
-        for start in range(0, len(view), _SLICE):
-            await response.write(view[start:start + _SLICE])
+        if batch and size + len(piece) > _SLICE:
+            await response.write(b"".join(batch))
+            batch, size = [], 0
+        if len(piece) >= _SLICE:
+            view = memoryview(piece)
+            for start in range(0, len(view), _SLICE):
+                await response.write(view[start:start + _SLICE])
+        else:
+            batch.append(piece)
+            size += len(piece)
+    if batch:
+        await response.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
 
 def _styles(assets: tuple[Asset, ...], seen: set[str], out: list[bytes]) -> None:

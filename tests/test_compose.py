@@ -1219,3 +1219,56 @@ async def test_timing_marks_write_one_script_with_every_fragments_time(fragments
     plain = await start_composer({"page.html": page})
     resp, body = await plain.get("/page")
     assert resp.status == 200 and "performance" not in body
+
+
+# ---------------------------------------------------------------- writes to the browser
+
+async def _chunks(url: URL) -> tuple[list[int], bytes]:
+    """GET `url` over a raw socket: the sizes of the chunks of its chunked body (one per write
+    composer made), and the body."""
+    import httptools
+
+    sizes: list[int] = []
+    body: list[bytes] = []
+    done = asyncio.Event()
+
+    class Sink:
+        def on_chunk_header(self) -> None:
+            sizes.append(0)
+
+        def on_body(self, data: bytes) -> None:
+            sizes[-1] += len(data)
+            body.append(data)
+
+        def on_message_complete(self) -> None:
+            done.set()
+
+    parser = httptools.HttpResponseParser(Sink())
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(f"GET {url.raw_path} HTTP/1.1\r\nHost: {url.host}\r\nConnection: close\r\n\r\n".encode())
+    while not done.is_set() and (data := await reader.read(65536)):
+        parser.feed_data(data)
+    writer.close()
+    return [s for s in sizes if s], b"".join(body)
+
+
+async def test_fragments_ready_together_leave_in_few_writes_and_big_ones_in_slices(fragments, start_composer):
+    """Fragments that are all ready when the stream reaches them go out joined, in writes of
+    up to 64 KiB (not a write per piece: a 100-fragment page made ~400 system calls), and a
+    fragment larger than that goes in 64 KiB slices of its own."""
+    small = "<p>" + "s" * 2000 + "</p>"
+    big = "<div>" + "b" * 200_000 + "</div>"
+    routes = {"/first": slow("<h1>FIRST</h1>", 0.3), "/big": html(big)}
+    routes.update({f"/f{i}": html(small) for i in range(60)})
+    svc = await fragments(routes)
+    tags = "\n".join(f'<fragment src="{svc.url(f"/f{i}")}"></fragment>' for i in range(60))
+    c = await start_composer({"page.html": f"""
+        <html><body>TOP<fragment src="{svc.url('/first')}"></fragment>
+        {tags}
+        <fragment src="{svc.url('/big')}"></fragment>END</body></html>"""})
+    sizes, body = await _chunks(URL(c.url + "/page"))
+    text = body.decode()
+    assert text.count(small) == 60 and big in text and text.index("FIRST") < text.index(big) < text.index("END")
+    assert max(sizes) <= 64 * 1024
+    # TOP (before any fragment answers), then 60 × 2 KB + 200 KB ≈ 320 KB: five or six slices.
+    assert sizes[0] < 100 and len(sizes) <= 9, sizes
