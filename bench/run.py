@@ -132,10 +132,10 @@ class Processes:
         self.procs: list[Proc] = []
 
     def start(self, name: str, argv: list[str], *, log: Path | None = None, cwd: Path = ROOT,
-              stdout: Any = None) -> Proc:
+              stdout: Any = None, env: dict[str, str] | None = None) -> Proc:
         out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
         try:
-            popen = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL,
+            popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                      stdout=stdout if stdout is not None else out, stderr=out,
                                      start_new_session=True)
         finally:

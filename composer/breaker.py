@@ -75,6 +75,8 @@ class Breaker:
     __slots__ = (
         "_buckets",
         "_changed",
+        "_failed",
+        "_requests",
         "consecutive",
         "fragment",
         "name",
@@ -93,6 +95,7 @@ class Breaker:
         self.opened_at = 0.0
         self.probe_at = 0.0  # when the outstanding probe was let through (0: none)
         self._buckets: list[list[int]] = []  # [second, requests, failures], oldest first
+        self._requests = self._failed = 0  # summed over `_buckets`, all inside the window
         self._changed = changed
 
     def allow(self, now: float) -> bool:
@@ -116,6 +119,7 @@ class Breaker:
             if ok:
                 self.consecutive = 0
                 self._buckets.clear()
+                self._requests = self._failed = 0
                 self._set(State.CLOSED)
             else:
                 self._open(now)
@@ -125,26 +129,25 @@ class Breaker:
         if not buckets or buckets[-1][0] != second:
             horizon = second - self.policy.window_s
             while buckets and buckets[0][0] <= horizon:
-                buckets.pop(0)
+                _, requests, failures = buckets.pop(0)
+                self._requests -= requests
+                self._failed -= failures
             buckets.append([second, 0, 0])
-        bucket = buckets[-1]
+        bucket = buckets[-1]  # every bucket kept is inside the window: the sums are the window's
         bucket[1] += 1
+        self._requests += 1
         policy = self.policy
         if ok:
             self.consecutive = 0
         else:
             bucket[2] += 1
+            self._failed += 1
             self.consecutive += 1
         if policy.failures and self.consecutive >= policy.failures:
             self._open(now)
         elif policy.failure_percent:  # checked on successes too: one may complete min_requests
-            horizon = second - policy.window_s
-            total = failed = 0
-            for start, requests, failures in buckets:
-                if start > horizon:
-                    total += requests
-                    failed += failures
-            if total >= policy.min_requests and failed * 100 >= policy.failure_percent * total:
+            total = self._requests
+            if total >= policy.min_requests and self._failed * 100 >= policy.failure_percent * total:
                 self._open(now)
 
     def release(self) -> None:

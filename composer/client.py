@@ -545,11 +545,21 @@ class Client:
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._last: tuple[CIMultiDict[str] | None, str] | None = None  # the last headers sent, and their lines
+        # The last headers sent, their lines and whether they give the Host.
+        self._last: tuple[CIMultiDict[str] | None, str, bool] | None = None
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this client runs on, found once (on Python 3.11 each
+        `asyncio.get_running_loop()` is a getpid() system call)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def get(self, url: URL, headers: CIMultiDict[str] | None = None, *, max_bytes: int,
                   skip_body: Callable[[int], bool] | None = None, share: str | None = None) -> Response:
@@ -561,9 +571,7 @@ class Client:
         """
         if self._closed:
             raise ConnectError("client is closed")
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self.loop
         key = (url.scheme, url.raw_host, url.port)
         pool = self._pools.get(key)  # type: ignore[arg-type]
         if pool is None:
@@ -573,8 +581,8 @@ class Client:
         # headers they passed).
         last = self._last
         if last is None or last[0] is not headers:
-            last = self._last = (headers, _lines(headers))
-        data = _request(url.raw_path_qs, pool.host_header, headers, last[1])
+            last = self._last = (headers, *_lines(headers))
+        data = _request(url.raw_path_qs, pool.host_header, last[1], last[2])
         idle = pool.idle
         if idle and idle[-1].idle_since > loop.time() - self.keepalive \
                 and pool.admits(share, pool.size - len(idle)):  # the common case, inline
@@ -782,25 +790,23 @@ class Client:
         await asyncio.sleep(0)  # let the transports close their sockets
 
 
-def _lines(headers: CIMultiDict[str] | None) -> str:
-    return "".join([f"{name}: {value}\r\n" for name, value in headers.items()]) if headers else ""
-
-
-def _request(target: str, host: str, headers: CIMultiDict[str] | None, lines: str) -> bytes:
-    """`GET target HTTP/1.1`, Host (unless given) and the headers (`lines`: `_lines(headers)`),
-    as bytes; refuses CR/LF inside a line (header injection) and text that cannot be sent."""
-    if headers:
-        count = len(headers) + 2
-        if "host" not in headers:
-            text = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{lines}\r\n"
-            count += 1
-        else:
-            text = f"GET {target} HTTP/1.1\r\n{lines}\r\n"
-    else:
-        text = f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n"
-        count = 3
-    if text.count("\n") != count or text.count("\r") != count:
+def _lines(headers: CIMultiDict[str] | None) -> tuple[str, bool]:
+    """The header lines as sent, and whether they give the Host; refuses CR or LF inside a
+    line (header injection)."""
+    if not headers:
+        return "", False
+    text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+    if text.count("\n") != len(headers) or text.count("\r") != len(headers):
         raise InvalidRequest("a request header or the target holds CR or LF")  # never sent
+    return text, "host" in headers
+
+
+def _request(target: str, host: str, lines: str, has_host: bool) -> bytes:
+    """`GET target HTTP/1.1`, Host (unless the lines give one) and the header lines (from
+    `_lines`), as bytes; refuses CR or LF in the target and text that cannot be sent."""
+    if "\r" in target or "\n" in target:
+        raise InvalidRequest("a request header or the target holds CR or LF")  # never sent
+    text = f"GET {target} HTTP/1.1\r\n{lines}\r\n" if has_host else f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{lines}\r\n"
     try:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeError:

@@ -88,8 +88,11 @@ class Composer:
         # A page that fetches nothing (and is not traced) needs no fragment context.
         page = self._page(request, route, params, settings, bucket, started) \
             if wanted or self.tracing is not None else None
-        tasks: dict[int, asyncio.Task[Outcome]] = {
-            f.index: asyncio.create_task(self.pipeline.resolve(f, page)) for f in wanted} if page else {}
+        tasks: dict[int, asyncio.Task[Outcome]] = {}
+        if page is not None:
+            loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
+            resolve = self.pipeline.resolve
+            tasks = {f.index: loop.create_task(resolve(f, page)) for f in wanted}
         span = page.span if page is not None else None
         status = 0
         try:

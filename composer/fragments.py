@@ -48,9 +48,11 @@ from .links import Asset, parse_assets
 __all__ = ["Failed", "Fetched", "fetch", "new_session"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fetched:
-    """A response with status < 500 (3xx only when redirects were asked for) and its body."""
+    """A response with status < 500 (3xx only when redirects were asked for) and its body. A
+    value, shared by the pages a cache entry serves: never changed once made (not `frozen`,
+    whose `__init__` costs four times as much, per fragment)."""
 
     status: int
     body: bytes
@@ -94,7 +96,8 @@ async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *, timeout
     # The deadline, as `asyncio.timeout` sets it but without its context object and state
     # machine (a tenth of a 20-fragment page's CPU went there): one timer that cancels this
     # task, and a CancelledError that the timer caused (and nobody else) is a timeout.
-    task = asyncio.current_task()
+    loop = session.loop
+    task = asyncio.current_task(loop)
     assert task is not None
     cancelling = task.cancelling()
     expired = False
@@ -104,7 +107,7 @@ async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *, timeout
         expired = True
         task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    timer = loop.call_later(timeout, expire)
     try:
         resp = await session.get(url, headers, max_bytes=max_bytes, share=share,
                                  skip_body=_not_content_but_redirects if allow_redirect or redirect_body

@@ -67,9 +67,10 @@ _ACCEPT_ENCODING = "gzip, deflate, br"  # what every fragment request accepts (S
 Mark = tuple[str, float, float, str, str, str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """What a fragment ends up as on the page, and where that came from."""
+    """What a fragment ends up as on the page, and where that came from. A value: never
+    changed once made (not `frozen`, whose `__init__` costs four times as much, per fragment)."""
 
     source: Literal["src", "fallback-src", "inline", "none"]
     body: bytes = b""
@@ -282,7 +283,7 @@ class Pipeline:
         breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
             if fragment.breaker.enabled else None
         load = partial(self._attempt, fragment, page, version, url, headers, breaker)
-        return await self.cache.get(str(url), headers, load, timeout=_budget(fragment, page),
+        return await self.cache.get(src.text or str(url), headers, load, timeout=_budget(fragment, page),
                                     refresh_timeout=fragment.timeout)
 
     async def _attempt(self, fragment: Fragment, page: Page, version: str, url: URL, headers: CIMultiDict[str],

@@ -78,6 +78,7 @@ class UrlTemplate:
     parts: tuple[str, ...]
     static: URL | None
     origin: str = ""  # scheme://host:port, fixed at load (a circuit breaker's key)
+    text: str = ""  # str(static) (a cache key), made once: yarl makes it anew at each str()
 
     @classmethod
     def parse(cls, raw: str) -> UrlTemplate:
@@ -85,7 +86,7 @@ class UrlTemplate:
         pieces = _PLACEHOLDER.split(raw)
         if len(pieces) == 1:
             url = URL(raw)
-            return cls(parts=(raw,), static=url, origin=origin_of(url))
+            return cls(parts=(raw,), static=url, origin=origin_of(url), text=str(url))
         return cls(parts=tuple(pieces), static=None, origin=origin_of(URL(_PLACEHOLDER.sub("p", raw))))
 
     @property

@@ -8,6 +8,8 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from composer.breaker import Breaker, BreakerPolicy, Breakers, State
@@ -73,6 +75,28 @@ def test_old_requests_leave_the_window():
         b.record(True, t)  # the failures are over 10 s old now
     b.record(False, 112.3)  # 4 requests in the window, 1 failure
     assert b.state is State.CLOSED
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.floats(min_value=0, max_value=4)), max_size=80),
+       st.integers(min_value=1, max_value=5), st.integers(min_value=1, max_value=100),
+       st.integers(min_value=1, max_value=12))
+def test_the_failure_share_is_the_share_of_the_requests_still_in_the_window(
+        events: list[tuple[bool, float]], window_s: int, percent: int, min_requests: int) -> None:
+    """The breaker keeps running sums over its one-second buckets; it opens exactly when a
+    plain count of the requests recorded in the last `window_s` whole seconds says so."""
+    b, _ = breaker(failures=0, failure_percent=percent, min_requests=min_requests, window_s=window_s)
+    now, seen = 1000.0, []
+    for ok, gap in events:
+        now += gap
+        b.record(ok, now)
+        seen.append((int(now), ok))
+        horizon = int(now) - window_s
+        kept = [ok for second, ok in seen if second > horizon]
+        should = len(kept) >= min_requests and kept.count(False) * 100 >= percent * len(kept)
+        assert (b.state is State.OPEN) == should
+        if should:
+            return  # open: what follows is the cool-down's business
 
 
 def test_both_rules_off_means_no_breaker_and_worst_state_per_fragment():
