@@ -36,7 +36,7 @@ from .filters import apply_response
 from .fragments import new_session
 from .guard import request_problem
 from .listener import Limits, PageServer
-from .logs import REQUEST_ID, ROUTE, AccessLogger, request_id_of
+from .logs import REQUEST_ID, ROUTE, AccessLogger, new_request_id
 from .metrics import CONTENT_TYPE_LATEST, Declared, Metrics
 from .pipeline import Pipeline
 from .proxy import Proxy, backend_session
@@ -222,7 +222,7 @@ class ComposerServer:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        request[REQUEST_ID] = request_id_of(request)
+        request[REQUEST_ID] = new_request_id(request)  # (none was given before: no lookup)
         table = self.table  # one table for the whole request, whatever reloads meanwhile
         route_name = ""
         status = 500

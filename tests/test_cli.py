@@ -274,6 +274,19 @@ async def test_serve_composes_then_drains_on_sigterm(tmp_path, fragments):
         records = json_lines(composer.stderr)
         assert records, "no log lines on stderr"
         assert refuses(port) and refuses(admin)
+        # The access lines (written without a LogRecord: composer.logs.AccessLogger) read as
+        # the formatter's lines do: same keys in the same order, the same timestamp form.
+        access = [r for r in records if r.get("logger") == "composer.access"]
+        assert [(r["path"], r["status"], r["route"]) for r in access] == [
+            ("/page", 200, "page"), ("/nothing-here", 404, ""), ("/slow", 200, "slow")], access
+        for line in access:
+            assert list(line) == ["ts", "level", "logger", "msg", "method", "path", "status", "duration_ms",
+                                  "route", "request_id", "remote"], line
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"]), line
+            assert (line["level"], line["msg"], line["method"], line["remote"]) == ("info", "access", "GET", "127.0.0.1")
+            assert len(line["request_id"]) == 32 and isinstance(line["duration_ms"], float)
+        stopped = next(r for r in records if r.get("msg") == "stopped")  # a record's line, for the shape
+        assert list(stopped)[:4] == ["ts", "level", "logger", "msg"]
 
 
 async def test_serve_exits_0_on_sigint(tmp_path):

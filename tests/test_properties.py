@@ -799,3 +799,27 @@ def test_the_time_limit_catches_a_hang() -> None:
     with pytest.raises(Hang), _time_limit(0.2):
         while True:
             pass
+
+
+# ---------------------------------------------------------------- the access line
+
+@settings(max_examples=300, deadline=None)
+@given(created=st.floats(min_value=0, max_value=4e9), method=st.text(max_size=10), path=st.text(max_size=40),
+       status=st.integers(min_value=100, max_value=599), duration=st.floats(min_value=0, max_value=1e6),
+       route=st.text(max_size=20), rid=st.text(max_size=40), remote=st.none() | st.text(max_size=20),
+       error=st.none() | st.text(max_size=20))
+def test_the_access_line_written_out_is_the_formatters_line(created, method, path, status, duration, route, rid,
+                                                            remote, error):
+    """JsonFormatter.access (the access line, written without the JSON encoder) gives, byte for
+    byte, what its generic `line` gives for the same fields: any text (quotes, control
+    characters, non-ASCII, lone surrogates), a null remote, an error or none."""
+    from composer.logs import JsonFormatter
+
+    fields = {"method": method, "path": path, "status": status, "duration_ms": round(duration, 2), "route": route,
+              "request_id": rid, "remote": remote}
+    if error is not None:
+        fields["error"] = error
+    formatter = JsonFormatter()
+    fast = formatter.access(created, "composer.access", fields)
+    assert fast == formatter.line(created, "info", "composer.access", "access", fields)
+    assert json.loads(fast)["path"] == path
