@@ -89,8 +89,9 @@ def measure(procs: run.Processes, checkout: Path, routes: Path, pages: list[str]
         bad = asyncio.run(_load(port, f"/{page}", requests, conns))
         _control("--instr=off", str(popen.pid))
         _control("--dump", page, str(popen.pid))
-        if bad:
-            raise run.BenchError(f"{bad} of {requests} {page} answers were not 200 ({checkout})")
+        if bad:  # counted all the same: say so
+            print(f"  {checkout} {page}: {bad} of {requests} answers were not 200 (see {out}/composer.log)",
+                  file=sys.stderr, flush=True)
         dump = max(out.glob(f"callgrind.{popen.pid}.*"), key=lambda p: p.stat().st_mtime)
         totals = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
         if totals is None:
@@ -121,12 +122,17 @@ def main() -> int:
     procs = run.Processes()
     results: dict[Path, dict[str, float]] = {}
     try:
-        routes = ab.fragments(procs, "instructions")
         with tempfile.TemporaryDirectory(prefix="composer-callgrind-") as tmp:
             for checkout in args.checkouts:
                 started = time.monotonic()
+                # A fragment server of its own: one that earlier composers left connections and
+                # garbage in answers with other timing, and the count follows the timing.
+                before = list(procs.procs)
+                routes = ab.fragments(procs, "instructions")
                 results[checkout] = measure(procs, checkout, routes, pages, args.requests, args.conns, Path(tmp),
                                             args.keep)
+                for proc in [p for p in procs.procs if p not in before]:
+                    procs.stop(proc)
                 print(f"{checkout}: " + "  ".join(f"{page} {n / 1000:,.0f} k" for page, n in results[checkout].items())
                       + f"  ({time.monotonic() - started:.0f} s)", flush=True)
     finally:
