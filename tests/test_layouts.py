@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import eventually, html, replace_file, write_config
-from prometheus_client.parser import text_string_to_metric_families
+from test_reload import reload_counts
 
 from composer import load
 from composer.config import LayoutRef, Settings, read_config
@@ -476,15 +476,6 @@ async def test_fragments_in_both_files_are_fetched_and_composed_in_place(start_c
                     "<main><p>product 42</p>\n</main>\n<aside><p>recos</p></aside>\n</body>\n</html>\n")
     assert {path: svc.hits.get(path) for path in ("/meta", "/header", "/product/42", "/recos")} == \
         dict.fromkeys(("/meta", "/header", "/product/42", "/recos"), 1)
-
-
-def reload_counts(metrics_text: str) -> dict[str, float]:
-    counts = {"ok": 0.0, "error": 0.0}
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "composer_config_reloads_total":
-                counts[sample.labels["result"]] = sample.value
-    return counts
 
 
 async def test_a_layout_change_reloads_every_route_using_it(start_composer, fragments, tmp_path, caplog):
