@@ -1161,7 +1161,10 @@ class Report:
                 ("÷ composer = this system's figure over composer's in the same cell. CPU % is of one core (the "
                 "proxy's). CPU ms/page = proxy CPU seconds "
                 "/ pages served. non-2xx+err = wrk's non-2xx responses plus socket errors (timeouts at 10 s, "
-                "resets). † = in a median round shown, other processes or the hypervisor (steal) took more than "
+                "resets). RSS MB = the highest RSS seen during the run; each system is one process tree "
+                "serving every cell in turn (page0, page5 up to c256, page20, ...), and memory it took in an "
+                "earlier cell is rarely given back, so a cell's figure is at least every earlier cell's. "
+                "† = in a median round shown, other processes or the hypervisor (steal) took more than "
                 "20 % of a core: a disturbed measurement."), "", *self.main_table(), ""]
         per_fragment = self.per_fragment()
         if per_fragment:
