@@ -31,6 +31,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Metric,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -90,6 +91,10 @@ class Metrics:
     """The metric families of one composer process."""
 
     def __init__(self) -> None:
+        # No `*_created` series: with several workers (the multiprocess collector) there are
+        # none, so one process now exports what --workers does; and they were 30 % of the
+        # samples for bench/routes.yaml, and of the render time (79 → 55 ms).
+        disable_created_metrics()
         self.recent = Recent()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)

@@ -334,8 +334,8 @@ class ComposerServer:
 
         async def metrics(_: web.Request) -> web.Response:
             # In a worker thread, as prometheus_client's own server does: rendering every series
-            # takes tens of ms (80 ms for bench/routes.yaml), which on the loop would hold every
-            # page that long at each scrape (page0's p99 went from 2 ms to 167 ms, scraped at 5/s).
+            # takes tens of ms (55 ms for bench/routes.yaml), which on the loop would hold every
+            # page that long at each scrape (page0 p99: 129 ms scraped at 5/s, 10 ms so: bench/scrape.py).
             body = await asyncio.to_thread(self.metrics.render)
             return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
