@@ -8,7 +8,9 @@ instructions a page costs do not. Each checkout (default: this one) runs under
 `valgrind --tool=callgrind` with instrumentation off until warmed up; then, per page, a
 client in another process makes `--requests` keep-alive GETs (`--conns` at a time: 1 keeps
 the loop's batching, and so the count, repeatable to about 0.2 %), and callgrind's count
-for exactly those requests is divided by their number. Kernel work (system calls, loopback
+for exactly those requests is divided by their number. composer's clock-driven work (the
+status page's sampling, the reloader's file checks) is switched off: under callgrind a
+second is a few pages, and it would be counted as theirs. Kernel work (system calls, loopback
 TCP) is not counted: bench/ab.py reports its share of the CPU and the calls per page.
 
 Use it to judge a change (`git worktree add /tmp/base HEAD` and pass both), then confirm
