@@ -115,6 +115,14 @@ class Breaker:
     def record(self, ok: bool, now: float) -> None:
         """The verdict on a request `allow` let through."""
         self.probe_at = 0.0
+        if ok and not self._failed and self.state is State.CLOSED:
+            # The common case, short: no failure in the window, so no rule can trip.
+            buckets = self._buckets
+            if buckets and buckets[-1][0] == int(now):
+                buckets[-1][1] += 1
+                self._requests += 1
+                self.consecutive = 0
+                return
         if self.state is not State.CLOSED:
             if ok:
                 self.consecutive = 0

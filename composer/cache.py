@@ -158,7 +158,8 @@ class FragmentCache:
             # Never seen cacheable: nobody waits for this fetch, so an answer meant for one
             # user cannot reach another, and uncacheable fragments are never serialised.
             result = await load(timeout)
-            self._store(url, request, result, known=names)
+            if names is None or isinstance(result, Fetched) and "cache-control" in result.headers:
+                self._store(url, request, result, known=names)  # else nothing to keep or learn
             return _missed(result)
         assert isinstance(names, tuple)
         key = (url, _values(names, request))
