@@ -1,12 +1,15 @@
 """Two checkouts of composer, A and B, side by side: CPU per page, interleaved.
 
     python bench/ab.py A_DIR [B_DIR] [--pages page0,page20] [--conns 16] [--duration 5] [--rounds 5]
+                       [--python-a PYTHON] [--python-b PYTHON]
 
 For judging one change on a noisy machine: both composers (each on CPU 0, one loaded at a
 time) serve the same bench pages from the same fragment server (CPU 1, with wrk); rounds
 alternate which goes first, and the report gives each one's median CPU µs per page and B/A.
 A change is worth keeping when B/A holds across rounds, not when one run looks good. B
-defaults to this checkout; A is typically `git worktree add /tmp/base <commit>`.
+defaults to this checkout; A is typically `git worktree add /tmp/base <commit>`. With
+`--python-a`/`--python-b` (each a venv's python with composer's dependencies) one checkout
+compares interpreters.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ def fragments(procs: run.Processes, label: str) -> Path:
     return routes
 
 
-def start(procs: run.Processes, checkout: Path, routes: Path, label: str) -> tuple[run.Proc, int]:
+def start(procs: run.Processes, checkout: Path, routes: Path, label: str,
+          python: str = sys.executable) -> tuple[run.Proc, int]:
     port, admin = run.free_port(), run.free_port()
     env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
-    argv = [sys.executable, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
+    argv = [python, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
             "--port", str(port), "--admin-port", str(admin)]
     log = run.WORK / f"ab_{label}.log"
     popen = subprocess.Popen(run.pinned(str(run.PROXY_CPU), argv), cwd=checkout, env=env, stdin=subprocess.DEVNULL,
@@ -55,11 +59,14 @@ def main() -> int:
     parser.add_argument("--conns", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--python-a", default=sys.executable, help="A's interpreter (a venv's python)")
+    parser.add_argument("--python-b", default=sys.executable, help="B's interpreter")
     args = parser.parse_args()
     procs = run.Processes()
     try:
         routes = fragments(procs, "ab")
-        systems = {"A": start(procs, args.a, routes, "A"), "B": start(procs, args.b, routes, "B")}
+        systems = {"A": start(procs, args.a, routes, "A", args.python_a),
+                   "B": start(procs, args.b, routes, "B", args.python_b)}
         for page in args.pages.split(","):
             cpu: dict[str, list[float]] = {"A": [], "B": []}
             kernel: dict[str, list[float]] = {"A": [], "B": []}  # the kernel's share of each round's CPU
