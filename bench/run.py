@@ -3,7 +3,7 @@ pages, same fragment server, same run.
 
     python bench/run.py [--duration 15] [--rounds 3] [--quick] [--systems composer,tailor,nginx,varnish]
                         [--pages page0,page5,page20,page100,page1mb] [--fragment-server auto|node|python]
-                        [--ttfb-samples 200] [--no-scaling] [--output PATH]
+                        [--ttfb-samples 200] [--no-scaling] [--output PATH] [--python PYTHON]
 
 What it does, in order (every process it starts is stopped at the end, also on Ctrl-C,
 SIGTERM or an error; each runs in its own process group, which is what gets killed):
@@ -689,9 +689,10 @@ def compare_fragment_servers(procs: Processes, duration: float) -> dict[str, dic
     return out
 
 
-def start_composer(procs: Processes, routes: Path, *, workers: int, cpus: str | None, name: str) -> System:
+def start_composer(procs: Processes, routes: Path, *, workers: int, cpus: str | None, name: str,
+                   python: str = sys.executable) -> System:
     port, admin = free_port(), free_port()
-    argv = [sys.executable, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
+    argv = [python, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
             "--port", str(port), "--admin-port", str(admin)]
     if workers > 1:
         argv += ["--workers", str(workers)]
@@ -966,7 +967,16 @@ def composer_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def machine(start_digest: str) -> list[str]:
+def interpreter(python: str) -> str:
+    """What composer runs on: the interpreter's version and path, and its aiohttp and uvloop."""
+    code = ("import platform, sys, aiohttp, uvloop; "
+            "print(f'Python {platform.python_version()} ({sys.executable}), aiohttp {aiohttp.__version__}, "
+            "uvloop {uvloop.__version__}')")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or f"{python}: {out.stderr.strip()[-200:]}"
+
+
+def machine(start_digest: str, python: str = sys.executable) -> list[str]:
     model = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -991,7 +1001,7 @@ def machine(start_digest: str) -> list[str]:
     return [
         (f"- CPU: {model}, {os.cpu_count()} cores; {round(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30)} GiB; "
         f"Linux {platform.release()}"),
-        (f"- Python {platform.python_version()}, aiohttp {version('aiohttp')}, uvloop {version('uvloop')}; "
+        (f"- composer on {interpreter(python)}; "
         f"Node {command(['node', '-v']) if shutil.which('node') else 'not installed'}, {TAILOR} "
         f"{tailor_version()}; "
         f"{wrk_version[0].split(' Copyright')[0]}"),
@@ -1124,7 +1134,7 @@ class Report:
         out = [f"# {title}: benchmark results", "",
                f"Run {self.started}, {self.elapsed / 60:.0f} min. Command: `{shlex.join(['python', *sys.argv])}`"
                + (" — **a `--quick` smoke run: numbers are for checking the harness only.**" if a.quick else ""),
-               "", *machine(self.digest), "",
+               "", *machine(self.digest, self.args.python), "",
                *([f"**ABORTED:** {self.aborted}", ""] if self.aborted else []),
                (f"- {a.duration:g} s of `wrk -t1 --latency` per run, {a.rounds} round(s) per cell, the systems "
                "taking turns to go first; each cell shows the **median round** (by req/s; the lower middle one for an even count) of each system; all rounds are in "
@@ -1285,7 +1295,7 @@ def scale(args: argparse.Namespace, procs: Processes, report: Report, routes: Pa
         report.notes.setdefault("composer, 2 workers", []).append(
             f"composer/*.py changed during the run (digest {report.digest} → {composer_digest()}): the 2-worker "
             "composer runs other code than the one-process composer")
-    two = start_composer(procs, routes, workers=2, cpus=None, name="composer, 2 workers")
+    two = start_composer(procs, routes, workers=2, cpus=None, name="composer, 2 workers", python=args.python)
     two.notes[:0] = report.notes.get("composer, 2 workers", [])
     report.notes["composer, 2 workers"] = two.notes
     try:
@@ -1365,7 +1375,8 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
     systems: dict[str, System] = {}
     for name in wanted:
         if name == "composer":
-            systems[name] = start_composer(procs, routes, workers=1, cpus=str(PROXY_CPU), name="composer")
+            systems[name] = start_composer(procs, routes, workers=1, cpus=str(PROXY_CPU), name="composer",
+                                           python=args.python)
         elif name == "tailor":
             systems[name] = start_tailor(procs, templates)
         else:
@@ -1496,6 +1507,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto (default): measure both, use the cheaper per request")
     parser.add_argument("--ttfb-samples", type=int, default=200, help="TTFB samples per system and page")
     parser.add_argument("--output", help="where to write the markdown (default bench/RESULTS.md)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="the interpreter composer runs on: a venv's python with composer installed "
+                             "(default: this one). Use an optimised CPython build, as the Docker image's is: "
+                             "pyenv's default builds cost 14-26 %% more CPU per page (bench/PROFILE.md)")
     args = parser.parse_args(argv)
     explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
     if args.quick:
