@@ -335,7 +335,7 @@ class ComposerServer:
         async def metrics(_: web.Request) -> web.Response:
             # In a worker thread, as prometheus_client's own server does: rendering every series
             # takes tens of ms (55 ms for bench/routes.yaml), which on the loop would hold every
-            # page that long at each scrape (page0 p99: 129 ms scraped at 5/s, 10 ms so: bench/scrape.py).
+            # page that long at each scrape (page0 p99 scraped at 5/s: 129 ms, 10 ms in a thread; bench/scrape.py).
             body = await asyncio.to_thread(self.metrics.render)
             return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
