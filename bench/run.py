@@ -75,7 +75,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -982,12 +981,6 @@ def machine(start_digest: str, python: str = sys.executable) -> list[str]:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
 
     def command(argv: list[str]) -> str:
         try:
