@@ -185,7 +185,7 @@ class Pipeline:
                     origins.add((fragment.id, fragment.versions[fragment.canary].origin))
                 if fragment.name is not None and fragment.fallback_src is not None \
                         and fragment.fallback_src.static is not None:
-                    fallbacks.setdefault(str(fragment.fallback_src.static), fragment)
+                    fallbacks.setdefault(fragment.fallback_src.text, fragment)
         for fragment_id in self.breakers.retain(origins):
             self.metrics.circuit_state.labels(fragment_id).set(self.breakers.worst(fragment_id))
         self.last_good.track(frozenset(fallbacks))
@@ -322,10 +322,10 @@ class Pipeline:
             if timeout > 0 and fallback_src.keeps_origin(url) and \
                     (page.depth == 1 or origin_allowed(url, page.settings.allowed_origins)):
                 fallback, _, _ = await self.cache.get(
-                    str(url), headers, lambda t: fetch(self.session, url, headers, timeout=t, max_bytes=page.max_bytes,
+                    fallback_src.text or str(url), headers, lambda t: fetch(self.session, url, headers, timeout=t, max_bytes=page.max_bytes,
                                                        allow_redirect=False, share=fragment.id),
                     timeout=timeout, refresh_timeout=fragment.timeout)
-            key = str(url) if fallback_src.static is not None else ""
+            key = fallback_src.text  # "" unless static: only a fixed URL has a last good copy
             if isinstance(fallback, Fetched) and fallback.status < 300:
                 self.last_good.put(key, fallback)
             else:
