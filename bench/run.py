@@ -967,11 +967,13 @@ def composer_digest() -> str:
 
 
 def interpreter(python: str) -> str:
-    """What composer runs on: the interpreter's version and path, and its aiohttp and uvloop."""
-    code = ("import platform, sys, aiohttp, uvloop; "
+    """What composer runs on: the interpreter's version and path, its aiohttp and uvloop, and
+    whether composer's request path is compiled (scripts/compile)."""
+    code = ("import platform, sys, aiohttp, uvloop, composer.client as c; "
             "print(f'Python {platform.python_version()} ({sys.executable}), aiohttp {aiohttp.__version__}, "
-            "uvloop {uvloop.__version__}')")
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
+            "uvloop {uvloop.__version__}; composer\\'s request path ' "
+            "+ ('compiled (scripts/compile)' if c.__file__.endswith('.so') else 'from source (not compiled)'))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     return out.stdout.strip() or f"{python}: {out.stderr.strip()[-200:]}"
 
 

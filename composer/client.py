@@ -269,9 +269,9 @@ class _Conn(asyncio.Protocol):
         self._received = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
+        except httptools.HttpParserCallbackError as raised:
             if self.error is None and not self.complete:  # a bug here, not the peer: let it show
-                self.error = exc.__context__ or exc
+                self.error = raised.__context__ or raised
         except httptools.HttpParserUpgrade:
             if not self.complete:
                 self.error = InvalidResponse("unexpected protocol upgrade")

@@ -116,14 +116,14 @@ async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *, timeout
         if not expired or task.uncancel() > cancelling:
             raise  # the page went away (or someone besides our timer cancelled it)
         return Failed(Reason.TIMEOUT, f"no complete response within {timeout * 1000:.0f} ms")
-    except TooLarge as exc:
-        if exc.declared is not None:
-            return Failed(Reason.TOO_LARGE, f"content-length {exc.declared} > {max_bytes}")
+    except TooLarge as large:  # (one name per clause: a compiled build types each name once)
+        if large.declared is not None:
+            return Failed(Reason.TOO_LARGE, f"content-length {large.declared} > {max_bytes}")
         return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes")
-    except InvalidResponse as exc:
-        return Failed(Reason.INVALID, f"bad response: {exc}")
-    except InvalidRequest as exc:
-        return Failed(Reason.INVALID, f"bad request: {exc}")
+    except InvalidResponse as invalid:
+        return Failed(Reason.INVALID, f"bad response: {invalid}")
+    except InvalidRequest as refused:
+        return Failed(Reason.INVALID, f"bad request: {refused}")
     except (ClientError, OSError) as exc:
         # Refused, reset, or closed before the response ended (short of Content-Length, or
         # mid-chunk): the connection failed.

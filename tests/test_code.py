@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "composer"
@@ -43,3 +48,25 @@ def test_the_table_side_never_imports_the_request_side() -> None:
                 if imported not in TABLE_SIDE | LEAVES:
                     wrong.append(f"{name} imports {imported}")
     assert not wrong, wrong
+
+
+def test_a_compiled_module_whose_source_changed_refuses_to_import(tmp_path: Path) -> None:
+    """scripts/compile's builds are imported before their sources: a source edited after the
+    build must stop composer at import, naming the file, not silently not run."""
+    package = tmp_path / "composer"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("*.so", "__pycache__", "_native.json"))
+    built = {name: hashlib.sha256((package / f"{name}.py").read_bytes()).hexdigest() for name in ("client", "pipeline")}
+    (package / "_native.json").write_text(json.dumps(built))
+
+    def import_it() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", "import composer"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    done = import_it()
+    assert done.returncode == 0, done.stderr
+    with (package / "pipeline.py").open("a", encoding="utf-8") as source:
+        source.write("\n# an edit after the build\n")
+    done = import_it()
+    assert done.returncode == 1
+    assert f"{package / 'pipeline'}.py changed after scripts/compile built it" in done.stderr
+    assert "scripts/compile --clean" in done.stderr
