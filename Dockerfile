@@ -14,12 +14,13 @@ COPY manifests ./manifests
 COPY composer ./composer
 COPY scripts/compile ./scripts/compile
 # [otel]: tracing ships in the image, off until OTEL_EXPORTER_OTLP_ENDPOINT is set. mypy (with
-# mypyc) and setuptools are build tools, kept out of the image's virtualenv.
+# mypyc, which type-checks what it compiles: hence the YAML stubs) and setuptools are build
+# tools, kept out of the image's virtualenv.
 RUN python -m venv /opt/composer \
  && /opt/composer/bin/pip install '.[otel]' \
- && pip install --target /tmp/build-tools 'mypy>=2.4' 'setuptools>=65' \
+ && pip install --target /tmp/build-tools 'mypy>=2.4' 'setuptools>=65' types-PyYAML \
  && PYTHONPATH=/tmp/build-tools /opt/composer/bin/python scripts/compile \
-      "$(/opt/composer/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+      --into "$(/opt/composer/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 FROM python:3.11-slim
 
