@@ -1,7 +1,7 @@
 """Where composer's CPU goes, per page: py-spy samples a loaded composer.
 
     python bench/profile.py [--pages page0,page20] [--duration 10] [--conns 16] [--top 15]
-                            [--checkout DIR] [--output PATH]
+                            [--checkout DIR] [--output PATH] [--native]
 
 For each page: composer (uvloop, one process, on CPU 0) serves the bench page under wrk
 (CPU 1, with the Node fragment server); `py-spy record --format raw` samples composer for
@@ -9,7 +9,10 @@ For each page: composer (uvloop, one process, on CPU 0) serves the bench page un
 frame of each sample, as `py-spy top` shows it) and own time per layer (the module of the
 leaf frame: composer.<module>, aiohttp.<module>, asyncio, uvloop, ...). `--checkout` profiles
 another checkout of composer (e.g. a `git worktree` of an older commit): the before/after of
-a change, on the same machine and fragment server. Every process it starts is stopped.
+a change, on the same machine and fragment server. `--native` samples C frames too: a module
+compiled by scripts/compile is C, and without it py-spy gives its time to the Python frame
+below it (its own frames read `CPyDef_<module>___<function>`); py-spy stops composer for each
+such sample, so the ms per page it prints are inflated: compare shares. Every process it starts is stopped.
 
 py-spy is the profiler the project chose (`pip install -e '.[profile]'`); it needs ptrace rights over
 composer (root, or kernel.yama.ptrace_scope = 0).
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ab
 import run
 
+_COMPILED = re.compile(r"^CPy(?:Py)?Def_([a-z]+)___")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -61,13 +65,14 @@ def read_raw(path: Path) -> tuple[collections.Counter[str], collections.Counter[
         func, file = (m["func"], m["file"]) if m else (leaf, "")
         n = int(count)
         frames[f"{func} ({file.rsplit('site-packages/', 1)[-1]})"] += n
-        layers[layer(file)] += n
+        compiled = _COMPILED.match(func)  # a function of a module scripts/compile built (--native)
+        layers[f"composer.{compiled[1]}" if compiled else layer(file)] += n
         total += n
     return frames, layers, total
 
 
 def profile_page(procs: run.Processes, pid: int, url: str, seconds: float, conns: int,
-                 out: Path) -> run.Wrk:
+                 out: Path, native: bool = False) -> run.Wrk:
     """wrk on `url` while py-spy samples `pid`; the raw stacks land in `out`."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     result: list[run.Wrk] = []
@@ -75,7 +80,7 @@ def profile_page(procs: run.Processes, pid: int, url: str, seconds: float, conns
     load.start()
     try:
         subprocess.run([spy, "record", "--pid", str(pid), "--duration", f"{seconds:g}", "--rate", "400",
-                        "--format", "raw", "--output", str(out), "--nonblocking"],
+                        "--format", "raw", "--output", str(out), *(["--native"] if native else ["--nonblocking"])],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=seconds + 60)
     finally:
         load.join()
@@ -97,6 +102,7 @@ def main() -> int:
     parser.add_argument("--checkout", type=Path, default=run.ROOT, help="the composer checkout to profile")
     parser.add_argument("--output", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--keep", type=Path, default=None, help="keep py-spy's raw stacks in this folder")
+    parser.add_argument("--native", action="store_true", help="sample C frames too (compiled modules are C)")
     args = parser.parse_args()
     procs = run.Processes()
     report: list[str] = [f"composer checkout: {args.checkout.resolve()}", ""]
@@ -109,7 +115,7 @@ def main() -> int:
                 run.run_wrk(procs, url, args.conns, 2)  # warm-up
                 cpu0 = run.cpu_seconds([composer.pid])
                 raw = Path(tmp) / f"{page}.txt"
-                result = profile_page(procs, composer.pid, url, args.duration, args.conns, raw)
+                result = profile_page(procs, composer.pid, url, args.duration, args.conns, raw, args.native)
                 cpu = run.cpu_seconds([composer.pid]) - cpu0
                 frames, layers, total = read_raw(raw)
                 if args.keep is not None:
