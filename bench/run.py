@@ -1505,7 +1505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter composer runs on: a venv's python with composer installed "
                              "(default: this one). Use an optimised CPython build, as the Docker image's is: "
-                             "pyenv's default builds cost 14-26 %% more CPU per page (bench/PROFILE.md)")
+                             "pyenv's default builds cost 8-26 %% more CPU per page (bench/PROFILE.md)")
     args = parser.parse_args(argv)
     explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
     if args.quick:
