@@ -225,7 +225,7 @@ class Pipeline:
                         and isinstance(nested := self.nesting.compiled(fragment, page, answer.body), Failed):
                     answer = failure = nested  # SPEC §6: a nested body that does not compile failed
                 if how is not None:
-                    self.metrics.child(self.metrics.fragment_cache, fragment.id, how).inc()
+                    self.metrics.tally(self.metrics.fragment_cache, fragment.id, how).inc()
                 if analysed is not None:
                     self.canary.count(analysed, version, how not in _NOT_FETCHED, failure is not None)
                 if failure is not None:
@@ -304,7 +304,7 @@ class Pipeline:
             if breaker is not None:
                 breaker.release()
             raise
-        self.metrics.child(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
+        self.metrics.tally(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
             time.perf_counter() - started)
         if breaker is not None:
             breaker.record(isinstance(result, Fetched), time.monotonic())
