@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .access import request_id_of
 from .canary import BUCKET_SET_COOKIE, user_bucket
 from .config import Settings
 from .errors import error_page
 from .filters import apply_response
 from .links import Asset
-from .logs import request_id_of
 from .pipeline import Mark, Outcome, Page, Pipeline, marks_script
 from .routing import Route
 from .signals import PageSignals
@@ -287,8 +287,9 @@ def _render(outcome: Outcome, seen: set[str], out: list[bytes], fragment: Fragme
 def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
     """`Server-Timing` as the head leaves: the wait for the primary fragment (its fetch, or its
     fallback's) and composer's own time around it, in ms (browsers' devtools show both)."""
-    own = f"composer;dur={(elapsed - waited) * 1000:.1f}"
+    # (Compiled, `%` is faster than an f-string's format spec: mypyc calls `format` for each.)
+    own = "composer;dur=%.1f" % ((elapsed - waited) * 1000)
     if primary is None:
         return own
     desc = pid.replace("\\", "\\\\").replace('"', '\\"') if (pid := primary.id).isascii() and pid.isprintable() else ""
-    return f'primary;dur={waited * 1000:.1f};desc="{desc}", {own}'
+    return 'primary;dur=%.1f;desc="%s", %s' % (waited * 1000, desc, own)  # noqa: UP031

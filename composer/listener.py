@@ -33,8 +33,8 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .access import ERROR
 from .errors import error_page
-from .logs import ERROR
 
 __all__ = ["Limits", "PageServer", "raise_open_files"]
 

@@ -32,11 +32,11 @@ from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from .access import REQUEST_ID
 from .config import Backend
 from .errors import error_page
 from .filters import Outgoing, apply_response
 from .headers import HOP_BY_HOP
-from .logs import REQUEST_ID
 from .routing import Route
 
 if TYPE_CHECKING:

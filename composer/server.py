@@ -25,6 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import Gauge
 
+from .access import REQUEST_ID, ROUTE, new_request_id
 from .breaker import State
 from .canary import Analysis
 from .client import Client
@@ -36,7 +37,7 @@ from .filters import apply_response
 from .fragments import new_session
 from .guard import request_problem
 from .listener import Limits, PageServer
-from .logs import REQUEST_ID, ROUTE, AccessLogger, new_request_id
+from .logs import AccessLogger
 from .metrics import CONTENT_TYPE_LATEST, Declared, Metrics
 from .pipeline import Pipeline
 from .proxy import Proxy, backend_session
@@ -266,8 +267,8 @@ class ComposerServer:
         finally:
             method = request.method if request.method in _METHODS else "other"
             metrics = self.metrics
-            metrics.child(metrics.requests, route_name, method, str(status)).inc()
-            metrics.child(metrics.request_duration, route_name).observe(time.perf_counter() - started)
+            metrics.tally(metrics.requests, route_name, method, str(status)).inc()
+            metrics.tally(metrics.request_duration, route_name).observe(time.perf_counter() - started)
 
     async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
                         path: str, query: str) -> web.StreamResponse:
