@@ -65,12 +65,15 @@ def encoded(body: bytes, encoding: str, status: int = 200):
     return handler
 
 
+_HELD: list[socket.socket] = []  # bound, never listening: refused, and no other process can take the port
+
+
 def refused_url(path: str = "/frag") -> str:
-    """A loopback URL nobody listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}{path}"
+    """A loopback URL nobody listens on: its port stays bound, never listening (see test_fragments)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return f"http://127.0.0.1:{s.getsockname()[1]}{path}"
 
 
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=8)  # a broken composer fails a test, never hangs it

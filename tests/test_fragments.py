@@ -48,12 +48,16 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+_HELD: list[socket.socket] = []  # bound, never listening: refused, and no other process can take the port
+
+
 def refused_url() -> URL:
-    """A loopback URL nobody listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return URL(f"http://127.0.0.1:{port}/frag")
+    """A loopback URL nobody listens on: its port stays bound by this process, never listening
+    (a port closed again could be taken by another process's server before the test connects)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return URL(f"http://127.0.0.1:{s.getsockname()[1]}/frag")
 
 
 def headers() -> CIMultiDict[str]:
