@@ -360,7 +360,11 @@ class _Conn(asyncio.Protocol):
         if len(name) + len(value) > self.max_field or len(raw) >= MAX_HEADERS:
             self.error = InvalidResponse("too many headers" if len(raw) >= MAX_HEADERS else "header line too long")
             raise _Stop
-        raw.append((name.decode("utf-8", "surrogateescape"), value.rstrip(b" \t").decode("utf-8", "surrogateescape")))
+        value = value.rstrip(b" \t")
+        try:  # compiled, a strict UTF-8 decode is a fast path; one with an error handler is not
+            raw.append((name.decode(), value.decode()))
+        except UnicodeDecodeError:
+            raw.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         if self.complete:

@@ -52,12 +52,19 @@ __all__ = ["Failed", "Fetched", "fetch", "new_session"]
 class Fetched:
     """A response with status < 500 (3xx only when redirects were asked for) and its body. A
     value, shared by the pages a cache entry serves: never changed once made (not `frozen`,
-    whose `__init__` costs four times as much, per fragment)."""
+    whose `__init__` costs four times as much, per fragment; with an `__init__` of its own:
+    compiled, that is C, where the dataclass's runs as Python)."""
 
     status: int
     body: bytes
     headers: CIMultiDictProxy[str]
     assets: tuple[Asset, ...]
+
+    def __init__(self, status: int, body: bytes, headers: CIMultiDictProxy[str], assets: tuple[Asset, ...]) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers
+        self.assets = assets
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,7 +70,8 @@ Mark = tuple[str, float, float, str, str, str]
 @dataclass(slots=True)
 class Outcome:
     """What a fragment ends up as on the page, and where that came from. A value: never
-    changed once made (not `frozen`, whose `__init__` costs four times as much, per fragment)."""
+    changed once made (not `frozen`, whose `__init__` costs four times as much, per fragment;
+    and with an `__init__` of its own: compiled, that is C, where the dataclass's runs as Python)."""
 
     source: Literal["src", "fallback-src", "inline", "none"]
     body: bytes = b""
@@ -84,6 +85,19 @@ class Outcome:
     # Under compat: tailor a primary's assets for the page's `Link` header, its stylesheets then
     # its scripts (which load through the AMD loader: they are not among `assets`); else None.
     preload: tuple[Asset, ...] | None = None
+
+    def __init__(self, source: Literal["src", "fallback-src", "inline", "none"], body: bytes = b"",
+                 assets: tuple[Asset, ...] = (), status: int = 0, headers: CIMultiDictProxy[str] | None = None,
+                 version: str = "", parts: tuple[bytes | tuple[Fragment, Outcome], ...] = (),
+                 preload: tuple[Asset, ...] | None = None) -> None:
+        self.source = source
+        self.body = body
+        self.assets = assets
+        self.status = status
+        self.headers = headers
+        self.version = version
+        self.parts = parts
+        self.preload = preload
 
     @property
     def all_assets(self) -> tuple[Asset, ...]:
@@ -107,9 +121,10 @@ _NONE = Outcome("none")
 _NOT_FETCHED = frozenset({"hit", "stale", "coalesced"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Page:
-    """Per-request facts every fragment fetch of the page shares."""
+    """Per-request facts every fragment fetch of the page shares. A value, never changed once
+    made (not `frozen`, with an `__init__` of its own: see `Outcome`)."""
 
     route: str
     params: dict[str, str]
@@ -127,6 +142,27 @@ class Page:
     room: Room | None = None  # how many more nested fragments the page may fetch
     depth: int = 1  # SPEC §6: 1 in the page's template, 2 in a fragment of it, …
     ancestors: tuple[str, ...] = ()  # the URLs a nested fragment is inside of
+
+    def __init__(self, route: str, params: dict[str, str], request_id: str, headers: CIMultiDict[str],
+                 public_headers: CIMultiDict[str], max_bytes: int, deadline: float, bucket: int,
+                 overrides: Mapping[str, str], started: float, marks: list[Mark] | None, span: Span | None,
+                 settings: Settings, room: Room | None = None, depth: int = 1, ancestors: tuple[str, ...] = ()) -> None:
+        self.route = route
+        self.params = params
+        self.request_id = request_id
+        self.headers = headers
+        self.public_headers = public_headers
+        self.max_bytes = max_bytes
+        self.deadline = deadline
+        self.bucket = bucket
+        self.overrides = overrides
+        self.started = started
+        self.marks = marks
+        self.span = span
+        self.settings = settings
+        self.room = room
+        self.depth = depth
+        self.ancestors = ancestors
 
     @classmethod
     def of(cls, request: web.BaseRequest, route: str, params: dict[str, str], settings: Settings, *,

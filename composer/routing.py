@@ -80,6 +80,13 @@ class Match:
     params: dict[str, str]
     allow: frozenset[str] = frozenset()
 
+    def __init__(self, route: Route | None, params: dict[str, str], allow: frozenset[str] = frozenset()) -> None:
+        # Its own `__init__`, once per request: compiled, it is C (a dataclass's runs as Python);
+        # object.__setattr__ is how a frozen class sets its fields, and compiles to a store.
+        object.__setattr__(self, "route", route)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "allow", allow)
+
 
 _MISS = Match(route=None, params={})
 

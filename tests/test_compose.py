@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gzip
 import html as htmllib
 import json
@@ -65,14 +66,11 @@ def encoded(body: bytes, encoding: str, status: int = 200):
     return handler
 
 
-_HELD: list[socket.socket] = []  # bound, never listening: refused, and no other process can take the port
-
-
 def refused_url(path: str = "/frag") -> str:
     """A loopback URL nobody listens on: its port stays bound, never listening (see test_fragments)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    _HELD.append(s)
+    atexit.register(s.close)  # held (bound, never listening) until the tests end
     return f"http://127.0.0.1:{s.getsockname()[1]}{path}"
 
 

@@ -8,6 +8,7 @@ status lines, silence before the headers.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gzip
 import socket
 import struct
@@ -48,15 +49,12 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
-_HELD: list[socket.socket] = []  # bound, never listening: refused, and no other process can take the port
-
-
 def refused_url() -> URL:
     """A loopback URL nobody listens on: its port stays bound by this process, never listening
     (a port closed again could be taken by another process's server before the test connects)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    _HELD.append(s)
+    atexit.register(s.close)  # held (bound, never listening) until the tests end
     return URL(f"http://127.0.0.1:{s.getsockname()[1]}/frag")
 
 
