@@ -102,9 +102,11 @@ class Tally:
 
     def __init__(self, child: Any, direct: bool) -> None:
         self.child = child
-        self.direct = direct
         # A histogram's bucket bounds, ending with +Inf, as the child keeps them; () for a counter.
         self.bounds: tuple[float, ...] = tuple(getattr(child, "_upper_bounds", ()))
+        # `flush` adds to a histogram through its own attributes (prometheus_client has no call
+        # for many observations at once): should a release rename them, count straight through.
+        self.direct = direct or bool(self.bounds) and not (hasattr(child, "_sum") and hasattr(child, "_buckets"))
         self.count = 0  # a counter's total
         self.sum = 0.0  # a histogram's, and its observations per bucket
         self.buckets = [0] * len(self.bounds)
@@ -135,9 +137,7 @@ class Tally:
         self._passed = (count, total, buckets)
         if count > passed_count:
             self.child.inc(count - passed_count)
-        if buckets != passed_buckets:
-            # prometheus_client has no call to add many observations at once; these attributes
-            # are its histogram's own (a test compares the result with its observe's).
+        if buckets != passed_buckets:  # (tests/test_tally.py compares the result with observe's)
             self.child._sum.inc(total - passed_total)
             for value, now, before in zip(self.child._buckets, buckets, passed_buckets):
                 if now > before:

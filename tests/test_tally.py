@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 
-from composer.metrics import _BUCKETS, Metrics
+from composer.metrics import _BUCKETS, Metrics, Tally
 
 DURATIONS = st.lists(st.floats(min_value=-1.0, max_value=100.0) | st.sampled_from(_BUCKETS), max_size=40)
 
@@ -43,8 +43,11 @@ def test_a_tallied_histogram_reads_as_prometheus_clients_observe(first: list[flo
 def test_a_tallied_counter_is_handed_over_once_per_increment() -> None:
     metrics = Metrics()
     tally = metrics.tally(metrics.requests, "home", "GET", "200")
-    value = lambda: metrics.registry.get_sample_value(  # noqa: E731
-        "composer_requests_total", {"route": "home", "method": "GET", "status": "200"})
+
+    def value() -> float | None:
+        return metrics.registry.get_sample_value(
+            "composer_requests_total", {"route": "home", "method": "GET", "status": "200"})
+
     assert value() == 0
     for n in (1, 5, 5, 12):
         while tally.count < n:
@@ -93,3 +96,21 @@ def test_with_several_workers_each_count_goes_straight_to_the_shared_files(tmp_p
     text = other.render().decode()
     assert 'composer_requests_total{method="GET",route="home",status="200"} 1.0' in text
     assert 'composer_request_duration_seconds_bucket{le="0.005",route="home"} 1.0' in text
+
+
+def test_a_histogram_without_the_attributes_flush_uses_is_counted_straight_through() -> None:
+    """Should a prometheus_client release rename a histogram's `_sum` or `_buckets`, counts
+    still arrive, through its public `observe`, instead of failing at the next scrape."""
+    metrics = Metrics()
+    child = metrics.request_duration.labels("home")
+
+    class Renamed:
+        _upper_bounds = child._upper_bounds
+
+        def observe(self, value: float) -> None:
+            child.observe(value)
+
+    tally = Tally(Renamed(), direct=False)
+    assert tally.direct
+    tally.observe(0.003)
+    assert metrics.registry.get_sample_value("composer_request_duration_seconds_count", {"route": "home"}) == 1
