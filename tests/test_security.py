@@ -352,12 +352,15 @@ def test_keeps_origin_refuses_a_rendered_url_on_another_origin():
     assert not default_port.keeps_origin(URL("https://a.example.com:8443/y"))
 
 
-async def test_a_rendered_url_off_its_origin_fails_closed(fragments, start_composer, monkeypatch):
+async def test_a_rendered_url_off_its_origin_fails_closed(fragments, start_composer):
     """Were quoting ever broken, compose's own check refuses the URL: reason `invalid`, nothing
-    fetched, the inline fallback shown. (Simulated by making `render` point elsewhere.)"""
+    fetched, the inline fallback shown. (Simulated by making the loaded template render
+    elsewhere while its origin stays the allowed one: `template` is compiled, so its class
+    cannot be monkeypatched, but a frozen instance can still be changed by force.)"""
     composer, svc, evil = await origin_composer(fragments, start_composer)
-    rendered = URL(f"http://127.0.0.1:{evil.server.port}/stolen")
-    monkeypatch.setattr(UrlTemplate, "render", lambda self, params: rendered)
+    (src,) = [f.src for _, t in composer.server.table.templates() for f in t.fragments if "/f/" in f.src.parts[0]]
+    object.__setattr__(src, "parts", (f"http://127.0.0.1:{evil.server.port}/stolen",))
+    assert str(src.render({"sku": "x"})) == f"http://127.0.0.1:{evil.server.port}/stolen"
     status, body = await exchange(composer.server.port, raw_get(b"/p/x"))
     assert status == 200
     assert b"<i>inline</i>" in body
