@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from .access import Access, Stamp
+from .access import Stamp
 from .access import fields as access_fields
 from .access import line as access_line
 
@@ -47,10 +47,6 @@ class JsonFormatter(logging.Formatter):
         if exc is not None:
             line["exc"] = exc
         return _JSON.encode(line)
-
-    def access(self, created: float, name: str, fields: Access) -> str:
-        """`line(created, "info", name, "access", fields)` for an access line (composer.access)."""
-        return access_line(self.stamp, created, name, fields)
 
 
 class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -305,7 +305,7 @@ class Metrics:
         key = (family, values)
         found = self._tallies.get(key)
         if found is None:
-            found = self._tallies[key] = Tally(family.labels(*values), self._direct)
+            found = self._tallies[key] = Tally(self.child(family, *values), self._direct)
         return found
 
     def flush(self) -> None:

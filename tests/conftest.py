@@ -7,6 +7,7 @@ a routes.yaml and templates into tmp_path and starts a `ComposerServer` on free 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -31,6 +32,16 @@ from composer.server import ComposerServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def refused_origin() -> str:
+    """A loopback origin nobody listens on: its port stays bound, never listening, until the
+    tests end (a port bound and closed again could be taken by another process's server, a
+    benchmark's say, before the test connects)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    atexit.register(s.close)
+    return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def free_port() -> int:

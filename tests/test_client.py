@@ -22,6 +22,7 @@ from pathlib import Path
 import brotli
 import pytest
 from aiohttp import web
+from conftest import refused_origin
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -453,12 +454,10 @@ async def test_close_fails_requests_in_flight_and_waiting(raw):
 
 
 async def test_connection_refused_is_a_connect_error(client):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    url = URL(refused_origin() + "/")
     with pytest.raises(ConnectError):
-        await get(client, URL(f"http://127.0.0.1:{port}/"))
-    assert pool_of(client, URL(f"http://127.0.0.1:{port}/")).size == 0
+        await get(client, url)
+    assert pool_of(client, url).size == 0
 
 
 # ---------------------------------------------------------------- framing

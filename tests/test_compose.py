@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import gzip
 import html as htmllib
 import json
 import logging
 import re
-import socket
 import zlib
 from dataclasses import dataclass, field
 
@@ -17,7 +15,7 @@ import aiohttp
 import brotli
 import pytest
 from aiohttp import web
-from conftest import Records, captured, html
+from conftest import Records, captured, html, refused_origin
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -64,14 +62,6 @@ def encoded(body: bytes, encoding: str, status: int = 200):
                             headers={"Content-Encoding": encoding, "Content-Type": "text/html"})
 
     return handler
-
-
-def refused_url(path: str = "/frag") -> str:
-    """A loopback URL nobody listens on: its port stays bound, never listening (see test_fragments)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    atexit.register(s.close)  # held (bound, never listening) until the tests end
-    return f"http://127.0.0.1:{s.getsockname()[1]}{path}"
 
 
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=8)  # a broken composer fails a test, never hangs it
@@ -283,7 +273,7 @@ def failing(mode: str, svc_url) -> str:
     return {
         "status": svc_url("/500"),
         "timeout": svc_url("/slow"),
-        "connection": refused_url(),
+        "connection": refused_origin() + "/frag",
         "too_large": svc_url("/big"),
         "invalid": svc_url("/badgzip"),
     }[mode]

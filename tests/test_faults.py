@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import RawHandler, html
+from conftest import RawHandler, html, refused_origin
 from multidict import CIMultiDict
 
 from composer.errors import error_page
@@ -45,13 +45,6 @@ ROUTES = """
 
 
 # ---------------------------------------------------------------- servers
-
-def refused_origin() -> str:
-    """A loopback origin nobody listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
 
 def reset(writer: asyncio.StreamWriter) -> None:
     """Abort with SO_LINGER 0: the peer gets an RST, not a FIN."""

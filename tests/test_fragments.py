@@ -8,7 +8,6 @@ status lines, silence before the headers.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import gzip
 import socket
 import struct
@@ -19,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import brotli
 import pytest
 from aiohttp import web
-from conftest import RawHandler, html
+from conftest import RawHandler, html, refused_origin
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -47,15 +46,6 @@ async def raw_server(raw_origin) -> Callable[[RawHandler], Awaitable[URL]]:
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
-
-
-def refused_url() -> URL:
-    """A loopback URL nobody listens on: its port stays bound by this process, never listening
-    (a port closed again could be taken by another process's server before the test connects)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    atexit.register(s.close)  # held (bound, never listening) until the tests end
-    return URL(f"http://127.0.0.1:{s.getsockname()[1]}/frag")
 
 
 def headers() -> CIMultiDict[str]:
@@ -117,7 +107,7 @@ async def test_compressed_bodies_are_decoded(session, fragments, encoding):
 
 async def test_connection_refused(session):
     started = time.monotonic()
-    result = await get(session, refused_url())
+    result = await get(session, URL(refused_origin() + "/frag"))
     assert isinstance(result, Failed)
     assert result.reason is Reason.CONNECTION
     assert time.monotonic() - started < 0.5

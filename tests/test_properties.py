@@ -810,9 +810,10 @@ def test_the_time_limit_catches_a_hang() -> None:
        error=st.none() | st.text(max_size=20))
 def test_the_access_line_written_out_is_the_formatters_line(created, method, path, status, duration, route, rid,
                                                             remote, error):
-    """JsonFormatter.access (the access line, written without the JSON encoder) gives, byte for
-    byte, what its generic `line` gives for the same fields: any text (quotes, control
-    characters, non-ASCII, lone surrogates), a null remote, an error or none."""
+    """composer.access.line (the access line, written without the JSON encoder) gives, byte for
+    byte, what JsonFormatter's generic `line` gives for the same fields: any text (quotes,
+    control characters, non-ASCII, lone surrogates), a null remote, an error or none."""
+    from composer.access import line
     from composer.logs import JsonFormatter
 
     fields = {"method": method, "path": path, "status": status, "duration_ms": round(duration, 2), "route": route,
@@ -820,6 +821,6 @@ def test_the_access_line_written_out_is_the_formatters_line(created, method, pat
     if error is not None:
         fields["error"] = error
     formatter = JsonFormatter()
-    fast = formatter.access(created, "composer.access", fields)
+    fast = line(formatter.stamp, created, "composer.access", fields)
     assert fast == formatter.line(created, "info", "composer.access", "access", fields)
     assert json.loads(fast)["path"] == path
