@@ -18,8 +18,8 @@ dead worker's counts, so sums never go backwards.
 
 from __future__ import annotations
 
+import math
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -36,11 +36,13 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 from .errors import Reason
 
-__all__ = ["CACHE_RESULTS", "CONTENT_TYPE_LATEST", "Declared", "Metrics", "Tally"]
+__all__ = ["CACHE_RESULTS", "CONTENT_TYPE_LATEST", "Declared", "Family", "Metrics", "Series"]
 
 # Fragment and page latencies sit between a few ms and the timeout budget (seconds).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -88,75 +90,117 @@ class Recent:
         return sum(s[1] for s in slots), sum(s[2] for s in slots)
 
 
-class Tally:
-    """One labelled counter or histogram that counts every page and fragment: kept here as
-    plain numbers, handed to its prometheus_client child when the registry is collected.
+class Series:
+    """The numbers of one label set of a `Family`: a counter's `[total]`, or a histogram's
+    `[sum, observations per bucket…]`. Written by the loop's thread alone; a collect in another
+    thread (/metrics renders off the loop) reads a copy."""
 
-    prometheus_client takes a lock and makes six Python calls per observation (a sixth of a
-    fragment's instructions); this is a few C operations. Totals only grow, written by the
-    loop's thread alone; `flush` passes on what grew since it last did, and alone writes what
-    it passed. So a collect in another thread (/metrics renders off the loop) can neither lose
-    nor double a count, compiled or not. With several workers (`direct`) each count goes
-    straight to the child: its value lives in the shared files any worker's /metrics sums.
-    """
+    def __init__(self, values: list[float], bounds: tuple[float, ...]) -> None:
+        self.values = values
+        self.bounds = bounds
 
-    def __init__(self, child: Any, direct: bool) -> None:
-        self.child = child
-        # A histogram's bucket bounds, ending with +Inf, as the child keeps them; () for a counter.
-        self.bounds: tuple[float, ...] = tuple(getattr(child, "_upper_bounds", ()))
-        # `flush` adds to a histogram through its own attributes (prometheus_client has no call
-        # for many observations at once): should a release rename them, count straight through.
-        self.direct = direct or bool(self.bounds) and not (hasattr(child, "_sum") and hasattr(child, "_buckets"))
-        self.count = 0  # a counter's total
-        self.sum = 0.0  # a histogram's, and its observations per bucket
-        self.buckets = [0] * len(self.bounds)
-        self._passed = (0, 0.0, [0] * len(self.bounds))  # the totals at the last flush
-
-    def inc(self) -> None:
-        if self.direct:
-            self.child.inc()
-        else:
-            self.count += 1
+    def inc(self, amount: float = 1.0) -> None:
+        self.values[0] += amount
 
     def observe(self, value: float) -> None:
-        if self.direct:
-            self.child.observe(value)
-            return
-        self.sum += value
+        values = self.values
+        values[0] += value
         for i, bound in enumerate(self.bounds):  # as prometheus_client's observe: the first bucket it fits
             if value <= bound:
-                self.buckets[i] += 1
+                values[i + 1] += 1
                 break
 
-    def flush(self) -> None:
-        """Pass what grew since the last call to the child (callers take turns: `Metrics.flush`)."""
-        count, total, buckets = self.count, self.sum, self.buckets[:]
-        passed_count, passed_total, passed_buckets = self._passed
-        if count == passed_count and buckets == passed_buckets:
-            return
-        self._passed = (count, total, buckets)
-        if count > passed_count:
-            self.child.inc(count - passed_count)
-        if buckets != passed_buckets:  # (tests/test_tally.py compares the result with observe's)
-            self.child._sum.inc(total - passed_total)
-            for value, now, before in zip(self.child._buckets, buckets, passed_buckets):
-                if now > before:
-                    value.inc(now - before)
+
+class _SharedSeries(Series):
+    """With several workers: each count goes straight to prometheus_client's child, whose
+    value lives in the shared files any worker's /metrics sums."""
+
+    def __init__(self, child: Any) -> None:
+        super().__init__([], ())
+        self.child = child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.child.inc(amount)
+
+    def observe(self, value: float) -> None:
+        self.child.observe(value)
 
 
-class _HandOver:
-    """Registered first in a `Metrics` registry: collecting the registry hands the tallies to
-    their children before any family is read (registries collect in registration order)."""
+class Family:
+    """A labelled counter or histogram kept as plain numbers, exported as any collector is.
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
+    For the families counted on every page or fragment, and declared at 0 for every fragment
+    on every route: prometheus_client's children take a lock and six Python calls per
+    observation (a sixth of a fragment's instructions), and hold a lock and an object per
+    value, about 18 KB per fragment and route (40 routes of 25 fragments: 18 MB before the
+    first page). A series here is a tuple and a list of floats. With several workers
+    (`shared`) the values must live in prometheus_client's shared files: the family is then
+    prometheus_client's own, behind the same methods.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], registry: CollectorRegistry,
+                 buckets: tuple[float, ...] | None = None, *, shared: bool = False) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds: tuple[float, ...] = (*buckets, math.inf) if buckets is not None else ()
+        self.histogram = buckets is not None
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        self._shared: Any = None
+        if not shared:
+            registry.register(self)
+        elif buckets is None:
+            self._shared = Counter(name, documentation, labelnames, registry=registry)
+        else:
+            self._shared = Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
+
+    def labels(self, *values: str) -> Series:
+        """The series of `values`, made at 0 if new."""
+        if self._shared is not None:
+            return _SharedSeries(self._shared.labels(*values))
+        return Series(self.declare(values), self.bounds)
+
+    def declare(self, values: tuple[str, ...]) -> list[float]:
+        """The numbers of `values`, made at 0 if new (`values` is kept: pass a tuple held anyway)."""
+        if self._shared is not None:
+            self._shared.labels(*values)
+            return []
+        series = self._series.get(values)
+        if series is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
+            series = self._series[values] = [0.0] * (len(self.bounds) + 1 if self.histogram else 1)
+        return series
+
+    def remove(self, *values: str) -> None:
+        if self._shared is not None:
+            self._shared.remove(*values)
+        else:
+            self._series.pop(values, None)
 
     def describe(self) -> list[Metric]:
-        return []
+        return [self._family()]
 
     def collect(self) -> list[Metric]:
-        self.metrics.flush()
-        return []
+        if self._shared is not None:
+            return list(self._shared.collect())
+        family = self._family()
+        for labels, series in list(self._series.items()):  # (a list, not a view: pages add series meanwhile)
+            values = series[:]
+            if isinstance(family, HistogramMetricFamily):
+                buckets, count = [], 0.0
+                for bound, observed in zip(self.bounds, values[1:]):
+                    count += observed
+                    buckets.append((floatToGoString(bound), count))
+                family.add_metric(list(labels), buckets, values[0])
+            else:
+                family.add_metric(list(labels), values[0])
+        return [family]
+
+    def _family(self) -> CounterMetricFamily | HistogramMetricFamily:
+        if self.histogram:
+            return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
 class Metrics:
@@ -168,32 +212,30 @@ class Metrics:
         # samples for bench/routes.yaml, and of the render time (79 → 55 ms).
         disable_created_metrics()
         self.recent = Recent()
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
-        self._tallies: dict[tuple[Any, tuple[str, ...]], Tally] = {}
-        self._direct = "PROMETHEUS_MULTIPROC_DIR" in os.environ
-        self._flushing = threading.Lock()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # of prometheus_client's families
+        self._counted: dict[tuple[Family, tuple[str, ...]], Series] = {}  # of `Family`s
+        self._shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # --workers: values in shared files
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        r.register(_HandOver(self))
-        self.fragment_duration = Histogram(
+        self.fragment_duration = self._family(
             "composer_fragment_request_duration_seconds",
             "Time from starting a fragment request to its complete body (or failure).",
-            ("fragment", "route", "version"), buckets=_BUCKETS, registry=r)
-        self.fragment_failures = Counter(
+            ("fragment", "route", "version"), _BUCKETS)
+        self.fragment_failures = self._family(
             "composer_fragment_failures_total",
             "Fragment requests that produced no usable content, by reason.",
-            ("fragment", "route", "version", "reason"), registry=r)
-        self.fragment_fallbacks = Counter(
+            ("fragment", "route", "version", "reason"))
+        self.fragment_fallbacks = self._family(
             "composer_fragment_fallbacks_total",
             "Times a fragment's fallback (fallback-src or inline markup) was shown instead.",
-            ("fragment", "route"), registry=r)
-        self.requests = Counter(
+            ("fragment", "route"))
+        self.requests = self._family(
             "composer_requests_total", "Requests answered, by route, method and status.",
-            ("route", "method", "status"), registry=r)
-        self.request_duration = Histogram(
+            ("route", "method", "status"))
+        self.request_duration = self._family(
             "composer_request_duration_seconds",
             "Time from receiving a request to the last byte of its response.",
-            ("route",), buckets=_BUCKETS, registry=r)
+            ("route",), _BUCKETS)
         self.fragment_info = Gauge(
             "composer_fragment_info", "Declared fragments (value 1), with version and owner.",
             ("fragment", "version", "owner"), registry=r, multiprocess_mode="livemax")
@@ -209,11 +251,11 @@ class Metrics:
             "composer_canary_aborted",
             "1 when canary analysis aborted this canary version (every user gets the active), else 0.",
             ("fragment", "version"), registry=r, multiprocess_mode="livemax")
-        self.fragment_cache = Counter(
+        self.fragment_cache = self._family(
             "composer_fragment_cache_total",
             "Fragment lookups by cache result: hit, miss (fetched), stale (served while refreshing), "
             "stale_if_error (served because the fetch failed), coalesced (shared another page's fetch).",
-            ("fragment", "result"), registry=r)
+            ("fragment", "result"))
         self.config_reloads = Counter(
             "composer_config_reloads_total", "Attempts to load a changed config, by result (ok, error).",
             ("result",), registry=r)
@@ -221,13 +263,17 @@ class Metrics:
             self.config_reloads.labels(result)  # present at 0, so alerts on increase() work from the start
         self._client_families(r)
 
+    def _family(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                buckets: tuple[float, ...] | None = None) -> Family:
+        return Family(name, documentation, labelnames, self.registry, buckets, shared=self._shared)
+
     def _client_families(self, r: CollectorRegistry) -> None:
         """Client signals (SPEC §7): label values from the route table only, never from a beacon."""
-        self.client_errors = Counter(
+        self.client_errors = self._family(
             "composer_client_errors_total",
             "Errors in the browser by fragment and version: error (uncaught exception), rejection "
             "(unhandled promise rejection), asset (a stylesheet, script or image that did not load).",
-            ("route", "fragment", "version", "kind"), registry=r)
+            ("route", "fragment", "version", "kind"))
         self.client_vital = Histogram(
             "composer_client_vital_seconds",
             "Web Vitals from the browser (LCP, INP, FCP, TTFB); LCP and INP name the fragment holding "
@@ -241,7 +287,7 @@ class Metrics:
             ("reason",), registry=r)
         for reason in ("too_large", "invalid", "rate", "unknown"):
             self.client_dropped.labels(reason)
-        self._declared: dict[Any, set[tuple[str, ...]]] = {}  # family → label sets `declare` put there
+        self._declared: dict[Family, set[tuple[str, ...]]] = {}  # family → label sets `declare` put there
         self._origins: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}  # (fragment, origin) → owner, versions
 
     def declare(self, uses: Iterable[Declared], client: Iterable[tuple[str, ...]] = ()) -> None:
@@ -256,7 +302,7 @@ class Metrics:
         process from accumulating every version it ever served; with several workers a
         series cannot leave a worker's file, and a dropped version's counters stay as they are.
         """
-        wanted: dict[Any, set[tuple[str, ...]]] = {
+        wanted: dict[Family, set[tuple[str, ...]]] = {
             self.fragment_failures: set(), self.fragment_duration: set(),
             self.fragment_fallbacks: set(), self.fragment_cache: set(), self.client_errors: set(client)}
         origins: dict[tuple[str, str], tuple[str, list[str]]] = {}
@@ -269,15 +315,14 @@ class Metrics:
                 served = origins.setdefault((use.fragment, origin), (use.owner, []))[1]
                 if version not in served:
                     served.append(version)
-        removable = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        removable = not self._shared
         for family, label_sets in wanted.items():
             gone = self._declared.get(family, set()) - label_sets if removable else set()
             for labels in gone:
                 family.remove(*labels)
-                self._children.pop((family, labels), None)  # else `child` would count into the removed series
-                self._tallies.pop((family, labels), None)
+                self._counted.pop((family, labels), None)  # else `series` would count into the removed series
             for labels in label_sets:
-                family.labels(*labels)
+                family.declare(labels)  # the tuple `_declared` holds anyway: one per series, not two
         self._declared = wanted
         # An origin no longer configured keeps what it last served: its circuit may still change.
         self._origins.update({key: (owner, tuple(versions)) for key, (owner, versions) in origins.items()})
@@ -289,6 +334,14 @@ class Metrics:
         owner, versions = self._origins.get((fragment, origin), ("", ()))
         return owner, ",".join(versions)
 
+    def series(self, family: Family, *values: str) -> Series:
+        """`family.labels(*values)`, remembered: the counts of every page and fragment."""
+        key = (family, values)
+        found = self._counted.get(key)
+        if found is None:
+            found = self._counted[key] = family.labels(*values)
+        return found
+
     def child(self, family: Any, *values: str) -> Any:
         """`family.labels(*values)`, remembered: prometheus_client re-validates and re-converts
         the values on every `labels()` call, several µs each, per fragment per page."""
@@ -298,25 +351,9 @@ class Metrics:
             found = self._children[key] = family.labels(*values)
         return found
 
-    def tally(self, family: Any, *values: str) -> Tally:
-        """A `Tally` of `family.labels(*values)`, for the families every page or fragment
-        counts: read them through the registry (`families`, `render`), which hands the
-        counts over first. `child` is for the rarer events read back family by family."""
-        key = (family, values)
-        found = self._tallies.get(key)
-        if found is None:
-            found = self._tallies[key] = Tally(self.child(family, *values), self._direct)
-        return found
-
-    def flush(self) -> None:
-        """Hand every tally's counts to its child (`_HandOver` calls this), one caller at a time."""
-        with self._flushing:
-            for tally in list(self._tallies.values()):
-                tally.flush()
-
     def families(self) -> Iterable[Metric]:
         """The metric families /metrics exports; with several workers, summed over them."""
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        if self._shared:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return registry.collect()
@@ -324,7 +361,7 @@ class Metrics:
 
     def render(self) -> bytes:
         """The exposition text; with several workers, the sum over all of them."""
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        if self._shared:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)

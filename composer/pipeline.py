@@ -261,11 +261,11 @@ class Pipeline:
                         and isinstance(nested := self.nesting.compiled(fragment, page, answer.body), Failed):
                     answer = failure = nested  # SPEC §6: a nested body that does not compile failed
                 if how is not None:
-                    self.metrics.tally(self.metrics.fragment_cache, fragment.id, how).inc()
+                    self.metrics.series(self.metrics.fragment_cache, fragment.id, how).inc()
                 if analysed is not None:
                     self.canary.count(analysed, version, how not in _NOT_FETCHED, failure is not None)
                 if failure is not None:
-                    self.metrics.child(self.metrics.fragment_failures, fragment.id, page.route, version,
+                    self.metrics.series(self.metrics.fragment_failures, fragment.id, page.route, version,
                                        failure.reason.value).inc()
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
                 outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers, version)
@@ -340,7 +340,7 @@ class Pipeline:
             if breaker is not None:
                 breaker.release()
             raise
-        self.metrics.tally(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
+        self.metrics.series(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
             time.perf_counter() - started)
         if breaker is not None:
             breaker.record(isinstance(result, Fetched), time.monotonic())
@@ -387,7 +387,7 @@ class Pipeline:
         stale = outcome.source == "src"
         shown = not stale and outcome is not _NONE
         if shown:
-            self.metrics.child(self.metrics.fragment_fallbacks, fragment.id, page.route).inc()
+            self.metrics.series(self.metrics.fragment_fallbacks, fragment.id, page.route).inc()
         self.metrics.recent.record(fragment.name or fragment.id, fallback=shown)
         if stale or failure.reason is not Reason.CIRCUIT_OPEN:  # an open circuit logs its transitions, not each page
             log.warning("fragment failed", extra={"fields": {

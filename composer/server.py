@@ -267,8 +267,8 @@ class ComposerServer:
         finally:
             method = request.method if request.method in _METHODS else "other"
             metrics = self.metrics
-            metrics.tally(metrics.requests, route_name, method, str(status)).inc()
-            metrics.tally(metrics.request_duration, route_name).observe(time.perf_counter() - started)
+            metrics.series(metrics.requests, route_name, method, str(status)).inc()
+            metrics.series(metrics.request_duration, route_name).observe(time.perf_counter() - started)
 
     async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
                         path: str, query: str) -> web.StreamResponse:

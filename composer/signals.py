@@ -163,7 +163,7 @@ class Beacons:
             if known is None or version not in known[1]:
                 return False
             owner = known[0]
-        self.metrics.child(self.metrics.client_errors, route_name, fragment, version, kind).inc()
+        self.metrics.series(self.metrics.client_errors, route_name, fragment, version, kind).inc()
         log.warning("client error", extra={"fields": {
             "fragment": fragment, "version": version, "owner": owner, "route": route_name, "kind": kind,
             "message": message[:300], "source": source[:300], "request_id": rid}})
