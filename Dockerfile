@@ -1,7 +1,9 @@
 # composer: pages on 8080, admin (metrics, healthz, readyz) on 9911.
 # Python 3.11: the version the test suite and bench/ run on, and the cheapest per page of the
-# three here (bench/instructions.py, user-space instructions per page20 page: 3.11.7 3.85 M,
-# 3.12.1 4.33 M, 3.13.0 4.20 M; page0 268 k, 307 k, 295 k).
+# three here, from source and compiled alike (bench/instructions.py, user-space instructions
+# per page20 page from source: 3.11.7 3.85 M, 3.12.1 4.33 M, 3.13.0 4.20 M, page0 268 k, 307 k,
+# 295 k; compiled by scripts/compile, each with its own interpreter: page20 2.28 M, 2.62 M,
+# 2.61 M, page0 236 k, 274 k, 268 k).
 FROM python:3.11-slim AS build
 
 ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
