@@ -266,7 +266,7 @@ class Pipeline:
                     self.canary.count(analysed, version, how not in _NOT_FETCHED, failure is not None)
                 if failure is not None:
                     self.metrics.series(self.metrics.fragment_failures, fragment.id, page.route, version,
-                                       failure.reason.value).inc()
+                                        failure.reason.value).inc()
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
                 outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers, version)
                 if isinstance(nested, Template):
