@@ -91,23 +91,24 @@ class Recent:
 
 
 class Series:
-    """The numbers of one label set of a `Family`: a counter's `[total]`, or a histogram's
-    `[sum, observations per bucket…]`. Written by the loop's thread alone; a collect in another
-    thread (/metrics renders off the loop) reads a copy."""
+    """One label set of a `Family`: a counter's total, or a histogram's sum and observations
+    per bucket. Written by the loop's thread alone; a collect in another thread (/metrics
+    renders off the loop) reads it as it goes (compiled, each count is one step: no thread
+    runs between its parts)."""
 
-    def __init__(self, values: list[float], bounds: tuple[float, ...]) -> None:
-        self.values = values
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.total = 0.0  # a counter's total, a histogram's sum: a C double, compiled (no float object per count)
         self.bounds = bounds
+        self.buckets = [0] * len(bounds)
 
     def inc(self, amount: float = 1.0) -> None:
-        self.values[0] += amount
+        self.total += amount
 
     def observe(self, value: float) -> None:
-        values = self.values
-        values[0] += value
+        self.total += value
         for i, bound in enumerate(self.bounds):  # as prometheus_client's observe: the first bucket it fits
             if value <= bound:
-                values[i + 1] += 1
+                self.buckets[i] += 1
                 break
 
 
@@ -116,7 +117,7 @@ class _SharedSeries(Series):
     value lives in the shared files any worker's /metrics sums."""
 
     def __init__(self, child: Any) -> None:
-        super().__init__([], ())
+        super().__init__(())
         self.child = child
 
     def inc(self, amount: float = 1.0) -> None:
@@ -133,7 +134,7 @@ class Family:
     on every route: prometheus_client's children take a lock and six Python calls per
     observation (a sixth of a fragment's instructions), and hold a lock and an object per
     value, about 18 KB per fragment and route (40 routes of 25 fragments: 18 MB before the
-    first page). A series here is a tuple and a list of floats. With several workers
+    first page). A series here is its labels' tuple and a `Series`. With several workers
     (`shared`) the values must live in prometheus_client's shared files: the family is then
     prometheus_client's own, behind the same methods.
     """
@@ -145,7 +146,7 @@ class Family:
         self.labelnames = labelnames
         self.bounds: tuple[float, ...] = (*buckets, math.inf) if buckets is not None else ()
         self.histogram = buckets is not None
-        self._series: dict[tuple[str, ...], list[float]] = {}
+        self._series: dict[tuple[str, ...], Series] = {}
         self._shared: Any = None
         if not shared:
             registry.register(self)
@@ -156,20 +157,17 @@ class Family:
 
     def labels(self, *values: str) -> Series:
         """The series of `values`, made at 0 if new."""
+        return self.declare(values)
+
+    def declare(self, values: tuple[str, ...]) -> Series:
+        """The series of `values`, made at 0 if new (`values` is kept: pass a tuple held anyway)."""
         if self._shared is not None:
             return _SharedSeries(self._shared.labels(*values))
-        return Series(self.declare(values), self.bounds)
-
-    def declare(self, values: tuple[str, ...]) -> list[float]:
-        """The numbers of `values`, made at 0 if new (`values` is kept: pass a tuple held anyway)."""
-        if self._shared is not None:
-            self._shared.labels(*values)
-            return []
         series = self._series.get(values)
         if series is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
-            series = self._series[values] = [0.0] * (len(self.bounds) + 1 if self.histogram else 1)
+            series = self._series[values] = Series(self.bounds)
         return series
 
     def remove(self, *values: str) -> None:
@@ -186,15 +184,14 @@ class Family:
             return list(self._shared.collect())
         family = self._family()
         for labels, series in list(self._series.items()):  # (a list, not a view: pages add series meanwhile)
-            values = series[:]
             if isinstance(family, HistogramMetricFamily):
                 buckets, count = [], 0.0
-                for bound, observed in zip(self.bounds, values[1:]):
+                for bound, observed in zip(self.bounds, series.buckets[:]):
                     count += observed
                     buckets.append((floatToGoString(bound), count))
-                family.add_metric(list(labels), buckets, values[0])
+                family.add_metric(list(labels), buckets, series.total)
             else:
-                family.add_metric(list(labels), values[0])
+                family.add_metric(list(labels), series.total)
         return [family]
 
     def _family(self) -> CounterMetricFamily | HistogramMetricFamily:
@@ -213,7 +210,7 @@ class Metrics:
         disable_created_metrics()
         self.recent = Recent()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # of prometheus_client's families
-        self._counted: dict[tuple[Family, tuple[str, ...]], Series] = {}  # of `Family`s
+        self._counted: dict[tuple[Family, tuple[str, ...]], Series] = {}  # of `Family`s, with --workers
         self._shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # --workers: values in shared files
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -320,7 +317,6 @@ class Metrics:
             gone = self._declared.get(family, set()) - label_sets if removable else set()
             for labels in gone:
                 family.remove(*labels)
-                self._counted.pop((family, labels), None)  # else `series` would count into the removed series
             for labels in label_sets:
                 family.declare(labels)  # the tuple `_declared` holds anyway: one per series, not two
         self._declared = wanted
@@ -335,7 +331,10 @@ class Metrics:
         return owner, ",".join(versions)
 
     def series(self, family: Family, *values: str) -> Series:
-        """`family.labels(*values)`, remembered: the counts of every page and fragment."""
+        """`family.labels(*values)`: the counts of every page and fragment. With several workers
+        remembered (prometheus_client's `labels()` re-validates the values each time, µs each)."""
+        if not self._shared:
+            return family.declare(values)
         key = (family, values)
         found = self._counted.get(key)
         if found is None:
