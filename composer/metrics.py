@@ -161,20 +161,18 @@ class Family:
 
     def declare(self, values: tuple[str, ...]) -> Series:
         """The series of `values`, made at 0 if new (`values` is kept: pass a tuple held anyway)."""
-        if self._shared is not None:
-            return _SharedSeries(self._shared.labels(*values))
         series = self._series.get(values)
         if series is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
-            series = self._series[values] = Series(self.bounds)
+            series = self._series[values] = Series(self.bounds) if self._shared is None \
+                else _SharedSeries(self._shared.labels(*values))
         return series
 
     def remove(self, *values: str) -> None:
+        self._series.pop(values, None)
         if self._shared is not None:
             self._shared.remove(*values)
-        else:
-            self._series.pop(values, None)
 
     def describe(self) -> list[Metric]:
         return [self._family()]
@@ -210,7 +208,6 @@ class Metrics:
         disable_created_metrics()
         self.recent = Recent()
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # of prometheus_client's families
-        self._counted: dict[tuple[Family, tuple[str, ...]], Series] = {}  # of `Family`s, with --workers
         self._shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # --workers: values in shared files
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -331,15 +328,8 @@ class Metrics:
         return owner, ",".join(versions)
 
     def series(self, family: Family, *values: str) -> Series:
-        """`family.labels(*values)`: the counts of every page and fragment. With several workers
-        remembered (prometheus_client's `labels()` re-validates the values each time, µs each)."""
-        if not self._shared:
-            return family.declare(values)
-        key = (family, values)
-        found = self._counted.get(key)
-        if found is None:
-            found = self._counted[key] = family.labels(*values)
-        return found
+        """`family.labels(*values)`: the counts of every page and fragment."""
+        return family.declare(values)
 
     def child(self, family: Any, *values: str) -> Any:
         """`family.labels(*values)`, remembered: prometheus_client re-validates and re-converts
