@@ -206,7 +206,10 @@ class _Conn(asyncio.Protocol):
     def __init__(self, pool: _Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser holds this protocol's callbacks: a reference cycle, made when connected and
+        # broken when the connection is lost, so a closed connection is freed at once (not by
+        # the cyclic collector, which would have to find it: see server.tune_gc).
+        self.parser: httptools.HttpResponseParser | None = None
         self.max_field = pool.client.max_field_size
         self.fut: asyncio.Future[Response] | None = None
         self.idle = False
@@ -260,15 +263,19 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.parser = httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
-        fut = self.fut
-        if fut is None:
+        # No local holds the future: run from source, this frame is in the traceback of an
+        # error the callbacks raise, and the future holds that error (a reference cycle).
+        if self.fut is None:
             self._unrequested()
             return
         self._received = True
+        parser = self.parser
+        assert parser is not None  # connected, not yet lost
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError as raised:
             if self.error is None and not self.complete:  # a bug here, not the peer: let it show
                 self.error = raised.__context__ or raised
@@ -283,14 +290,18 @@ class _Conn(asyncio.Protocol):
             if self._head_room < 0 and self.error is None:
                 self.error = InvalidResponse("response head too large")
         if self.error is not None or self.complete:
-            self._deliver(fut)
+            self._deliver()
 
-    def _deliver(self, fut: asyncio.Future[Response]) -> None:
+    def _deliver(self) -> None:
+        fut = self.fut
+        assert fut is not None
         self.fut = None
-        if self.error is not None:
+        error = self.error
+        if error is not None:
+            self.error = None  # handed over: its traceback's frames hold this connection
             self.keep_alive = False
             if not fut.done():  # else cancelled: its owner closes the connection
-                fut.set_exception(self.error)
+                fut.set_exception(error)
         elif not fut.done() and self._response is not None:
             fut.set_result(self._response)
         self._response = self._headers = None  # nothing kept while idle
@@ -302,6 +313,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(exc)
+        self.parser = None
         self.pool.client._conns.discard(self)
 
     def _unrequested(self) -> None:
@@ -342,7 +354,7 @@ class _Conn(asyncio.Protocol):
         else:
             self.error = ConnectError(f"body cut short: connection closed before the body ended{why}")
         self.keep_alive = False
-        self._deliver(fut)
+        self._deliver()
 
     # -------- llhttp callbacks (inside feed_data)
 
@@ -370,6 +382,7 @@ class _Conn(asyncio.Protocol):
         if self.complete:
             return
         parser = self.parser
+        assert parser is not None
         status = parser.get_status_code()
         if status < 200:
             if status == 101:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import gzip
 import shutil
 import socket
@@ -28,11 +29,13 @@ from yarl import URL
 
 from composer.client import (
     Client,
+    ClientError,
     ConnectError,
     InvalidRequest,
     InvalidResponse,
     Response,
     TooLarge,
+    _Conn,
 )
 
 MAX = 1 << 20
@@ -732,6 +735,54 @@ async def test_empty_compressed_body_is_fine(client, raw):
     assert (resp.status, resp.body) == (204, b"")
     await get(client, srv.url())
     assert len(srv.conns) == 1
+
+
+# ---------------------------------------------------------------- freed without the collector
+
+# How a connection's last exchange ends, and what `get` raises (None: it answers). composer
+# runs the cyclic collector rarely (server.tune_gc): a connection must be freed by reference
+# counting once it is closed, whatever the service did.
+ENDINGS = {
+    "answered": (ok(b"fine"), None),
+    "connection-close": (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", None),
+    "cut-short": (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234", ConnectError),  # then closed
+    "not-http": (b"SSH-2.0-OpenSSH_9.6\r\n", InvalidResponse),
+    "bad-gzip": (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 27\r\n\r\n"
+                 b"\x1f\x8bgarbage garbage garbage", InvalidResponse),
+    "too-large": (ok(b"x" * 100), TooLarge),
+    "5xx-unread": (b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy", None),
+    "no-answer": (b"", TimeoutError),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(raw, ending):
+    answer, expected = ENDINGS[ending]
+
+    async def once(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(answer)
+        if ending != "cut-short":
+            await asyncio.sleep(10)  # the client closes (or keeps) it; the fixture ends it
+
+    srv = await raw(once)
+    client = Client()
+    gc.collect()
+    gc.disable()
+    try:
+        raised = None
+        try:
+            await get(client, srv.url(), max_bytes=10, timeout=0.3, skip_body=lambda status: status >= 500)
+        except (ClientError, TimeoutError) as exc:  # not kept: its traceback holds the frames
+            raised = type(exc)
+        assert raised is expected
+        await client.close()
+        for _ in range(5):  # connection_lost comes in a later loop turn
+            await asyncio.sleep(0)
+        left = [o for o in gc.get_objects() if isinstance(o, _Conn)]
+    finally:
+        gc.enable()
+    assert left == [], f"{len(left)} connection(s) left for the cyclic collector"
 
 
 # ---------------------------------------------------------------- DNS
