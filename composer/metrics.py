@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -198,6 +201,12 @@ class Family:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
 
+# What every Python exporter has: RSS, CPU and fds (process_*), the interpreter (python_info),
+# and what the cyclic collector runs and finds (python_gc_*: bench/soak.py holds composer to
+# leaving no reference cycles, as server.tune_gc trusts).
+_PROCESS = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
+
+
 class Metrics:
     """The metric families of one composer process."""
 
@@ -211,6 +220,9 @@ class Metrics:
         self._shared = "PROMETHEUS_MULTIPROC_DIR" in os.environ  # --workers: values in shared files
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        if not self._shared:  # process-wide: with several workers, not part of the sum
+            for collector in _PROCESS:
+                r.register(collector)
         self.fragment_duration = self._family(
             "composer_fragment_request_duration_seconds",
             "Time from starting a fragment request to its complete body (or failure).",

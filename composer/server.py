@@ -47,11 +47,12 @@ from .signals import BEACON_PATH, Beacons, Labels
 from .status import Status
 from .tracing import Tracing, from_env
 
-__all__ = ["GRACE_SECONDS", "ComposerServer", "stop_event", "tune_gc"]
+__all__ = ["GC_THRESHOLD", "GRACE_SECONDS", "ComposerServer", "stop_event", "tune_gc"]
 
 log = logging.getLogger("composer.server")
 
 GRACE_SECONDS = 10.0
+GC_THRESHOLD = 20_000  # net allocations between the cyclic collector's young passes (tune_gc)
 # Request-line and header limits, set explicitly rather than inherited: anything longer is
 # refused by aiohttp's parser with 400 before composer sees it.
 MAX_LINE_SIZE = 8190
@@ -410,11 +411,20 @@ def _display(host: str) -> str:
 
 
 def tune_gc() -> None:
-    """Once a serving process is up: what is loaded by now (modules, the route table, compiled
+    """Once a serving process is up. What is loaded by now (modules, the route table, compiled
     templates) lives as long as the process, so the collector's full passes need not walk it
-    again and again (`gc.freeze`). A rarer generation-0 pass (20,000 allocations, not 700)
-    cut page100's CPU by 4 % but held 8 MB more in bench/soak.py: not done."""
+    again and again (`gc.freeze`).
+
+    A page frees what it made by reference counting: composer leaves no reference cycles per
+    page, whatever its fragments do (bench/soak.py counts what the collector finds). At
+    Python's default (a pass every 700 net allocations) the collector still ran hundreds of
+    times a second, each pass walking the objects of every fetch in flight and finding
+    nothing: 19 % of page20's CPU at 64 connections, 25 % of page100's (bench/PROFILE.md,
+    seventh pass). A pass every 20,000 keeps it for what it is for: cycles, which would then
+    wait for up to 20,000 allocations (a few ms of pages) before being freed."""
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, older, oldest)
 
 
 def stop_event() -> asyncio.Event:
