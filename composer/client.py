@@ -42,7 +42,7 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import brotli
 import httptools
@@ -52,10 +52,11 @@ from yarl import URL
 __all__ = ["KEEPALIVE", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
            "InvalidRequest", "InvalidResponse", "Response", "TooLarge"]
 
-KEEPALIVE = 30.0
-DNS_TTL = 300.0
-MAX_FIELD_SIZE = 16384
-MAX_HEADERS = 128
+# Final: compiled, each is a constant, not a lookup in the module's dict (per header line).
+KEEPALIVE: Final = 30.0
+DNS_TTL: Final = 300.0
+MAX_FIELD_SIZE: Final = 16384
+MAX_HEADERS: Final = 128
 _DNS_ENTRIES = 1024  # more distinct hosts than this: the cache starts over
 _SCHEMES = frozenset({"http", "https"})
 # getaddrinfo's answers: (family, type, proto, canonname, sockaddr)
@@ -372,7 +373,8 @@ class _Conn(asyncio.Protocol):
         if len(name) + len(value) > self.max_field or len(raw) >= MAX_HEADERS:
             self.error = InvalidResponse("too many headers" if len(raw) >= MAX_HEADERS else "header line too long")
             raise _Stop
-        value = value.rstrip(b" \t")
+        if value and (value[-1] == 32 or value[-1] == 9):  # llhttp keeps a value's trailing SP/HTAB
+            value = value.rstrip(b" \t")
         try:  # compiled, a strict UTF-8 decode is a fast path; one with an error handler is not
             raw.append((name.decode(), value.decode()))
         except UnicodeDecodeError:

@@ -28,6 +28,7 @@ from conftest import Composer, FragmentServer, captured, eventually
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
+import composer.cache
 from composer.cache import FragmentCache, Freshness, freshness
 
 # Circuit breakers off: a test that makes a service fail wants to see each failure, not an
@@ -475,6 +476,26 @@ async def test_the_cache_stays_within_max_bytes_and_evicts_old_entries(fragments
     assert (await page(composer, "/p/0")) == "v1 0 #9"  # the oldest was evicted
     assert svc.hits["/item/0"] == 2
     assert cache.size <= bound
+
+
+async def test_the_urls_the_cache_knows_are_bounded_and_a_forgotten_one_is_learnt_again(
+        fragments, start_composer, monkeypatch):
+    monkeypatch.setattr(composer.cache, "_KNOWN_URLS", 3)
+    origin = Origin(headers={"Cache-Control": "max-age=60"})
+    svc = await fragments({"/item/{id}": origin.handle})
+    composer_ = await start_composer({"page.html": ITEM_PAGE.format(src=svc.url("/item/") + "{id}")},
+                                     routes=ITEM_ROUTES, settings=SETTINGS)
+    known = cache_of(composer_)._names
+    for n in range(5):
+        assert (await page(composer_, f"/p/{n}")).startswith(f"v1 {n} #")
+        assert len(known) <= 3
+    assert (await page(composer_, "/p/4")) == "v1 4 #5"  # still known: served from the cache
+    assert svc.hits["/item/4"] == 1
+    # /item/0's hint was the oldest, dropped: fetched once more, then known (and cached) again.
+    assert (await page(composer_, "/p/0")) == "v1 0 #6"
+    assert (await page(composer_, "/p/0")) == "v1 0 #6"
+    assert svc.hits["/item/0"] == 2
+    assert len(known) == 3
 
 
 async def test_an_answer_larger_than_max_bytes_is_served_but_not_kept(fragments, start_composer):
