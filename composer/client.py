@@ -614,20 +614,21 @@ class Client:
         while True:
             try:
                 response = await conn.send(data, max_bytes, skip_body)
+                break
             except _Stale:
                 # The server had closed this pooled connection; one more try, on a new one
                 # (a _Stale comes only from a reused connection, never twice in a row).
                 if retried:  # pragma: no cover - defensive
                     raise
                 retried = True
-                conn = await self._open(pool, share)  # the dead connection's slot is still ours
-                continue
             except BaseException:
                 conn.close()  # cancelled, timed out, or failed: never back to the pool
                 pool.unhold(share)
                 pool.free_slot()
                 raise
-            break
+            # Awaited outside the `except` clause: compiled, a coroutine suspended inside one
+            # leaves its exception in the thread's state, where every other task sees it.
+            conn = await self._open(pool, share)  # the dead connection's slot is still ours
         pool.unhold(share)
         if conn.keep_alive and not conn.closed:
             pool.release(conn)

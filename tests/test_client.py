@@ -14,6 +14,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -322,6 +323,27 @@ async def test_a_reused_connection_closed_before_any_byte_is_retried_once_on_a_n
     assert resp.body == b"conn 1"  # sent on conn 0 (closed unanswered), then again on conn 1
     assert len(srv.conns) == 2
     assert len([r for r in srv.requests if r]) == 3
+
+
+async def test_the_retry_leaves_no_exception_showing_to_other_tasks(client, raw):
+    # While the retry opens its new connection, the loop runs other tasks: they must not see
+    # the stale connection's error as the exception being handled (compiled, a coroutine
+    # suspended inside an `except` clause left it in the thread's state, so an unrelated
+    # error raised meanwhile was chained to it: "During handling of the above exception…").
+    async def one_per_connection(conn: Conn) -> None:
+        srv.requests.append(await conn.request())
+        await conn.send(ok(b"conn %d" % conn.index))
+        srv.requests.append(await conn.request())
+
+    srv = await raw(one_per_connection)
+    assert (await get(client, srv.url())).body == b"conn 0"
+    seen: list[BaseException | None] = []
+    retried = asyncio.ensure_future(get(client, srv.url()))
+    while not retried.done():
+        seen.append(sys.exc_info()[1])
+        await asyncio.sleep(0)
+    assert (await retried).body == b"conn 1"  # the retry happened, on conn 1
+    assert len(seen) > 1 and not any(seen), seen
 
 
 async def test_the_retry_is_once_and_never_for_a_fresh_connection(client, raw):

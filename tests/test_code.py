@@ -25,6 +25,34 @@ def test_no_function_in_the_package_is_over_60_lines() -> None:
     assert not long, "\n".join(long)
 
 
+def _compiled_modules() -> list[str]:
+    """scripts/compile's MODULES, read from the script."""
+    script = ast.parse((PACKAGE.parent / "scripts" / "compile").read_text(encoding="utf-8"))
+    for node in script.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "MODULES" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("scripts/compile has no MODULES")
+
+
+def test_no_compiled_coroutine_awaits_inside_an_except_clause() -> None:
+    """Compiled (scripts/compile), a coroutine suspended inside an `except` clause leaves the
+    exception it caught in the thread's state: every task the loop runs meanwhile sees it as
+    the exception being handled, and chains its own errors to it. Await after the clause.
+    (Interpreted coroutines keep their own exception state: cli, demo and reload may.)"""
+    found = []
+    modules = _compiled_modules()
+    assert "client" in modules and "pipeline" in modules
+    for name in modules:
+        file = PACKAGE / f"{name}.py"
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Try | ast.TryStar):
+                for handler in node.handlers:
+                    for inner in (n for stmt in handler.body for n in ast.walk(stmt)):
+                        if isinstance(inner, ast.Await | ast.AsyncWith | ast.AsyncFor):
+                            found.append(f"{file.name}:{inner.lineno}")
+    assert not found, found
+
+
 def test_compose_only_streams_a_page() -> None:
     """Fragment policy lives in pipeline.py; compose.py stays a page streamer (≤ 300 lines)."""
     assert len((PACKAGE / "compose.py").read_text(encoding="utf-8").splitlines()) <= 300

@@ -71,6 +71,11 @@ def amd_fragment(name: str, modules: int = 1, delay: bool = False) -> web.Applic
         number = request.match_info["n"]
         if number == "1" and delay:
             await asyncio.sleep(0.5)
+        if number == "3" and delay:
+            # hooks.js wants module 2's init to start before module 3's (footer7 < footer8); the
+            # loader runs each as it arrives, and the two raced (138.2 before 140 seen): module 3
+            # comes 100 ms later, still well inside module 2's 200 ms (footer7end > footer8end).
+            await asyncio.sleep(0.1)
         return web.Response(text=define(f"js{number}", number == "2"), headers=JS_HEADERS)
 
     async def css(_: web.Request) -> web.Response:
