@@ -37,6 +37,7 @@ DNS, TLS), `InvalidResponse` (not HTTP, limits, a body that does not decode), `T
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import zlib
@@ -212,7 +213,7 @@ class _Conn(asyncio.Protocol):
         # the cyclic collector, which would have to find it: see server.tune_gc).
         self.parser: httptools.HttpResponseParser | None = None
         self.max_field = pool.client.max_field_size
-        self.fut: asyncio.Future[Response] | None = None
+        self.fut: asyncio.Future[Response | None] | None = None
         self.idle = False
         self.idle_since = 0.0
         self.closed = False
@@ -224,8 +225,10 @@ class _Conn(asyncio.Protocol):
 
     # -------- the caller's side
 
-    def send(self, data: bytes, max_bytes: int, skip: Callable[[int], bool] | None) -> asyncio.Future[Response]:
-        self.fut = fut = self.pool.loop.create_future()
+    def send(self, fut: asyncio.Future[Response | None], data: bytes, max_bytes: int,
+             skip: Callable[[int], bool] | None) -> None:
+        """Write the request; `fut` gets its response (or error)."""
+        self.fut = fut
         self.requests += 1
         self._received = False
         self.headers_done = False
@@ -247,7 +250,6 @@ class _Conn(asyncio.Protocol):
             self._lost(None)
         else:
             transport.write(data)  # type: ignore[union-attr]
-        return fut
 
     def close(self) -> None:
         if not self.closed:
@@ -455,6 +457,24 @@ class _Conn(asyncio.Protocol):
 
 # ---------------------------------------------------------------- pools
 
+class _Ticket:
+    """A caller waiting for a connection, with the request it will send. A connection coming
+    back is handed to it with that request already written (`conn` set, `fut` waiting for the
+    response): the waiting caller wakes once, to its answer, and the connection idles for no
+    loop turn. A free slot instead sets `fut`'s result to None: the caller opens a connection."""
+
+    __slots__ = ("conn", "data", "fut", "max_bytes", "share", "skip")
+
+    def __init__(self, fut: asyncio.Future[Response | None], share: str | None, data: bytes, max_bytes: int,
+                 skip: Callable[[int], bool] | None) -> None:
+        self.fut = fut
+        self.share = share
+        self.data = data
+        self.max_bytes = max_bytes
+        self.skip = skip
+        self.conn: _Conn | None = None
+
+
 class _Pool:
     """The connections to one origin: idle ones (a stack), a count, and callers waiting."""
 
@@ -475,7 +495,7 @@ class _Pool:
         self.reserve = self.limit // 4  # connections only callers holding fewer than `share` may take
         self.share = max(1, self.limit // 16)
         self.held: dict[str, int] = {}  # connections in use (or opening) per caller's share
-        self.waiters: deque[tuple[asyncio.Future[_Conn | None], str | None]] = deque()
+        self.waiters: deque[_Ticket] = deque()
 
     def admits(self, share: str | None, busy: int) -> bool:
         """May a caller of `share` have one more connection when `busy` are in use?"""
@@ -493,17 +513,70 @@ class _Pool:
             else:
                 del self.held[share]
 
-    def _next_waiter(self, busy: int) -> asyncio.Future[_Conn | None] | None:
+    def _next_waiter(self, busy: int) -> _Ticket | None:
         """The first waiter that may have a connection when `busy` are in use (its share held)."""
         waiters = self.waiters
-        while waiters and waiters[0][0].done():
+        while waiters and waiters[0].fut.done():
             waiters.popleft()
-        for i, (waiter, share) in enumerate(waiters):
-            if not waiter.done() and self.admits(share, busy):
+        for i, ticket in enumerate(waiters):
+            if not ticket.fut.done() and self.admits(ticket.share, busy):
                 del waiters[i]
-                self.hold(share)
-                return waiter
+                self.hold(ticket.share)
+                return ticket
         return None
+
+    def take(self, share: str | None, oldest_usable: float) -> _Conn | None:
+        """An idle connection that `share` may have, its slot and share now held; expired ones
+        on the way are closed."""
+        idle = self.idle
+        if not idle:
+            return None
+        while idle and (idle[-1].idle_since <= oldest_usable or idle[-1].closed):
+            idle.pop().close()  # expired
+            self.size -= 1
+        if idle and self.admits(share, self.size - len(idle)):
+            conn = idle.pop()
+            conn.idle = False
+            self.hold(share)
+            return conn
+        return None
+
+    def wait(self, ticket: _Ticket) -> _Ticket:
+        """A free slot, when its share may have one (its result None at once), else a place in
+        the queue (see `_Ticket`)."""
+        if self.size < self.limit and self.admits(ticket.share, self.size - len(self.idle)):
+            self.size += 1
+            self.hold(ticket.share)
+            ticket.fut.set_result(None)
+        else:
+            self.waiters.append(ticket)
+        return ticket
+
+    def abandon(self, share: str | None, conn: _Conn | None, ticket: _Ticket | None,
+                fut: asyncio.Future[Response | None]) -> None:
+        """A caller gave up (cancelled, timed out) or its request failed: its connection is
+        closed, never reused; a slot handed to it is passed on; a waiter leaves the queue."""
+        if conn is None and ticket is not None:
+            conn = ticket.conn
+        if conn is not None:
+            conn.close()
+        elif not fut.done() or fut.cancelled() or fut.exception() is not None:
+            if ticket is not None:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(ticket)
+            return
+        # (else handed a slot just before the cancel: passed on)
+        self.unhold(share)
+        self.free_slot()
+
+    def finish(self, share: str | None, conn: _Conn) -> None:
+        """A caller's response was read whole: its connection back to the pool, or closed."""
+        self.unhold(share)
+        if conn.keep_alive and not conn.closed:
+            self.release(conn)
+        else:
+            conn.close()
+            self.free_slot()
 
     def release(self, conn: _Conn) -> None:
         """A connection whose response was read whole, for the next caller."""
@@ -529,16 +602,17 @@ class _Pool:
         connection coming back, or a share falling, can each let one in."""
         idle = self.idle
         while idle or self.size < self.limit:
-            waiter = self._next_waiter(self.size - len(idle))
-            if waiter is None:
+            ticket = self._next_waiter(self.size - len(idle))
+            if ticket is None:
                 return
             if idle:
                 conn = idle.pop()
                 conn.idle = False
-                waiter.set_result(conn)
+                ticket.conn = conn
+                conn.send(ticket.fut, ticket.data, ticket.max_bytes, ticket.skip)
             else:
                 self.size += 1
-                waiter.set_result(None)
+                ticket.fut.set_result(None)
 
 
 # ---------------------------------------------------------------- the client
@@ -591,10 +665,7 @@ class Client:
         if self._closed:
             raise ConnectError("client is closed")
         loop = self.loop
-        key = (url.scheme, url.raw_host, url.port)
-        pool = self._pools.get(key)  # type: ignore[arg-type]
-        if pool is None:
-            pool = self._pool(url, loop)
+        pool = self._pools.get((url.scheme, url.raw_host, url.port)) or self._pool(url, loop)  # type: ignore[arg-type]
         # A page's fragments share one headers object, asked for in a burst: its lines are
         # made once (the object is kept, so `is` cannot match another; callers never change
         # headers they passed).
@@ -602,19 +673,17 @@ class Client:
         if last is None or last[0] is not headers:
             last = self._last = (headers, *_lines(headers))
         data = _request(url.raw_path_qs, pool.host_header, last[1], last[2])
-        idle = pool.idle
-        if idle and idle[-1].idle_since > loop.time() - self.keepalive \
-                and pool.admits(share, pool.size - len(idle)):  # the common case, inline
-            conn = idle.pop()
-            conn.idle = False
-            pool.hold(share)
-        else:
-            conn = await self._acquire(pool, share)
+        fut: asyncio.Future[Response | None] = loop.create_future()
+        conn = pool.take(share, loop.time() - self.keepalive)
+        ticket = None
+        if conn is not None:
+            conn.send(fut, data, max_bytes, skip_body)
+        else:  # a free slot (`fut` done at once: a connection is opened below), or a wait
+            ticket = pool.wait(_Ticket(fut, share, data, max_bytes, skip_body))
         retried = False
         while True:
             try:
-                response = await conn.send(data, max_bytes, skip_body)
-                break
+                response = await fut
             except _Stale:
                 # The server had closed this pooled connection; one more try, on a new one
                 # (a _Stale comes only from a reused connection, never twice in a row).
@@ -622,19 +691,26 @@ class Client:
                     raise
                 retried = True
             except BaseException:
-                conn.close()  # cancelled, timed out, or failed: never back to the pool
-                pool.unhold(share)
-                pool.free_slot()
+                pool.abandon(share, conn, ticket, fut)
+                # Run from source, this frame is in the error's traceback and the future holds
+                # the error: a reference cycle, with the connection in it, unless let go.
+                del fut, ticket
                 raise
+            else:
+                if response is not None:
+                    break
+                # Handed a slot, not a connection: open one in it (below).
             # Awaited outside the `except` clause: compiled, a coroutine suspended inside one
             # leaves its exception in the thread's state, where every other task sees it.
-            conn = await self._open(pool, share)  # the dead connection's slot is still ours
-        pool.unhold(share)
-        if conn.keep_alive and not conn.closed:
-            pool.release(conn)
-        else:
-            conn.close()
-            pool.free_slot()
+            # A stale connection's slot is still ours.
+            conn = await self._open(pool, share)
+            fut = loop.create_future()
+            conn.send(fut, data, max_bytes, skip_body)
+            ticket = None
+        if conn is None:
+            assert ticket is not None and ticket.conn is not None
+            conn = ticket.conn
+        pool.finish(share, conn)
         return response
 
     def _pool(self, url: URL, loop: asyncio.AbstractEventLoop) -> _Pool:
@@ -646,49 +722,6 @@ class Client:
         pool = self._pools[(scheme, host, port)] = _Pool(self, loop, scheme, host, port,
                                                          url.host_port_subcomponent or host)
         return pool
-
-    async def _acquire(self, pool: _Pool, share: str | None) -> _Conn:
-        """An open connection to `pool`'s origin, its slot and `share` held: idle, new, or after
-        a wait."""
-        idle = pool.idle
-        if idle:
-            oldest_usable = pool.loop.time() - self.keepalive
-            while idle and idle[-1].idle_since <= oldest_usable or idle and idle[-1].closed:
-                idle.pop().close()  # expired
-                pool.size -= 1
-        if pool.admits(share, pool.size - len(idle)):
-            if idle:
-                conn = idle.pop()
-                conn.idle = False
-                pool.hold(share)
-                return conn
-            if pool.size < pool.limit:
-                pool.size += 1
-                pool.hold(share)
-                return await self._open(pool, share)
-        waiter: asyncio.Future[_Conn | None] = pool.loop.create_future()
-        pool.waiters.append((waiter, share))
-        try:
-            got = await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                # Handed a connection or a slot (and our share) just before the cancel: pass it on.
-                got = waiter.result()
-                pool.unhold(share)
-                if got is None or got.closed:
-                    pool.free_slot()
-                else:
-                    pool.release(got)
-            else:
-                waiter.cancel()
-                try:
-                    pool.waiters.remove((waiter, share))
-                except ValueError:
-                    pass
-            raise
-        if got is None or got.closed:  # a slot, not a connection: open one in it
-            return await self._open(pool, share)
-        return got
 
     async def _open(self, pool: _Pool, share: str | None) -> _Conn:
         """A new connection to `pool`'s origin, in a slot (and `share`) the caller holds; both
@@ -797,9 +830,9 @@ class Client:
             self._expiry.cancel()
             self._expiry = None
         for pool in self._pools.values():
-            for waiter, _ in pool.waiters:
-                if not waiter.done():
-                    waiter.set_exception(ConnectError("client is closed"))
+            for ticket in pool.waiters:
+                if not ticket.fut.done():
+                    ticket.fut.set_exception(ConnectError("client is closed"))
             pool.waiters.clear()
             for conn in pool.idle:
                 conn.idle = False

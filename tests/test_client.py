@@ -261,6 +261,26 @@ async def test_per_origin_limit_holds_and_waiters_are_served_in_order():
             await server.wait_closed()
 
 
+async def test_a_waiting_request_goes_out_on_the_connection_as_it_comes_back(raw):
+    # The caller giving a connection back writes the next waiter's request on it, there and
+    # then: the connection idles for no loop turn, and the waiter wakes once, to its answer.
+    client = Client(limit_per_host=1)
+    try:
+        srv = await raw(serve_forever)
+        await get(client, srv.url("/warm"))  # one idle connection, the pool's only one
+        pool = pool_of(client, srv.url())
+        waiting = asyncio.create_task(get(client, srv.url("/second")))  # runs once we wait below
+        first = await client.get(srv.url("/first"), None, max_bytes=MAX)  # takes the connection
+        # Still in the step that gave the connection back, before any other task has run:
+        [conn] = client._conns
+        assert first.body == b"/first" and not waiting.done() and len(pool.waiters) == 0
+        assert conn.fut is not None and conn.requests == 3  # /warm, /first, and /second in flight
+        assert (await waiting).body == b"/second"
+        assert (pool.size, len(pool.idle), len(pool.waiters), len(srv.conns)) == (1, 1, 0, 1)
+    finally:
+        await client.close()
+
+
 @dataclass
 class _Counter:
     open_now: int = 0
