@@ -42,10 +42,11 @@ from .client import (
     InvalidResponse,
     TooLarge,
 )
+from .deadlines import Deadlines
 from .errors import Reason
 from .links import Asset, parse_assets
 
-__all__ = ["Failed", "Fetched", "fetch", "new_session"]
+__all__ = ["Failed", "Fetched", "Session", "fetch", "new_session"]
 
 
 @dataclass(slots=True)
@@ -76,13 +77,26 @@ class Failed:
     status: int | None = None
 
 
-def new_session(*, limit_per_host: int = 256, max_field_size: int = MAX_FIELD_SIZE) -> Client:
+class Session(Client):
+    """The fragment client, and the deadlines of the fetches on it (one timer for all of them)."""
+
+    _deadlines: Deadlines | None = None
+
+    @property
+    def deadlines(self) -> Deadlines:
+        deadlines = self._deadlines
+        if deadlines is None:
+            deadlines = self._deadlines = Deadlines(self.loop)
+        return deadlines
+
+
+def new_session(*, limit_per_host: int = 256, max_field_size: int = MAX_FIELD_SIZE) -> Session:
     """The one fragment client of a process: pooled keep-alive connections and a DNS cache.
 
     Cookies are never stored (a fragment's cookie must not reach another user), redirects
     are never followed, and timeouts are set per fetch as deadlines.
     """
-    return Client(limit_per_host=limit_per_host, max_field_size=max_field_size)
+    return Session(limit_per_host=limit_per_host, max_field_size=max_field_size)
 
 
 def _not_content(status: int) -> bool:
@@ -94,34 +108,28 @@ def _not_content_but_redirects(status: int) -> bool:
     return status >= 500
 
 
-async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *, timeout: float, max_bytes: int,
+async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeout: float, max_bytes: int,
                 allow_redirect: bool, share: str | None = None, redirect_body: bool = False) -> Fetched | Failed:
     """One GET with a deadline over connect, headers and body; never raises for I/O trouble.
     `share`: the fragment, whose fair share of its origin's connections this fetch uses.
     `redirect_body`: a 3xx is content, its body read and checked as any other (Tailor's rule,
     under settings.compat: tailor)."""
     # The deadline, as `asyncio.timeout` sets it but without its context object and state
-    # machine (a tenth of a 20-fragment page's CPU went there): one timer that cancels this
-    # task, and a CancelledError that the timer caused (and nobody else) is a timeout.
-    loop = session.loop
-    task = asyncio.current_task(loop)
+    # machine (a tenth of a 20-fragment page's CPU went there), nor a timer of its own
+    # (`Deadlines`): the task is cancelled when it passes, and a CancelledError that the
+    # deadline caused (and nobody else) is a timeout.
+    task = asyncio.current_task(session.loop)
     assert task is not None
     cancelling = task.cancelling()
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = loop.call_later(timeout, expire)
+    deadlines = session.deadlines
+    deadline = deadlines.add(task, timeout)
     try:
         resp = await session.get(url, headers, max_bytes=max_bytes, share=share,
                                  skip_body=_not_content_but_redirects if allow_redirect or redirect_body
                                  else _not_content)
     except asyncio.CancelledError:
-        if not expired or task.uncancel() > cancelling:
-            raise  # the page went away (or someone besides our timer cancelled it)
+        if not deadlines.passed(deadline) or task.uncancel() > cancelling:
+            raise  # the page went away (or someone besides our deadline cancelled it)
         return Failed(Reason.TIMEOUT, f"no complete response within {timeout * 1000:.0f} ms")
     except TooLarge as large:  # (one name per clause: a compiled build types each name once)
         if large.declared is not None:
@@ -136,7 +144,7 @@ async def fetch(session: Client, url: URL, headers: CIMultiDict[str], *, timeout
         # mid-chunk): the connection failed.
         return Failed(Reason.CONNECTION, str(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}")
     finally:
-        timer.cancel()
+        deadlines.remove(task, deadline)
     status = resp.status
     body = resp.body
     if body is None:  # 5xx, or an unasked-for 3xx: the body was not read

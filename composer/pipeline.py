@@ -38,10 +38,9 @@ from yarl import URL
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood, Result
 from .canary import Analysis
-from .client import Client
 from .config import CACHE_BYTES, Settings
 from .errors import Reason
-from .fragments import Failed, Fetched, fetch
+from .fragments import Failed, Fetched, Session, fetch
 from .links import Asset
 from .links import preload as preload_header
 from .metrics import Metrics
@@ -190,7 +189,7 @@ class Pipeline:
     """Resolves the fragments of one server's pages; holds the client session, metrics,
     circuit breakers, the fragment cache and the last good copy of each fallback."""
 
-    def __init__(self, session: Client, metrics: Metrics, *,
+    def __init__(self, session: Session, metrics: Metrics, *,
                  cache_bytes: int = CACHE_BYTES, tracing: Tracing | None = None,
                  canary: Analysis | None = None) -> None:
         self.session = session

@@ -11,7 +11,7 @@ replaces the file atomically: a temp file in the same folder, fsync, the old mod
 Any refusal leaves the file untouched.
 
 `smoke` checks a candidate manifest with composer's own code: each `active` and `canary`
-version fetched by `fragments.fetch` on a `client.Client`, its `Link` assets GET, and pages
+version fetched by `fragments.fetch` on a `fragments.Session`, its `Link` assets GET, and pages
 composed by a real `ComposerServer` on 127.0.0.1, fragment failures read from its metrics.
 """
 
@@ -36,7 +36,7 @@ from yarl import URL
 
 from .client import Client, ClientError
 from .errors import ConfigError
-from .fragments import Failed, fetch
+from .fragments import Failed, Session, fetch, new_session
 from .manifest import Canary, Entry, Manifest, parse_manifest
 from .metrics import Metrics
 from .predicates import PathPredicate
@@ -333,7 +333,7 @@ def smoke(config: str, manifest: str, paths: list[str]) -> tuple[list[Problem], 
 
 
 async def _smoke(table: RouteTable, label: str, paths: list[str]) -> tuple[list[Problem], dict[str, int]]:
-    client = Client()
+    client = new_session()
     server = ComposerServer(table, host="127.0.0.1", port=0, admin_host="127.0.0.1", admin_port=0, grace=1.0)
     await server.start()
     try:
@@ -378,7 +378,7 @@ def _targets(table: RouteTable) -> list[tuple[str, str, str]]:
     return found
 
 
-async def _check_version(client: Client, table: RouteTable, entry: Entry, version: str,
+async def _check_version(client: Session, table: RouteTable, entry: Entry, version: str,
                          where: str) -> list[Problem]:
     """One version: 2xx `text/html` within its timeout, under max_fragment_bytes; its assets 2xx."""
     url = entry.versions[version]
