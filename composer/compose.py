@@ -92,7 +92,8 @@ class Composer:
         if page is not None:
             loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
             resolve = self.pipeline.resolve
-            tasks = {f.index: loop.create_task(resolve(f, page)) for f in wanted}
+            # Named by the fragment: the loop's create_task would format a "Task-N" for each.
+            tasks = {f.index: asyncio.Task(resolve(f, page), loop=loop, name=f.id) for f in wanted}
         span = page.span if page is not None else None
         status = 0
         try:

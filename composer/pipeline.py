@@ -306,20 +306,20 @@ class Pipeline:
             version, analysed = forced, None
         return version, fragment.versions[version], analysed
 
-    async def _fetch(self, fragment: Fragment, page: Page, src: UrlTemplate, url: URL, version: str,
-                     headers: CIMultiDict[str]) -> tuple[Fetched | Failed, Result | None, Failed | None]:
+    def _fetch(self, fragment: Fragment, page: Page, src: UrlTemplate, url: URL, version: str,
+               headers: CIMultiDict[str]) -> Awaitable[tuple[Fetched | Failed, Result | None, Failed | None]]:
         """The URL and cache layer: what to show, where it came from (None: not looked up), and
-        the failure of the fetch if one failed (a stale copy may still stand in for it)."""
+        the failure of the fetch if one failed (a stale copy may still stand in for it). Not a
+        coroutine: it hands over the cache's, one level fewer for every resumption of a fetch."""
         if not src.keeps_origin(url):
-            failed = Failed(Reason.INVALID, "the URL left its origin after {param} interpolation")
-            return failed, None, failed
+            return _refused(Failed(Reason.INVALID, "the URL left its origin after {param} interpolation"))
         if page.depth > 1 and (refused := self.nesting.refusal(page, url)) is not None:
-            return refused, None, refused
+            return _refused(refused)
         breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
             if fragment.breaker.enabled else None
         load = partial(self._attempt, fragment, page, version, url, headers, breaker)
-        return await self.cache.get(src.text or str(url), headers, load, timeout=_budget(fragment, page),
-                                    refresh_timeout=fragment.timeout)
+        return self.cache.get(src.text or str(url), headers, load, timeout=_budget(fragment, page),
+                              refresh_timeout=fragment.timeout)
 
     async def _attempt(self, fragment: Fragment, page: Page, version: str, url: URL, headers: CIMultiDict[str],
                        breaker: Breaker | None, timeout: float) -> Fetched | Failed:
@@ -446,6 +446,10 @@ class Pipeline:
         else:
             log.warning("circuit opened" if breaker.state is State.OPEN else "circuit half-open",
                         extra={"fields": fields})
+
+
+async def _refused(failed: Failed) -> tuple[Failed, None, Failed]:
+    return failed, None, failed
 
 
 def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:
