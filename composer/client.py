@@ -14,7 +14,8 @@ responses, at a fraction of that (`bench/client.py` measures both):
   nothing), and a compressed stream must end inside the body (cut short: InvalidResponse).
   A Content-Length over `max_bytes` on an unencoded body fails at the head (TooLarge).
 - One pool per origin (scheme, host, port): at most `limit_per_host` connections, callers
-  over the limit wait in order (their deadline keeps running). Callers name what they fetch
+  over the limit wait in order (their deadline keeps running), and a connection coming back
+  carries the next waiter's request out at once. Callers name what they fetch
   (`share`: the fragment), and the last quarter of a pool only goes to those holding fewer
   than a sixteenth of it: fragments that hang fill three quarters of their origin's pool at
   most, and a healthy fragment on the same origin still gets through. An idle connection expires
