@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,16 +89,9 @@ def report(samples: list[Stack], top: int) -> list[str]:
 
 
 def record(procs: run.Processes, pid: int, url: str, seconds: float, conns: int, out: Path) -> run.Wrk:
-    result: list[run.Wrk] = []
-    load = threading.Thread(target=lambda: result.append(run.run_wrk(procs, url, conns, seconds + 3)))
-    load.start()
-    try:
-        subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", "400", "--call-graph", "dwarf,32768",
-                        "-p", str(pid), "-o", str(out), "--", "sleep", f"{seconds:g}"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=seconds + 120)
-    finally:
-        load.join()
-    return result[0]
+    return run.under_load(procs, url, conns, seconds, [
+        "perf", "record", "-e", "cpu-clock", "-F", "400", "--call-graph", "dwarf,32768", "-p", str(pid),
+        "-o", str(out), "--", "sleep", f"{seconds:g}"])
 
 
 def main() -> int:

@@ -24,10 +24,8 @@ import argparse
 import collections
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,16 +73,9 @@ def profile_page(procs: run.Processes, pid: int, url: str, seconds: float, conns
                  out: Path, native: bool = False) -> run.Wrk:
     """wrk on `url` while py-spy samples `pid`; the raw stacks land in `out`."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    result: list[run.Wrk] = []
-    load = threading.Thread(target=lambda: result.append(run.run_wrk(procs, url, conns, seconds + 2)))
-    load.start()
-    try:
-        subprocess.run([spy, "record", "--pid", str(pid), "--duration", f"{seconds:g}", "--rate", "400",
-                        "--format", "raw", "--output", str(out), *(["--native"] if native else ["--nonblocking"])],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=seconds + 60)
-    finally:
-        load.join()
-    return result[0]
+    return run.under_load(procs, url, conns, seconds, [
+        spy, "record", "--pid", str(pid), "--duration", f"{seconds:g}", "--rate", "400", "--format", "raw",
+        "--output", str(out), *(["--native"] if native else ["--nonblocking"])])
 
 
 def table(counter: collections.Counter[str], total: int, top: int, head: str) -> list[str]:

@@ -380,6 +380,18 @@ def run_wrk(procs: Processes, url: str, conns: int, duration: float, cpu: int = 
     return parse_wrk(out.decode())
 
 
+def under_load(procs: Processes, url: str, conns: int, seconds: float, argv: list[str]) -> Wrk:
+    """Run the profiler `argv` (which samples for `seconds`) while wrk loads `url` a little longer."""
+    result: list[Wrk] = []
+    load = threading.Thread(target=lambda: result.append(run_wrk(procs, url, conns, seconds + 3)))
+    load.start()
+    try:
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=seconds + 120)
+    finally:
+        load.join()
+    return result[0]
+
+
 # ------------------------------------------------------------------------------- measuring
 
 @dataclass
