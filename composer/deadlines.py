@@ -5,8 +5,9 @@ timer allocated, started, stopped and closed, a set entry) was ~4 % of a 20-frag
 CPU (bench/PROFILE.md, "Ninth pass"), for timers that almost never fire: a fetch takes
 milliseconds, its timeout seconds. Here a deadline is an entry in a bucket per millisecond
 (a page's fragments, started together with one timeout, share one); the loop has one timer,
-for the earliest bucket still holding a task, and a bucket emptied before it is due costs
-nothing more. When a bucket is due its tasks are cancelled, as `asyncio.timeout` would.
+for the earliest bucket, and a bucket emptied before it is due is dropped (the timer, if set
+for it, fires once for nothing and moves on to the next bucket still holding a task). When a
+bucket is due its tasks are cancelled, as `asyncio.timeout` would.
 
 Precision is the loop's own: uvloop's clock and timers count whole milliseconds, and a
 deadline is rounded up to one, so it never fires early.
@@ -29,7 +30,7 @@ class Deadlines:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._buckets: dict[int, set[asyncio.Task[Any]]] = {}  # due (ms of the loop's clock) → tasks
-        self._keys: list[int] = []  # a heap of the buckets' due times, each pushed once
+        self._keys: list[int] = []  # a heap of the buckets' due times, pushed as each bucket is made
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0  # what the timer is set for
 
