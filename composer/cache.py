@@ -147,6 +147,19 @@ class FragmentCache:
     def size(self) -> int:
         return int(self._entries.currsize)
 
+    def passes(self, url: str) -> bool:
+        """Whether `url` is fetched straight through, not by `get`: the cache is off, or the
+        URL's last answer was not cacheable (nothing to serve, nobody to wait for). Such a
+        fetch's answer goes to `passed`."""
+        return not self.max_bytes or self._names.get(url) is _PASS
+
+    def passed(self, url: str, request: CIMultiDict[str], result: Fetched | Failed) -> tuple[Result, Failed | None]:
+        """A fetch that went straight through: where it came from, and its failure if it failed,
+        as `get` says them. A URL that now answers cacheably is cached from here on."""
+        if self.max_bytes and isinstance(result, Fetched) and "cache-control" in result.headers:
+            self._store(url, request, result, known=_PASS)
+        return "miss", result if isinstance(result, Failed) else None
+
     async def get(self, url: str, request: CIMultiDict[str], load: Load, *, timeout: float,
                   refresh_timeout: float) -> tuple[Fetched | Failed, Result, Failed | None]:
         """The response for `url`: from the cache, another caller's fetch, or `load(timeout)`.

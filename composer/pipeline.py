@@ -4,15 +4,16 @@ Like httpx's send chain, each layer adds one concern and calls the next:
 
     resolve    chooses the version (canary bucket, QA override, `enabled` flag) and records
                the outcome, once: metrics, the failure log line, the timing mark, the span
-    _fetch     refuses a URL that left its origin, then asks the cache (`FragmentCache`:
-               fresh and stale copies, one fetch shared by pages that asked alike)
+    (cache)    a URL that left its origin is refused; then the cache (`FragmentCache`: fresh
+               and stale copies, one fetch shared by pages that asked alike), unless the URL
+               is never cached, whose fetch goes straight to `_attempt`
     _attempt   the circuit breaker, then one GET (`fragments.fetch` on the lean `Client`),
                timed by the duration histogram: the only layer that talks to a service
     _fallback  when no content came: `fallback-src` (or its last good copy), the inline
                markup (never for a primary), or nothing
     nesting    a body (of `src` or `fallback-src`) saying `x-composer-nested: 1` is compiled
                and its fragments resolved through `resolve` again, one level deeper
-               (composer.nesting); `_fetch` asks it first whether a nested URL may be fetched
+               (composer.nesting), which says first whether a nested URL may be fetched
 
 The answer is an `Outcome`, a value; nothing a service does raises. A `Pipeline` belongs to
 one server and holds what outlives a page: circuit breakers, the cache, and the last good
@@ -24,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
+from time import monotonic, perf_counter  # names, not `time.x`: compiled, a module attribute is a lookup per call
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import unquote
 
@@ -179,7 +180,7 @@ class Page:
         headers["x-request-host"] = incoming.get("host", "")
         return cls(route=route, params={k: unquote(v) for k, v in params.items()}, request_id=request_id,
                    headers=headers, public_headers=public, max_bytes=settings.max_fragment_bytes,
-                   deadline=time.monotonic() + settings.page_timeout_ms / 1000, bucket=bucket,
+                   deadline=monotonic() + settings.page_timeout_ms / 1000, bucket=bucket,
                    overrides=_overrides(incoming.get(settings.version_override_header or "", "")),
                    started=started, marks=[] if settings.timing_marks else None, span=span,
                    settings=settings, room=Room(settings.max_fragments_per_page - fragments, fragments))
@@ -237,16 +238,13 @@ class Pipeline:
     async def resolve(self, fragment: Fragment, page: Page) -> Outcome:
         """What `fragment` shows on `page` (SPEC §3). Its metrics, failure log line, timing
         mark and span are recorded here, each once."""
-        started = time.perf_counter()
+        started = perf_counter()
         version, src, analysed = self._version(fragment, page) if fragment.name is not None \
             else (fragment.version, fragment.src, None)
         headers = page.public_headers if fragment.public else page.headers
         span = None
         if page.span is not None and self.tracing is not None:
-            span = self._span(fragment, version, page.span)
-            if not fragment.public:  # a public fragment gets no request context at all
-                headers = CIMultiDict(headers)
-                self.tracing.inject(span, headers)
+            span, headers = self._span(fragment, version, page.span, headers)
         answer: Fetched | Failed | None = None  # None: flagged off, nothing fetched
         how: Result | None = None
         failure: Failed | None = None
@@ -255,17 +253,21 @@ class Pipeline:
         try:
             if fragment.enabled:
                 url = src.render(page.params)
-                answer, how, failure = await self._fetch(fragment, page, src, url, version, headers)
+                key = src.text or str(url)
+                refused = self._refusal(page, src, url)
+                if refused is not None:
+                    answer = failure = refused
+                elif self.cache.passes(key):  # never cached: no cache coroutine, one level fewer per resumption
+                    answer = await self._attempt(fragment, page, version, url, headers, src, _budget(fragment, page))
+                    how, failure = self.cache.passed(key, headers, answer)
+                else:
+                    answer, how, failure = await self.cache.get(
+                        key, headers, partial(self._attempt, fragment, page, version, url, headers, src),
+                        timeout=_budget(fragment, page), refresh_timeout=fragment.timeout)
                 if isinstance(answer, Fetched) and answer.headers.get(NESTED_HEADER) == "1" \
                         and isinstance(nested := self.nesting.compiled(fragment, page, answer.body), Failed):
                     answer = failure = nested  # SPEC §6: a nested body that does not compile failed
-                if how is not None:
-                    self.metrics.series(self.metrics.fragment_cache, fragment.id, how).inc()
-                if analysed is not None:
-                    self.canary.count(analysed, version, how not in _NOT_FETCHED, failure is not None)
-                if failure is not None:
-                    self.metrics.series(self.metrics.fragment_failures, fragment.id, page.route, version,
-                                        failure.reason.value).inc()
+                self._count(fragment, page, version, analysed, how, failure)
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
                 outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers, version)
                 if isinstance(nested, Template):
@@ -284,13 +286,24 @@ class Pipeline:
         if failure is not None:
             self._failed(fragment, page, version, url, failure, outcome, started)
         if page.marks is not None:
-            page.marks.append((fragment.id, (started - page.started) * 1000, (time.perf_counter() - started) * 1000,
+            page.marks.append((fragment.id, (started - page.started) * 1000, (perf_counter() - started) * 1000,
                                version, outcome.source, failure.reason.value if failure is not None else ""))
         if span is not None:
             self._end_span(span, outcome, failure)
         if fragment.pipe is not None:  # settings.compat: tailor
             outcome = _tailor(outcome, fragment.pipe, fragment.primary)
         return outcome
+
+    def _count(self, fragment: Fragment, page: Page, version: str, analysed: str | None, how: Result | None,
+               failure: Failed | None) -> None:
+        """A fetch's cache result, canary count and failure count."""
+        if how is not None:
+            self.metrics.series(self.metrics.fragment_cache, fragment.id, how).inc()
+        if analysed is not None:
+            self.canary.count(analysed, version, how not in _NOT_FETCHED, failure is not None)
+        if failure is not None:
+            self.metrics.series(self.metrics.fragment_failures, fragment.id, page.route, version,
+                                failure.reason.value).inc()
 
     def _version(self, fragment: Fragment, page: Page) -> tuple[str, UrlTemplate, str | None]:
         """A manifest fragment's version for this page, its URL, and its name when its fetch
@@ -306,30 +319,25 @@ class Pipeline:
             version, analysed = forced, None
         return version, fragment.versions[version], analysed
 
-    def _fetch(self, fragment: Fragment, page: Page, src: UrlTemplate, url: URL, version: str,
-               headers: CIMultiDict[str]) -> Awaitable[tuple[Fetched | Failed, Result | None, Failed | None]]:
-        """The URL and cache layer: what to show, where it came from (None: not looked up), and
-        the failure of the fetch if one failed (a stale copy may still stand in for it). Not a
-        coroutine: it hands over the cache's, one level fewer for every resumption of a fetch."""
+    def _refusal(self, page: Page, src: UrlTemplate, url: URL) -> Failed | None:
+        """Why `url` is not fetched at all: it left its origin, or (nested) it may not be."""
         if not src.keeps_origin(url):
-            return _refused(Failed(Reason.INVALID, "the URL left its origin after {param} interpolation"))
-        if page.depth > 1 and (refused := self.nesting.refusal(page, url)) is not None:
-            return _refused(refused)
-        breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
-            if fragment.breaker.enabled else None
-        load = partial(self._attempt, fragment, page, version, url, headers, breaker)
-        return self.cache.get(src.text or str(url), headers, load, timeout=_budget(fragment, page),
-                              refresh_timeout=fragment.timeout)
+            return Failed(Reason.INVALID, "the URL left its origin after {param} interpolation")
+        if page.depth > 1:
+            return self.nesting.refusal(page, url)
+        return None
 
     async def _attempt(self, fragment: Fragment, page: Page, version: str, url: URL, headers: CIMultiDict[str],
-                       breaker: Breaker | None, timeout: float) -> Fetched | Failed:
+                       src: UrlTemplate, timeout: float) -> Fetched | Failed:
         """The breaker and one upstream GET of `url` within `timeout`: what the cache calls."""
+        breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
+            if fragment.breaker.enabled else None
         if timeout <= 0:  # before the breaker: a half-open circuit's one probe must really go
             return Failed(Reason.TIMEOUT, "no time left: the page deadline (settings.page_timeout_ms) "
                                           "passed, or it went waiting for another page's fetch")
-        if breaker is not None and not breaker.allow(time.monotonic()):
+        if breaker is not None and not breaker.allow(monotonic()):
             return Failed(Reason.CIRCUIT_OPEN, f"circuit open for {breaker.origin}")
-        started = time.perf_counter()
+        started = perf_counter()
         try:
             # Under compat: tailor a non-primary 3xx is content, as any status below 500 is to Tailor.
             result = await fetch(self.session, url, headers, timeout=timeout, max_bytes=page.max_bytes,
@@ -340,9 +348,9 @@ class Pipeline:
                 breaker.release()
             raise
         self.metrics.series(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
-            time.perf_counter() - started)
+            perf_counter() - started)
         if breaker is not None:
-            breaker.record(isinstance(result, Fetched), time.monotonic())
+            breaker.record(isinstance(result, Fetched), monotonic())
         return result
 
     async def _fallback(self, fragment: Fragment, page: Page, headers: CIMultiDict[str]) -> Outcome:
@@ -351,7 +359,7 @@ class Pipeline:
         fallback_src = fragment.fallback_src
         if fallback_src is not None:
             url = fallback_src.render(page.params)
-            started, timeout = time.perf_counter(), _budget(fragment, page)
+            started, timeout = perf_counter(), _budget(fragment, page)
             fallback: Fetched | Failed | None = None
             # A nested fallback-src outside allowed_origins is not fetched (SPEC §6), as its src.
             if timeout > 0 and fallback_src.keeps_origin(url) and \
@@ -392,16 +400,23 @@ class Pipeline:
             log.warning("fragment failed", extra={"fields": {
                 "fragment": fragment.id, "version": version, "owner": fragment.owner, "route": page.route,
                 "error_type": failure.reason.value, "detail": failure.detail, "url": str(url),
-                "status": failure.status, "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                "status": failure.status, "duration_ms": round((perf_counter() - started) * 1000, 1),
                 "request_id": page.request_id, "fallback": "stale" if stale else outcome.source}})
 
-    def _span(self, fragment: Fragment, version: str, parent: Span) -> Span:
+    def _span(self, fragment: Fragment, version: str, parent: Span,
+              headers: CIMultiDict[str]) -> tuple[Span, CIMultiDict[str]]:
+        """The fragment's span, and the headers that carry it (a public fragment gets no
+        request context at all)."""
         assert self.tracing is not None
-        return self.tracing.child("fetch_fragment", parent, {
+        span = self.tracing.child("fetch_fragment", parent, {
             "composer.fragment.id": fragment.id, "composer.fragment.version": version,
             "composer.fragment.owner": fragment.owner, "composer.fragment.primary": fragment.primary,
             "composer.fragment.async": fragment.is_async,
             "composer.fragment.timeout_ms": round(fragment.timeout * 1000)})
+        if not fragment.public:
+            headers = CIMultiDict(headers)
+            self.tracing.inject(span, headers)
+        return span, headers
 
     def _end_span(self, span: Span, outcome: Outcome, failure: Failed | None) -> None:
         assert self.tracing is not None
@@ -448,10 +463,6 @@ class Pipeline:
                         extra={"fields": fields})
 
 
-async def _refused(failed: Failed) -> tuple[Failed, None, Failed]:
-    return failed, None, failed
-
-
 def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:
     """What a fragment shows under settings.compat: tailor: its assets as Tailor reads them
     (`x-amz-meta-link` too, `max_asset_links` of each kind), its body inside Tailor's wrapper
@@ -471,7 +482,7 @@ def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:
 
 def _budget(fragment: Fragment, page: Page) -> float:
     """The fragment's timeout, cut short by the page's deadline."""
-    return min(fragment.timeout, page.deadline - time.monotonic())
+    return min(fragment.timeout, page.deadline - monotonic())
 
 
 def _overrides(header: str) -> dict[str, str]:

@@ -426,6 +426,16 @@ async def test_a_url_never_seen_cacheable_is_not_coalesced(fragments, start_comp
     assert svc.hits == {"/f": 20}
 
 
+async def test_a_url_known_uncacheable_is_cached_once_it_answers_cacheably(fragments, start_composer):
+    origin = Origin(headers={"Cache-Control": "no-store"})
+    svc, composer, _ = await one_origin(fragments, start_composer, origin)
+    assert [await page(composer), await page(composer)] == ["v1 #1", "v1 #2"]  # known uncacheable by now
+    origin.headers["Cache-Control"] = "max-age=60"
+    assert [await page(composer), await page(composer), await page(composer)] == ["v1 #3", "v1 #3", "v1 #3"]
+    assert svc.hits == {"/f": 3}
+    assert (await counts(composer)).cache == {"miss": 3, "hit": 2}
+
+
 @pytest.mark.parametrize("before", ["uncacheable", "cacheable"])
 async def test_an_uncacheable_answer_is_never_shared_between_concurrent_pages(fragments, start_composer, before):
     origin = Origin(headers={"Cache-Control": "no-store" if before == "uncacheable" else "max-age=1"})
