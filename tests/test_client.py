@@ -610,6 +610,29 @@ async def test_headers_are_a_multidict_as_sent(client, raw):
     assert resp.headers["x-bytes"] == b"\xc3\xa9\xff".decode("utf-8", "surrogateescape")
 
 
+async def test_each_response_on_a_connection_has_its_own_header_names(client, raw):
+    # Names are kept per connection by position, for the next response: one that sends other
+    # names, or the same in another order or case, must get exactly its own.
+    heads = [b"Content-Length: 1\r\nX-A: 1\r\nX-B: 2\r\n", b"Content-Length: 1\r\nX-B: 3\r\nX-C: 4\r\n",
+             b"Content-Length: 1\r\nx-b: 5\r\nX-A: 6\r\nX-D: 7\r\n", b"Content-Length: 1\r\n"]
+
+    async def handler(conn: Conn) -> None:
+        for head in heads:
+            await conn.request()
+            await conn.send(b"HTTP/1.1 200 OK\r\n" + head + b"\r\nx")
+        await conn.request()
+
+    srv = await raw(handler)
+    responses = [await get(client, srv.url()) for _ in heads]
+    seen = [list(resp.headers.items()) for resp in responses]
+    assert seen == [[("Content-Length", "1"), ("X-A", "1"), ("X-B", "2")],
+                    [("Content-Length", "1"), ("X-B", "3"), ("X-C", "4")],
+                    [("Content-Length", "1"), ("x-b", "5"), ("X-A", "6"), ("X-D", "7")],
+                    [("Content-Length", "1")]]
+    assert [resp.headers.getall("x-b", None) for resp in responses] == [["2"], ["3"], ["5"], None]
+    assert len(srv.conns) == 1
+
+
 async def test_skip_body_returns_at_the_head_and_drops_the_connection(client, raw):
     async def error_page(conn: Conn) -> None:
         while await conn.request():
