@@ -48,7 +48,7 @@ from typing import Any, Final
 
 import brotli
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = ["KEEPALIVE", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
@@ -196,8 +196,8 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = ("_chunks", "_decoder", "_head_room", "_headers", "_informational", "_max_bytes",
                  "_raw", "_received", "_response", "_size", "_skip", "_status", "_until_close", "closed", "complete", "error",
-                 "fut", "headers_done", "idle", "idle_since", "keep_alive", "max_field", "names", "parser", "pool",
-                 "requests", "transport")
+                 "fut", "headers_done", "idle", "idle_since", "keep_alive", "max_field", "parser", "pool", "requests",
+                 "transport")
 
     # Per request, set by `send` (and dropped once the response is delivered).
     _raw: list[tuple[str, str]]
@@ -214,8 +214,6 @@ class _Conn(asyncio.Protocol):
         # the cyclic collector, which would have to find it: see server.tune_gc).
         self.parser: httptools.HttpResponseParser | None = None
         self.max_field = pool.client.max_field_size
-        # The previous response's header names, as its headers' keys: (bytes, key) by position.
-        self.names: list[tuple[bytes, istr]] = []
         self.fut: asyncio.Future[Response | None] | None = None
         self.idle = False
         self.idle_since = 0.0
@@ -380,23 +378,10 @@ class _Conn(asyncio.Protocol):
             raise _Stop
         if value and (value[-1] == 32 or value[-1] == 9):  # llhttp keeps a value's trailing SP/HTAB
             value = value.rstrip(b" \t")
-        # A header's name becomes an `istr`, whose lowercase form multidict takes from it instead
-        # of making one per response; a service sends the same names in the same order, so the
-        # previous response's key at this position is reused when the bytes match (no hashing).
-        names = self.names
-        at = len(raw)
-        if at < len(names) and names[at][0] == name:
-            key = names[at][1]
-        else:
-            key = istr(name.decode("utf-8", "surrogateescape"))  # llhttp passes only token characters
-            if at < len(names):
-                names[at] = (name, key)
-            else:
-                names.append((name, key))
         try:  # compiled, a strict UTF-8 decode is a fast path; one with an error handler is not
-            raw.append((key, value.decode()))
+            raw.append((name.decode(), value.decode()))
         except UnicodeDecodeError:
-            raw.append((key, value.decode("utf-8", "surrogateescape")))
+            raw.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         if self.complete:
