@@ -4,16 +4,17 @@ Like httpx's send chain, each layer adds one concern and calls the next:
 
     resolve    chooses the version (canary bucket, QA override, `enabled` flag) and records
                the outcome, once: metrics, the failure log line, the timing mark, the span
-    (cache)    a URL that left its origin is refused; then the cache (`FragmentCache`: fresh
-               and stale copies, one fetch shared by pages that asked alike), unless the URL
-               is never cached, whose fetch goes straight to `_attempt`
+    cache      (in `resolve`) a URL that left its origin, or a nested one that may not be
+               fetched, is refused; then `FragmentCache` (fresh and stale copies, one fetch
+               shared by pages that asked alike), or, for a URL it never caches, `_attempt`
+               straight away: one coroutine fewer on the common path
     _attempt   the circuit breaker, then one GET (`fragments.fetch` on the lean `Client`),
                timed by the duration histogram: the only layer that talks to a service
     _fallback  when no content came: `fallback-src` (or its last good copy), the inline
                markup (never for a primary), or nothing
     nesting    a body (of `src` or `fallback-src`) saying `x-composer-nested: 1` is compiled
                and its fragments resolved through `resolve` again, one level deeper
-               (composer.nesting), which says first whether a nested URL may be fetched
+               (composer.nesting)
 
 The answer is an `Outcome`, a value; nothing a service does raises. A `Pipeline` belongs to
 one server and holds what outlives a page: circuit breakers, the cache, and the last good
