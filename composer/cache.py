@@ -153,12 +153,13 @@ class FragmentCache:
         fetch's answer goes to `passed`."""
         return not self.max_bytes or self._names.get(url) is _PASS
 
-    def passed(self, url: str, request: CIMultiDict[str], result: Fetched | Failed) -> tuple[Result, Failed | None]:
-        """A fetch that went straight through: where it came from, and its failure if it failed,
-        as `get` says them. A URL that now answers cacheably is cached from here on."""
+    def passed(self, url: str, request: CIMultiDict[str],
+               result: Fetched | Failed) -> tuple[Fetched | Failed, Result, Failed | None]:
+        """A fetch that went straight through, as `get` answers it. A URL that now answers
+        cacheably is cached from here on."""
         if self.max_bytes and isinstance(result, Fetched) and "cache-control" in result.headers:
             self._store(url, request, result, known=_PASS)
-        return "miss", result if isinstance(result, Failed) else None
+        return _missed(result)
 
     async def get(self, url: str, request: CIMultiDict[str], load: Load, *, timeout: float,
                   refresh_timeout: float) -> tuple[Fetched | Failed, Result, Failed | None]:
@@ -168,15 +169,14 @@ class FragmentCache:
         (a stale copy may still stand in for it). `refresh_timeout` bounds a background
         stale-while-revalidate fetch, which no page waits for.
         """
-        if not self.max_bytes:
-            return _missed(await load(timeout))
+        if self.passes(url):
+            return self.passed(url, request, await load(timeout))
         names = self._names.get(url)
-        if names is None or names is _PASS:
+        if names is None:
             # Never seen cacheable: nobody waits for this fetch, so an answer meant for one
             # user cannot reach another, and uncacheable fragments are never serialised.
             result = await load(timeout)
-            if names is None or isinstance(result, Fetched) and "cache-control" in result.headers:
-                self._store(url, request, result, known=names)  # else nothing to keep or learn
+            self._store(url, request, result)  # learnt either way
             return _missed(result)
         assert isinstance(names, tuple)
         key = (url, _values(names, request))

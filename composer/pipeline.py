@@ -259,8 +259,8 @@ class Pipeline:
                 if refused is not None:
                     answer = failure = refused
                 elif self.cache.passes(key):  # never cached: no cache coroutine, one level fewer per resumption
-                    answer = await self._attempt(fragment, page, version, url, headers, src, _budget(fragment, page))
-                    how, failure = self.cache.passed(key, headers, answer)
+                    answer, how, failure = self.cache.passed(
+                        key, headers, await self._attempt(fragment, page, version, url, headers, src, _budget(fragment, page)))
                 else:
                     answer, how, failure = await self.cache.get(
                         key, headers, partial(self._attempt, fragment, page, version, url, headers, src),
