@@ -1085,6 +1085,27 @@ class Report:
                     f"| {r.rss_mb:.0f} | {r.bad} | {r.fragment_failures} |")
         return lines
 
+    def paired(self) -> list[str]:
+        """composer's CPU per page over each peer's, round by round: a round measures every system
+        of a cell back to back, so the machine's speed, which drifts between rounds (and runs),
+        mostly cancels out of each round's ratio. Median and range over the rounds."""
+        peers = [s for s in self.systems if s != "composer"]
+        lines = ["| page | conns | " + " | ".join(f"composer ÷ {self.label(s)}" for s in peers) + " |",
+                 "|---|---:|" + "---:|" * len(peers)]
+        for page, conns in self.cells():
+            ours = {r.round: r.cpu_ms_per_page for r in self.runs
+                    if r.system == "composer" and r.page == page and r.conns == conns}
+            cells = []
+            for peer in peers:
+                found = sorted(ours[r.round] / r.cpu_ms_per_page for r in self.runs
+                               if r.system == peer and r.page == page and r.conns == conns and r.round in ours
+                               and r.cpu_ms_per_page > 0)
+                cells.append(f"**{statistics.median(found):.2f}×** ({found[0]:.2f}–{found[-1]:.2f})"
+                             if found else "–")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {page} | {conns} | " + " | ".join(cells) + " |")
+        return lines if peers and len(lines) > 2 else []
+
     def per_fragment(self) -> list[str]:
         """CPU ms per page and µs per fragment = (cpu(pageN) − cpu(page0)) / N, N = the page's
         fragments, at each concurrency where page0 was measured; ÷ p20 = that per-fragment cost
@@ -1183,6 +1204,14 @@ class Report:
                 "earlier cell is rarely given back, so a cell's figure is at least every earlier cell's. "
                 "† = in a median round shown, other processes or the hypervisor (steal) took more than "
                 "20 % of a core: a disturbed measurement."), "", *self.main_table(), ""]
+        paired = self.paired()
+        if paired:
+            out += ["## composer's CPU per page against each peer's, round by round", "",
+                    ("In each round every system serves the cell back to back; its ratio is composer's CPU ms "
+                     "per page over the peer's in that round. Shown: the median over the rounds (the range in "
+                     "brackets). The machine's speed drifts by tens of per cent over minutes, which a ratio of "
+                     "two median rounds (the table above) can catch between them; within one round it mostly "
+                     "cancels."), "", *paired, ""]
         per_fragment = self.per_fragment()
         if per_fragment:
             out += ["## CPU per page and per fragment", "",
