@@ -40,7 +40,8 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
 6. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
    on page5np (no primary) and page5, while fragments are pending.
 7. CPU per page for every page, and per fragment = (cpu(pageN) − cpu(page0)) / N, also against
-   page20's.
+   page20's; and composer's CPU per page over each peer's round by round (median and range: a
+   round measures every system back to back, so the machine's drift between rounds cancels).
 8. The physical floor: wrk straight at page5's slowest synchronous fragment (50 ms) at c16.
 9. composer --workers 2 (unpinned: wrk and the fragment server share a core with it) on
    page20 at c64, against the one-process figure (not with --no-scaling).
