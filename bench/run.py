@@ -1095,7 +1095,8 @@ class Report:
                  "|---|---:|" + "---:|" * len(peers)]
         for page, conns in self.cells():
             ours = {r.round: r.cpu_ms_per_page for r in self.runs
-                    if r.system == "composer" and r.page == page and r.conns == conns}
+                    if r.system == "composer" and r.page == page and r.conns == conns
+                    and r.cpu_ms_per_page > 0}  # (a round that served nothing is NaN: left out)
             cells = []
             for peer in peers:
                 found = sorted(ours[r.round] / r.cpu_ms_per_page for r in self.runs
