@@ -611,8 +611,8 @@ async def test_headers_are_a_multidict_as_sent(client, raw):
 
 
 async def test_each_response_on_a_connection_has_its_own_header_names(client, raw):
-    # Names are kept per connection by position, for the next response: one that sends other
-    # names, or the same in another order or case, must get exactly its own.
+    # Responses on one connection, each with other names, or the same in another order or
+    # case: each gets exactly its own, nothing carried over from the one before.
     heads = [b"Content-Length: 1\r\nX-A: 1\r\nX-B: 2\r\n", b"Content-Length: 1\r\nX-B: 3\r\nX-C: 4\r\n",
              b"Content-Length: 1\r\nx-b: 5\r\nX-A: 6\r\nX-D: 7\r\n", b"Content-Length: 1\r\n"]
 
