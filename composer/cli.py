@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .listener import raise_open_files
 from .logs import setup_logging
 from .routing import RouteTable, load
-from .server import ComposerServer, stop_event, tune_gc
+from .server import ComposerServer, stop_event, tune_gc, tune_malloc
 
 __all__ = ["main"]
 
@@ -192,6 +192,7 @@ async def _serve(server: ComposerServer) -> int:
         return 1
     print(f"composer serving {server.url} (admin {server.admin_url})", flush=True)
     tune_gc()
+    tune_malloc()
     await stop.wait()
     log.info("stopping: draining in-flight pages", extra={"fields": {"grace_s": server.grace}})
     await server.stop()

@@ -47,12 +47,20 @@ from .signals import BEACON_PATH, Beacons, Labels
 from .status import Status
 from .tracing import Tracing, from_env
 
-__all__ = ["GC_THRESHOLD", "GRACE_SECONDS", "ComposerServer", "stop_event", "tune_gc"]
+__all__ = ["GC_THRESHOLD", "GRACE_SECONDS", "MALLOC_MMAP_THRESHOLD", "MALLOC_TRIM_THRESHOLD", "ComposerServer",
+           "stop_event", "tune_gc", "tune_malloc"]
 
 log = logging.getLogger("composer.server")
 
 GRACE_SECONDS = 10.0
 GC_THRESHOLD = 20_000  # net allocations between the cyclic collector's young passes (tune_gc)
+# glibc malloc (tune_malloc): blocks up to this size come from the heap, not a fresh mmap (glibc's
+# ceiling for it: 32 MiB on 64-bit) ...
+MALLOC_MMAP_THRESHOLD = 32 << 20
+# ... and freed heap is handed back to the system only past this much at its top.
+MALLOC_TRIM_THRESHOLD = 128 << 20
+_M_TRIM_THRESHOLD = -1  # mallopt's parameters (glibc's malloc.h)
+_M_MMAP_THRESHOLD = -3
 # Request-line and header limits, set explicitly rather than inherited: anything longer is
 # refused by aiohttp's parser with 400 before composer sees it.
 MAX_LINE_SIZE = 8190
@@ -425,6 +433,27 @@ def tune_gc() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, older, oldest)
+
+
+def tune_malloc() -> bool:
+    """Once, in a serving process: large blocks (a fragment body, a page's bytes, uvloop's reads
+    of up to 256 KiB) reuse freed heap instead of fresh pages. By default glibc maps each block
+    over 128 KiB anew (or trims the heap's free top past 2× the largest freed so far), and the
+    kernel faults in and zeroes every page of it again: a third of a page's CPU with one 1 MiB
+    fragment went there (bench/PROFILE.md, twelfth pass). The cost: after a burst of large
+    pages RSS stays near that burst's high-water mark (up to MALLOC_TRIM_THRESHOLD of it free,
+    ready for the next) instead of shrinking back. False where the C library is not glibc."""
+    import ctypes  # here: a serving process needs it for this call only
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    # 1: taken. A C library that refuses (0), or has no mallopt, keeps its own behaviour.
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def stop_event() -> asyncio.Event:

@@ -30,7 +30,7 @@ from .errors import ConfigError, Stamp
 from .logs import JsonFormatter
 from .reload import changed
 from .routing import RouteTable, load
-from .server import GRACE_SECONDS, ComposerServer, tune_gc
+from .server import GRACE_SECONDS, ComposerServer, tune_gc, tune_malloc
 
 __all__ = ["ComposerWorker", "serve_workers"]
 
@@ -71,6 +71,7 @@ class ComposerWorker(_Base):  # type: ignore[misc,valid-type]
         await server.reloader.check()
         await server.start()
         tune_gc()
+        tune_malloc()
         self.booted = True
         ppid = os.getppid()
         while self.alive and os.getppid() == ppid:
