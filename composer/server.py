@@ -437,7 +437,7 @@ def tune_gc() -> None:
 
 def tune_malloc() -> bool:
     """Once, in a serving process: large blocks (a fragment body, a page's bytes, uvloop's reads
-    of up to 256 KiB) reuse freed heap instead of fresh pages. By default glibc maps each block
+    of up to 250 KiB) reuse freed heap instead of fresh pages. By default glibc maps each block
     over 128 KiB anew (or trims the heap's free top past 2× the largest freed so far), and the
     kernel faults in and zeroes every page of it again: a third of a page's CPU with one 1 MiB
     fragment went there (bench/PROFILE.md, twelfth pass). The cost: after a burst of large
