@@ -55,9 +55,11 @@ def clean(tab: Tab) -> None:
 
 # ---------------------------------------------------------------- examples/multiple-fragments-with-custom-amd/fragment.js
 
-def amd_fragment(name: str, modules: int = 1, delay: bool = False) -> web.Application:
+def amd_fragment(name: str, modules: int = 1, delay: bool = False, ordered: bool = False) -> web.Application:
     """Port of fragment.js: the fragment (a stylesheet and `modules` AMD scripts in its Link
-    header), its modules (module-2 initialises lazily, through a promise) and its CSS."""
+    header), its modules (module-2 initialises lazily, through a promise) and its CSS.
+    `ordered`: module-2 is served 100 ms after module-1, so the loader (which runs each module
+    as it arrives, in Tailor's pipe too) initialises them in the order the example expects."""
     app = web.Application()
 
     def define(module: str, promise: bool) -> str:
@@ -71,6 +73,8 @@ def amd_fragment(name: str, modules: int = 1, delay: bool = False) -> web.Applic
         number = request.match_info["n"]
         if number == "1" and delay:
             await asyncio.sleep(0.5)
+        if number == "2" and ordered:
+            await asyncio.sleep(0.1)
         if number == "3" and delay:
             # hooks.js wants module 2's init to start before module 3's (footer7 < footer8); the
             # loader runs each as it arrives, and the two raced (138.2 before 140 seen): module 3
@@ -209,7 +213,7 @@ async def test_link_preloads_are_what_the_page_loads(world: World) -> None:
 async def test_multiple_fragments_with_custom_amd(world: World) -> None:
     """examples/multiple-fragments-with-custom-amd: a base template (the route's layout), the loader
     inlined from a file, two scripts per fragment at most, and its test.js's checks."""
-    services = [await world.serve(amd_fragment(f"fragment{i}", modules=2 if i == 3 else 1)) for i in (1, 2, 3)]
+    services = [await world.serve(amd_fragment(f"fragment{i}", modules=2 if i == 3 else 1, ordered=True)) for i in (1, 2, 3)]
     base = (Path(__file__).parent / "tailor" / "base-template.html").read_text(encoding="utf-8")
     page = await world.compose(
         {"base-template.html": base.replace("http://localhost:8081", services[0])
