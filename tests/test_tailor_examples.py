@@ -213,7 +213,8 @@ async def test_link_preloads_are_what_the_page_loads(world: World) -> None:
 async def test_multiple_fragments_with_custom_amd(world: World) -> None:
     """examples/multiple-fragments-with-custom-amd: a base template (the route's layout), the loader
     inlined from a file, two scripts per fragment at most, and its test.js's checks."""
-    services = [await world.serve(amd_fragment(f"fragment{i}", modules=2 if i == 3 else 1, ordered=True)) for i in (1, 2, 3)]
+    services = [await world.serve(amd_fragment(f"fragment{i}", modules=2 if i == 3 else 1, ordered=True))
+                for i in (1, 2, 3)]
     base = (Path(__file__).parent / "tailor" / "base-template.html").read_text(encoding="utf-8")
     page = await world.compose(
         {"base-template.html": base.replace("http://localhost:8081", services[0])
