@@ -78,6 +78,9 @@ class Outcome:
     body: bytes = b""
     assets: tuple[Asset, ...] = ()
     status: int = 0
+    # A primary's response headers (they decide the page), else None: an outcome waits, held,
+    # until the fragments before it are written, and headers weigh ~1.6 KB, a body's worth.
+    # (Under compat: tailor any fragment's until its assets are read from them.)
     headers: CIMultiDictProxy[str] | None = None
     version: str = ""  # the version chosen for the page (its fallback shows for it)
     # A nested fragment (SPEC §6): its body's bytes and its fragments' outcomes, in order;
@@ -270,7 +273,8 @@ class Pipeline:
                     answer = failure = nested  # SPEC §6: a nested body that does not compile failed
                 self._count(fragment, page, version, analysed, how, failure)
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
-                outcome = Outcome("src", answer.body, answer.assets, answer.status, answer.headers, version)
+                outcome = Outcome("src", answer.body, answer.assets, answer.status,
+                                  answer.headers if fragment.primary or fragment.pipe is not None else None, version)
                 if isinstance(nested, Template):
                     assert url is not None
                     outcome = await self.nesting.compose(nested, fragment, page, outcome, url, started, span)
@@ -476,9 +480,10 @@ def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:
     found = tailor_assets(outcome.headers, limit) if outcome.headers is not None else capped(outcome.assets, limit)
     head, tail, kept = pipe.wrap(found)
     preload = tuple(sorted(found, key=lambda a: a.kind != "stylesheet")) if primary else None
+    headers = outcome.headers if primary else None  # read: only a primary's are needed now
     if outcome.parts:  # a nested fragment: its parts are shown, not its body
-        return replace(outcome, assets=kept, parts=(head, *outcome.parts, tail), preload=preload)
-    return replace(outcome, assets=kept, body=b"".join((head, outcome.body, tail)), preload=preload)
+        return replace(outcome, assets=kept, parts=(head, *outcome.parts, tail), preload=preload, headers=headers)
+    return replace(outcome, assets=kept, body=b"".join((head, outcome.body, tail)), preload=preload, headers=headers)
 
 
 def _budget(fragment: Fragment, page: Page) -> float:
