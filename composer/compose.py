@@ -5,7 +5,8 @@ the status and headers, writes the head, then walks the compiled chunks in docum
 literal bytes go out as soon as nothing before them is pending, each fragment when it is
 ready, and async fragments, in completion order, just before `</body>`. What a fragment
 shows is an `Outcome`, a value decided by `pipeline.Pipeline.resolve`: this module streams
-pages and knows nothing of fetching, caches, breakers or fallbacks.
+pages and knows nothing of fetching, caches, breakers or fallbacks. A template without
+fragments or client signals has nothing to stream: it is answered whole, with its length.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ class Composer:
             status, body = await _head(route, template, tasks, headers, settings.server_timing, started)
             if body is not None:  # the head is the whole answer
                 return web.Response(status=status, body=body or None, headers=headers)
+            if not template.fragments and page is None and not template.client_signals:  # its bytes are the page
+                return web.Response(status=status, body=b"".join([c for c in template.chunks if type(c) is bytes]),
+                                    headers=headers)
             response = _Streamed(status=status, headers=headers)
             await response.prepare(request)
             if not head_only:
