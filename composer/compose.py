@@ -6,7 +6,7 @@ literal bytes go out as soon as nothing before them is pending, each fragment wh
 ready, and async fragments, in completion order, just before `</body>`. What a fragment
 shows is an `Outcome`, a value decided by `pipeline.Pipeline.resolve`: this module streams
 pages and knows nothing of fetching, caches, breakers or fallbacks. A template without
-fragments or client signals has nothing to stream: it is answered whole, with its length.
+fragments or client signals has nothing to stream: it is answered whole, in one write.
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ _CONTENT_TYPE = "text/html; charset=utf-8"
 _SLICE = 64 * 1024  # the most written to a client at once
 # A primary answering one of these says "no content": the page follows it, empty, like a 3xx.
 _NO_BODY = frozenset({204, 205})
-# Moves an async fragment's content from its hidden carrier to the placeholder, and removes
-# both (the placeholder also when nothing came). Its stylesheets stay outside the carrier: a
-# moved <link> is fetched again when it is not cacheable.
+# Moves an async fragment's content from its hidden carrier to the placeholder, and removes both (the
+# placeholder also when nothing came). Its stylesheets stay outside: a moved <link> is fetched again.
 _MOVE_SCRIPT = (
     '<script>(function(p,c){{if(p){{if(c)while(c.firstChild)p.parentNode.insertBefore(c.firstChild,p);'
     'p.remove()}}if(c)c.remove()}})(document.getElementById("composer-async-{0}"),'
@@ -76,9 +75,7 @@ class Composer:
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
                       settings: Settings) -> web.StreamResponse:
         """Answer `request` with the route's template; fragment tasks never outlive this call.
-
-        `params` are the route's raw path captures; `settings` those of the route's table.
-        """
+        `params` are the route's raw path captures; `settings` those of the route's table."""
         template = route.template
         assert template is not None
         bucket, new_bucket = user_bucket(request) if template.versioned else (-1, False)
@@ -106,8 +103,10 @@ class Composer:
             if body is not None:  # the head is the whole answer
                 return web.Response(status=status, body=body or None, headers=headers)
             if not template.fragments and page is None and not template.client_signals:  # its bytes are the page
-                return web.Response(status=status, body=b"".join([c for c in template.chunks if type(c) is bytes]),
-                                    headers=headers)
+                whole = web.Response(status=status, body=b"".join([c for c in template.chunks if type(c) is bytes]),
+                                     headers=headers)
+                whole.enable_chunked_encoding()  # as every page (SPEC §3), in the head's write
+                return whole
             response = _Streamed(status=status, headers=headers)
             await response.prepare(request)
             if not head_only:
@@ -189,8 +188,8 @@ class Composer:
 
 
 class _Streamed(web.StreamResponse):
-    """A page whose head leaves with its first bytes, in one write (StreamResponse's own
-    sends it alone, at once: one more system call per page)."""
+    """A page whose head leaves with its first bytes, in one write (StreamResponse's own sends
+    it alone, at once)."""
 
     _send_headers_immediately = False
 
