@@ -997,6 +997,7 @@ async def test_a_page_without_fragments_is_answered_whole(start_composer):
         for name in ("Content-Type", "Cache-Control", "x-route"):
             assert head.headers.getall(name, []) == resp.headers.getall(name, []), name
 
+
 async def test_route_can_override_cache_control(fragments, start_composer):
     svc = await fragments({"/a": html("<p>A</p>")})
     composer = await start_composer(page(f'<body><fragment src="{svc.url("/a")}"></fragment></body>'),

@@ -87,9 +87,9 @@ async def test_fragments_waiting_behind_a_slow_one_hold_their_body_not_their_hea
 
     svc = await fragments({"/slow": slow, "/fast": fast})
     tags = "".join(f'<fragment src="{svc.url(f"/fast?i={i}")}"></fragment>' for i in range(HELD_FRAGMENTS))
-    write_config(tmp_path, {"page.html": f'<html><body><fragment src="{svc.url("/slow")}" timeout="20000">'
-                                         f"</fragment>{tags}</body></html>"},
-                 settings="settings: {max_fragments_per_template: 200, max_fragments_per_page: 200}\n")
+    write_config(tmp_path, {"page.html": f'<html><body><fragment src="{svc.url("/slow")}"></fragment>{tags}</body></html>'},
+                 settings="settings: {max_fragments_per_template: 200, max_fragments_per_page: 200, "
+                          "fragment_timeout_ms: 30000, page_timeout_ms: 30000}\n")  # never a fallback here
     async with Serve(tmp_path) as serve, aiohttp.ClientSession() as session:
         async def page() -> bytes:
             async with session.get(serve.base + "/page") as resp:
