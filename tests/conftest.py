@@ -113,6 +113,14 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def rss_kb(pid: int) -> int:
+    """The process's resident memory now, in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def replace_file(path: Path, text: str) -> None:
     """Put `text` at `path` atomically (rename, as editors and ConfigMap updates do).
 

@@ -16,18 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Serve, children, eventually, write_config
+from conftest import Serve, children, eventually, rss_kb, write_config
 
 BIG = 1 << 20  # one fragment of 1 MiB
 CONCURRENT = 8
 PAGES = 40
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 def minor_faults(pid: int) -> int:
@@ -96,14 +89,14 @@ async def test_fragments_waiting_behind_a_slow_one_hold_their_body_not_their_hea
                 assert resp.status == 200
                 return await resp.read()
 
-        before = status_kib(serve.pid, "VmRSS")
+        before = rss_kb(serve.pid)
         pages = [asyncio.ensure_future(page()) for _ in range(HELD_PAGES)]
         try:
             async def all_fast_answered() -> bool:
                 return svc.hits.get("/fast", 0) >= HELD_PAGES * HELD_FRAGMENTS
             await eventually(all_fast_answered, "every fast fragment to be answered")
             await asyncio.sleep(0.5)  # composer reads the last answers
-            held_mib = (status_kib(serve.pid, "VmRSS") - before) / 1024
+            held_mib = (rss_kb(serve.pid) - before) / 1024
         finally:
             gate.set()
             bodies = await asyncio.gather(*pages)

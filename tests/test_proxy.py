@@ -19,12 +19,11 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from conftest import captured, free_port, write_config
+from conftest import captured, free_port, rss_kb, write_config
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -885,13 +884,6 @@ async def test_websocket_upgrade_refused_by_backend_is_502(ws_backend, start_com
 BIG = 200 * 1024 * 1024
 CHUNK = 64 * 1024
 RSS_LIMIT_KB = 30 * 1024
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 @asynccontextmanager
