@@ -624,7 +624,7 @@ class Client:
     __slots__ = ("_closed", "_conns", "_dns", "_expiry", "_last", "_loop", "_pools", "_ssl", "dns_ttl", "keepalive",
                  "limit_per_host", "max_field_size", "max_head")
 
-    def __init__(self, *, limit_per_host: int = 256, max_field_size: int = MAX_FIELD_SIZE,
+    def __init__(self, *, limit_per_host: int = 1024, max_field_size: int = MAX_FIELD_SIZE,
                  keepalive: float = KEEPALIVE, dns_ttl: float = DNS_TTL,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.limit_per_host = limit_per_host  # 0: no limit

@@ -442,6 +442,37 @@ async def test_max_connections_per_origin(fragments, start_composer):
     assert elapsed >= 0.7  # three rounds of two, not one round of six
 
 
+async def test_default_origin_limit_lets_a_burst_of_pages_fetch_at_once(fragments, start_composer):
+    # Sixteen pages of twenty fragments want 320 fetches of one origin at once; the old default
+    # of 256 queued 64 of them behind the others. Each fragment answers only once all 320 are in
+    # (or after 5 s, past the 3 s fragment timeout: a limit below 320 fails the pages' bodies).
+    wanted = 16 * 20
+    active, most_active = 0, 0
+    everyone = asyncio.Event()
+
+    async def gathered(request: web.Request) -> web.Response:
+        nonlocal active, most_active
+        active += 1
+        most_active = max(most_active, active)
+        if active == wanted:
+            everyone.set()
+        try:
+            await asyncio.wait_for(everyone.wait(), 5)
+        except TimeoutError:
+            pass
+        finally:
+            active -= 1
+        return web.Response(text=f"<p>{request.match_info['n']}</p>", content_type="text/html")
+
+    svc = await fragments({"/f/{n}": gathered})
+    tags = "".join(f'<fragment id="f{i}" src="{svc.url(f"/f/{i}")}"><i>late</i></fragment>' for i in range(20))
+    composer = await start_composer({"page.html": f"<body>{tags}</body>"}, routes=PAGE_ROUTE)
+    pages = await asyncio.gather(*(composer.get(f"/p/{n}", timeout=CLIENT_TIMEOUT) for n in range(16)))
+    assert most_active == wanted, most_active
+    for resp, body in pages:
+        assert resp.status == 200 and "late" not in body and "<p>19</p>" in body, body
+
+
 async def test_page_timeout_cuts_every_fragment_at_the_deadline(fragments, start_composer):
     def stalling(body: str):
         async def handler(request: web.Request) -> web.Response:
@@ -670,7 +701,7 @@ def test_new_settings_at_their_bounds_load(tmp_path):
                                                      cooldown_ms=DEFAULT_POLICY.cooldown_ms)
     defaults = load_config(write(tmp_path, PAGE_ROUTE)).settings
     assert (defaults.page_timeout_ms, defaults.max_fragments_per_template, defaults.max_connections_per_origin,
-            defaults.cache_max_bytes, defaults.circuit_breaker) == (10_000, 100, 256, 64 * 1024 * 1024,
+            defaults.cache_max_bytes, defaults.circuit_breaker) == (10_000, 100, 1024, 64 * 1024 * 1024,
                                                                     DEFAULT_POLICY)
 
 
