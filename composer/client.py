@@ -22,7 +22,11 @@ responses, at a fraction of that (`bench/client.py` measures both):
   after `keepalive` seconds and is closed, never reused, as soon as it receives anything —
   bytes nobody asked for, or EOF. A connection that read bytes past its response is closed
   too. When a reused connection is closed before any byte of the answer, the request is
-  sent once more on a fresh connection (never after a fresh one fails).
+  sent once more on a fresh connection (never after a fresh one fails). At most
+  `MAX_OPENING` connections to one origin are being opened at once; past that, callers wait
+  for one of those or for a connection coming back: a burst (a cold start, a spike) never
+  asks more new connections of a service than its accept backlog holds (asyncio's is 100,
+  aiohttp's 128, Node's 511), where the rest would each wait a SYN retransmit (1 s).
 - No timeouts of its own: the caller's deadline (`asyncio.timeout`) cancels the request,
   and a cancelled request always closes its connection.
 - Limits: a header line over `max_field_size` bytes, more than `MAX_HEADERS` header lines or
@@ -60,6 +64,7 @@ DNS_TTL: Final = 300.0
 MAX_FIELD_SIZE: Final = 16384
 MAX_HEADERS: Final = 128
 _DNS_ENTRIES = 1024  # more distinct hosts than this: the cache starts over
+MAX_OPENING: Final = 32  # connections being opened to one origin at once (see the docstring)
 _SCHEMES = frozenset({"http", "https"})
 # getaddrinfo's answers: (family, type, proto, canonname, sockaddr)
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
@@ -479,8 +484,8 @@ class _Ticket:
 class _Pool:
     """The connections to one origin: idle ones (a stack), a count, and callers waiting."""
 
-    __slots__ = ("client", "held", "host", "host_header", "idle", "limit", "loop", "port", "reserve", "share",
-                 "size", "tls", "waiters")
+    __slots__ = ("client", "held", "host", "host_header", "idle", "limit", "loop", "opening", "port", "reserve",
+                 "share", "size", "tls", "waiters")
 
     def __init__(self, client: Client, loop: asyncio.AbstractEventLoop, scheme: str, host: str, port: int,
                  host_header: str) -> None:
@@ -492,6 +497,7 @@ class _Pool:
         self.host_header = host_header
         self.idle: list[_Conn] = []
         self.size = 0  # connections open or opening, each holding one slot
+        self.opening = 0  # slots handed out to open a connection in, not yet open (or failed)
         self.limit = client.limit_per_host or 1 << 62
         self.reserve = self.limit // 4  # connections only callers holding fewer than `share` may take
         self.share = max(1, self.limit // 16)
@@ -545,8 +551,10 @@ class _Pool:
     def wait(self, ticket: _Ticket) -> _Ticket:
         """A free slot, when its share may have one (its result None at once), else a place in
         the queue (see `_Ticket`)."""
-        if self.size < self.limit and self.admits(ticket.share, self.size - len(self.idle)):
+        if self.size < self.limit and self.opening < MAX_OPENING \
+                and self.admits(ticket.share, self.size - len(self.idle)):
             self.size += 1
+            self.opening += 1
             self.hold(ticket.share)
             ticket.fut.set_result(None)
         else:
@@ -566,7 +574,8 @@ class _Pool:
                 with contextlib.suppress(ValueError):
                     self.waiters.remove(ticket)
             return
-        # (else handed a slot just before the cancel: passed on)
+        else:  # handed a slot just before the cancel: passed on, its connection never opened
+            self.opening -= 1
         self.unhold(share)
         self.free_slot()
 
@@ -598,11 +607,17 @@ class _Pool:
         if self.waiters:
             self._wake()
 
+    def opened(self) -> None:
+        """A connection handed out to open is open, or failed: another may be opened."""
+        self.opening -= 1
+        if self.waiters:
+            self._wake()
+
     def _wake(self) -> None:
         """Hand idle connections, then free slots, to the waiters that may have them now: a
         connection coming back, or a share falling, can each let one in."""
         idle = self.idle
-        while idle or self.size < self.limit:
+        while idle or (self.size < self.limit and self.opening < MAX_OPENING):
             ticket = self._next_waiter(self.size - len(idle))
             if ticket is None:
                 return
@@ -613,6 +628,7 @@ class _Pool:
                 conn.send(ticket.fut, ticket.data, ticket.max_bytes, ticket.skip)
             else:
                 self.size += 1
+                self.opening += 1
                 ticket.fut.set_result(None)
 
 
@@ -691,6 +707,7 @@ class Client:
                 if retried:  # pragma: no cover - defensive
                     raise
                 retried = True
+                pool.opening += 1  # (its slot is held: only the count of connections opening)
             except BaseException:
                 pool.abandon(share, conn, ticket, fut)
                 # Run from source, this frame is in the error's traceback and the future holds
@@ -726,13 +743,15 @@ class Client:
 
     async def _open(self, pool: _Pool, share: str | None) -> _Conn:
         """A new connection to `pool`'s origin, in a slot (and `share`) the caller holds; both
-        freed on failure."""
+        freed on failure. The slot counts among those opening until this returns."""
         try:
             return await self._connect(pool)
         except BaseException:
             pool.unhold(share)
             pool.free_slot()
             raise
+        finally:
+            pool.opened()
 
     async def _connect(self, pool: _Pool) -> _Conn:
         loop = pool.loop

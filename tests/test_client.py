@@ -29,6 +29,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from composer.client import (
+    MAX_OPENING,
     Client,
     ClientError,
     ConnectError,
@@ -502,7 +503,56 @@ async def test_connection_refused_is_a_connect_error(client):
     url = URL(refused_origin() + "/")
     with pytest.raises(ConnectError):
         await get(client, url)
-    assert pool_of(client, url).size == 0
+    assert (pool_of(client, url).size, pool_of(client, url).opening) == (0, 0)
+
+
+async def test_a_burst_opens_connections_a_few_at_a_time_and_none_waits_a_syn_retransmit():
+    # 300 requests at once to a service whose accept backlog holds 64: opened all at once,
+    # most of the SYNs would be dropped and sent again a second later. At most MAX_OPENING are
+    # opened at a time; the others wait for one of those, or for a connection coming back.
+    client = Client()
+    counter = _Counter()
+    server = await asyncio.start_server(lambda r, w: _run_conn(serve_forever, r, w, counter), "127.0.0.1", 0,
+                                        backlog=2 * MAX_OPENING)
+    try:
+        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
+        started = time.monotonic()
+        tasks = [asyncio.create_task(get(client, url, timeout=5)) for _ in range(300)]
+        await asyncio.sleep(0)  # each task has asked once
+        pool = pool_of(client, url)
+        assert (pool.opening, len(pool.waiters)) == (MAX_OPENING, 300 - MAX_OPENING)
+        results = await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - started
+        assert [r.body for r in results] == [b"/x"] * 300
+        assert elapsed < 0.9, elapsed  # Linux sends a dropped SYN again after 1 s
+        assert (pool.opening, len(pool.waiters), pool.size) == (0, 0, counter.accepted)
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_slot_to_open_in_given_up_before_opening_is_passed_on(raw):
+    # A waiter handed a slot to open a connection in, cancelled before it ran: neither the
+    # slot nor its place among the connections opening is lost.
+    client = Client(limit_per_host=1)
+    try:
+        srv = await raw(serve_forever)
+        first = asyncio.create_task(get(client, srv.url("/a")))
+        second = asyncio.create_task(get(client, srv.url("/b")))
+        await asyncio.sleep(0)  # /a holds the only slot (opening), /b waits
+        pool = pool_of(client, srv.url())
+        assert (pool.size, pool.opening, len(pool.waiters)) == (1, 1, 1)
+        first.cancel()
+        second.cancel()
+        for task in (first, second):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert (pool.size, pool.opening, len(pool.waiters)) == (0, 0, 0)
+        assert (await get(client, srv.url("/c"))).body == b"/c"
+        assert (pool.size, pool.opening, len(pool.idle)) == (1, 0, 1)
+    finally:
+        await client.close()
 
 
 # ---------------------------------------------------------------- framing
