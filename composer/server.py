@@ -47,12 +47,16 @@ from .signals import BEACON_PATH, Beacons, Labels
 from .status import Status
 from .tracing import Tracing, from_env
 
-__all__ = ["GC_THRESHOLD", "GRACE_SECONDS", "MALLOC_MMAP_THRESHOLD", "MALLOC_TRIM_THRESHOLD", "ComposerServer",
-           "stop_event", "tune_gc", "tune_malloc"]
+__all__ = ["GC_THRESHOLD", "GRACE_SECONDS", "LISTEN_BACKLOG", "MALLOC_MMAP_THRESHOLD", "MALLOC_TRIM_THRESHOLD",
+           "ComposerServer", "stop_event", "tune_gc", "tune_malloc"]
 
 log = logging.getLogger("composer.server")
 
 GRACE_SECONDS = 10.0
+# The page port's listen backlog (the kernel caps it at net.core.somaxconn, 4,096 by default):
+# new clients beyond it are dropped and send their SYN again only after a second; aiohttp's
+# default of 128 did that to a burst of a few hundred (nginx takes 511, Go somaxconn).
+LISTEN_BACKLOG = 4096
 GC_THRESHOLD = 20_000  # net allocations between the cyclic collector's young passes (tune_gc)
 # glibc malloc (tune_malloc): blocks up to this size come from the heap, not a fresh mmap (glibc's
 # ceiling for it: 32 MiB on 64-bit) ...
@@ -186,7 +190,7 @@ class ComposerServer:
         await pages.setup()
         self._runners.append(pages)
         if self.sockets is None:
-            await web.TCPSite(pages, self.host, self.port, reuse_address=True).start()
+            await web.TCPSite(pages, self.host, self.port, reuse_address=True, backlog=LISTEN_BACKLOG).start()
         else:
             for sock in self.sockets:
                 await web.SockSite(pages, sock).start()

@@ -30,7 +30,7 @@ from .errors import ConfigError, Stamp
 from .logs import JsonFormatter
 from .reload import changed
 from .routing import RouteTable, load
-from .server import GRACE_SECONDS, ComposerServer, tune_gc, tune_malloc
+from .server import GRACE_SECONDS, LISTEN_BACKLOG, ComposerServer, tune_gc, tune_malloc
 
 __all__ = ["ComposerWorker", "serve_workers"]
 
@@ -116,6 +116,7 @@ class _Arbiter(BaseApplication):  # type: ignore[misc]
         settings: dict[str, Any] = {
             "bind": [f"{host}:{self.port}"],
             "workers": self.workers,
+            "backlog": LISTEN_BACKLOG,  # as a single process listens (gunicorn would take 2,048)
             "worker_class": "composer.workers.ComposerWorker",
             "graceful_timeout": int(GRACE_SECONDS) + 1,
             "timeout": 30,
