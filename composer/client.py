@@ -55,7 +55,7 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = ["KEEPALIVE", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
+__all__ = ["KEEPALIVE", "LIMIT_PER_HOST", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
            "InvalidRequest", "InvalidResponse", "Response", "TooLarge"]
 
 # Final: compiled, each is a constant, not a lookup in the module's dict (per header line).
@@ -65,6 +65,11 @@ MAX_FIELD_SIZE: Final = 16384
 MAX_HEADERS: Final = 128
 _DNS_ENTRIES = 1024  # more distinct hosts than this: the cache starts over
 MAX_OPENING: Final = 32  # connections being opened to one origin at once (see the docstring)
+# Connections per origin (settings.max_connections_per_origin's default). 1,024, not 256: a
+# 16-page burst of 20-fragment pages already wanted 320 at once, and queued fetches cost
+# latency and CPU (bench/PROFILE.md, fourteenth pass). nginx, Node's agent (Tailor's) and Go's
+# transport (Skipper's) set no limit at all by default.
+LIMIT_PER_HOST: Final = 1024
 _SCHEMES = frozenset({"http", "https"})
 # getaddrinfo's answers: (family, type, proto, canonname, sockaddr)
 _AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
@@ -640,7 +645,7 @@ class Client:
     __slots__ = ("_closed", "_conns", "_dns", "_expiry", "_last", "_loop", "_pools", "_ssl", "dns_ttl", "keepalive",
                  "limit_per_host", "max_field_size", "max_head")
 
-    def __init__(self, *, limit_per_host: int = 1024, max_field_size: int = MAX_FIELD_SIZE,
+    def __init__(self, *, limit_per_host: int = LIMIT_PER_HOST, max_field_size: int = MAX_FIELD_SIZE,
                  keepalive: float = KEEPALIVE, dns_ttl: float = DNS_TTL,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.limit_per_host = limit_per_host  # 0: no limit

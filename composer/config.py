@@ -26,6 +26,7 @@ import yaml
 from yarl import URL
 
 from .breaker import DEFAULT_POLICY, BreakerPolicy, merged, parse_policy
+from .client import LIMIT_PER_HOST
 from .errors import ConfigError, Stamp
 from .filters import PathTemplate, RequestFilter, ResponseFilter, parse_filters
 from .headers import HOP_BY_HOP
@@ -278,10 +279,7 @@ class Settings:
     # the page's budget counts its template's fragments and every nested one.
     max_nesting_depth: int = setting(5, _integer(1, 64))
     max_fragments_per_page: int = setting(100, _integer(1, 100_000))
-    # 1,024 (not 256): a 16-page burst of 20-fragment pages already wanted 320 at once, and
-    # queued fetches cost latency and CPU (bench/PROFILE.md, fourteenth pass). nginx, Tailor's
-    # Node agent and Go's transport set no limit at all by default.
-    max_connections_per_origin: int = setting(1024, _integer(1, 100_000))  # read when the process starts
+    max_connections_per_origin: int = setting(LIMIT_PER_HOST, _integer(1, 100_000))  # read when the process starts
     server_timing: bool = setting(True, _boolean)  # Server-Timing: the primary's wait, composer's own time
     # One inline script at </body> with a `performance.measure` per fragment: off by default,
     # since a strict Content-Security-Policy refuses inline scripts (a console error per page).

@@ -35,6 +35,7 @@ from yarl import URL
 
 from .charset import charset_of, not_text, utf8
 from .client import (
+    LIMIT_PER_HOST,
     MAX_FIELD_SIZE,
     Client,
     ClientError,
@@ -90,7 +91,7 @@ class Session(Client):
         return deadlines
 
 
-def new_session(*, limit_per_host: int = 1024, max_field_size: int = MAX_FIELD_SIZE) -> Session:
+def new_session(*, limit_per_host: int = LIMIT_PER_HOST, max_field_size: int = MAX_FIELD_SIZE) -> Session:
     """The one fragment client of a process: pooled keep-alive connections and a DNS cache.
 
     Cookies are never stored (a fragment's cookie must not reach another user), redirects
