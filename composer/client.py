@@ -42,7 +42,6 @@ DNS, TLS), `InvalidResponse` (not HTTP, limits, a body that does not decode), `T
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 import zlib
@@ -474,7 +473,7 @@ class _Ticket:
     response): the waiting caller wakes once, to its answer, and the connection idles for no
     loop turn. A free slot instead sets `fut`'s result to None: the caller opens a connection."""
 
-    __slots__ = ("conn", "data", "fut", "max_bytes", "share", "skip")
+    __slots__ = ("conn", "data", "fut", "max_bytes", "seq", "share", "skip")
 
     def __init__(self, fut: asyncio.Future[Response | None], share: str | None, data: bytes, max_bytes: int,
                  skip: Callable[[int], bool] | None) -> None:
@@ -484,13 +483,22 @@ class _Ticket:
         self.max_bytes = max_bytes
         self.skip = skip
         self.conn: _Conn | None = None
+        self.seq = 0  # its place in the pool's queue: parked tickets of two shares compare by it
 
 
 class _Pool:
-    """The connections to one origin: idle ones (a stack), a count, and callers waiting."""
+    """The connections to one origin: idle ones (a stack), a count, and callers waiting.
 
-    __slots__ = ("client", "held", "host", "host_header", "idle", "limit", "loop", "opening", "port", "reserve",
-                 "share", "size", "tls", "waiters")
+    Callers wait in order of arrival. One whose share may not have a connection yet (its share
+    full, the pool in its last quarter) is parked with its share's others when it reaches the
+    head of the queue: a connection coming back then looks at each parked share's first ticket
+    and the queue's, not at every ticket of a hanging fragment queued in front of a healthy one
+    (thousands under load: bench/PROFILE.md, fifteenth pass). A caller that gives up leaves its
+    ticket queued, done, and passed over when it comes up: removing it would be a scan too.
+    """
+
+    __slots__ = ("arrivals", "client", "held", "host", "host_header", "idle", "limit", "loop", "opening", "parked",
+                 "port", "reserve", "share", "size", "tls", "waiters")
 
     def __init__(self, client: Client, loop: asyncio.AbstractEventLoop, scheme: str, host: str, port: int,
                  host_header: str) -> None:
@@ -507,7 +515,9 @@ class _Pool:
         self.reserve = self.limit // 4  # connections only callers holding fewer than `share` may take
         self.share = max(1, self.limit // 16)
         self.held: dict[str, int] = {}  # connections in use (or opening) per caller's share
-        self.waiters: deque[_Ticket] = deque()
+        self.waiters: deque[_Ticket] = deque()  # in order of arrival, after every parked one
+        self.parked: dict[str, deque[_Ticket]] = {}  # per share, in order of arrival
+        self.arrivals = 0
 
     def admits(self, share: str | None, busy: int) -> bool:
         """May a caller of `share` have one more connection when `busy` are in use?"""
@@ -526,16 +536,48 @@ class _Pool:
                 del self.held[share]
 
     def _next_waiter(self, busy: int) -> _Ticket | None:
-        """The first waiter that may have a connection when `busy` are in use (its share held)."""
-        waiters = self.waiters
-        while waiters and waiters[0].fut.done():
-            waiters.popleft()
-        for i, ticket in enumerate(waiters):
-            if not ticket.fut.done() and self.admits(ticket.share, busy):
-                del waiters[i]
-                self.hold(ticket.share)
-                return ticket
-        return None
+        """The first waiter, in order of arrival, that may have a connection when `busy` are in
+        use (its share held). Every parked ticket arrived before every queued one."""
+        ticket = self._next_parked(busy) if self.parked else None
+        if ticket is None:
+            waiters = self.waiters
+            while waiters:
+                head = waiters.popleft()
+                if head.fut.done():
+                    continue  # gave up
+                if self.admits(head.share, busy):
+                    ticket = head
+                    break
+                assert head.share is not None  # (a caller without a share is always admitted)
+                queue = self.parked.get(head.share)
+                if queue is None:
+                    queue = self.parked[head.share] = deque()
+                queue.append(head)
+            else:
+                return None
+        self.hold(ticket.share)
+        return ticket
+
+    def _next_parked(self, busy: int) -> _Ticket | None:
+        """The parked ticket that arrived first of those whose share may now have a connection."""
+        found: deque[_Ticket] | None = None
+        emptied: list[str] = []
+        for share, queue in self.parked.items():
+            while queue and queue[0].fut.done():
+                queue.popleft()  # gave up
+            if not queue:
+                emptied.append(share)
+            elif (found is None or queue[0].seq < found[0].seq) and self.admits(share, busy):
+                found = queue
+        for share in emptied:
+            del self.parked[share]
+        if found is None:
+            return None
+        ticket = found.popleft()
+        if not found:
+            assert ticket.share is not None
+            del self.parked[ticket.share]
+        return ticket
 
     def take(self, share: str | None, oldest_usable: float) -> _Conn | None:
         """An idle connection that `share` may have, its slot and share now held; expired ones
@@ -563,6 +605,8 @@ class _Pool:
             self.hold(ticket.share)
             ticket.fut.set_result(None)
         else:
+            ticket.seq = self.arrivals
+            self.arrivals += 1
             self.waiters.append(ticket)
         return ticket
 
@@ -575,9 +619,7 @@ class _Pool:
         if conn is not None:
             conn.close()
         elif not fut.done() or fut.cancelled() or fut.exception() is not None:
-            if ticket is not None:
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove(ticket)
+            fut.cancel()  # (if still queued: passed over when it comes up)
             return
         else:  # handed a slot just before the cancel: passed on, its connection never opened
             self.opening -= 1
@@ -601,7 +643,7 @@ class _Pool:
         conn.idle = True
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
-        if self.waiters:
+        if self.waiters or self.parked:
             self._wake()
         if conn.idle:
             self.client._expire_later()
@@ -609,13 +651,13 @@ class _Pool:
     def free_slot(self) -> None:
         """A connection is gone: its slot goes to a waiter (who opens one), or back."""
         self.size -= 1
-        if self.waiters:
+        if self.waiters or self.parked:
             self._wake()
 
     def opened(self) -> None:
         """A connection handed out to open is open, or failed: another may be opened."""
         self.opening -= 1
-        if self.waiters:
+        if self.waiters or self.parked:
             self._wake()
 
     def _wake(self) -> None:
@@ -855,10 +897,12 @@ class Client:
             self._expiry.cancel()
             self._expiry = None
         for pool in self._pools.values():
-            for ticket in pool.waiters:
-                if not ticket.fut.done():
-                    ticket.fut.set_exception(ConnectError("client is closed"))
+            for queue in (pool.waiters, *pool.parked.values()):
+                for ticket in queue:
+                    if not ticket.fut.done():
+                        ticket.fut.set_exception(ConnectError("client is closed"))
             pool.waiters.clear()
+            pool.parked.clear()
             for conn in pool.idle:
                 conn.idle = False
             pool.idle.clear()

@@ -165,6 +165,11 @@ def pool_of(client: Client, url: URL):
     return client._pools[(url.scheme, url.raw_host, url.port)]
 
 
+def queued_in(pool) -> int:
+    """Callers still waiting for a connection (a ticket given up stays queued, done)."""
+    return sum(not t.fut.done() for queue in (pool.waiters, *pool.parked.values()) for t in queue)
+
+
 # ---------------------------------------------------------------- the request
 
 async def test_request_is_the_request_line_host_and_the_given_headers_only(client, raw):
@@ -274,10 +279,10 @@ async def test_a_waiting_request_goes_out_on_the_connection_as_it_comes_back(raw
         first = await client.get(srv.url("/first"), None, max_bytes=MAX)  # takes the connection
         # Still in the step that gave the connection back, before any other task has run:
         [conn] = client._conns
-        assert first.body == b"/first" and not waiting.done() and len(pool.waiters) == 0
+        assert first.body == b"/first" and not waiting.done() and queued_in(pool) == 0
         assert conn.fut is not None and conn.requests == 3  # /warm, /first, and /second in flight
         assert (await waiting).body == b"/second"
-        assert (pool.size, len(pool.idle), len(pool.waiters), len(srv.conns)) == (1, 1, 0, 1)
+        assert (pool.size, len(pool.idle), queued_in(pool), len(srv.conns)) == (1, 1, 0, 1)
     finally:
         await client.close()
 
@@ -319,12 +324,12 @@ async def test_waiting_for_a_connection_counts_against_the_deadline_and_leaks_no
         with pytest.raises(TimeoutError):
             await get(client, srv.url("/fast"), timeout=0.1)  # waits for the only connection
         assert time.monotonic() - started < 0.3
-        assert len(pool_of(client, srv.url()).waiters) == 0  # it left the queue
+        assert queued_in(pool_of(client, srv.url())) == 0  # it left the queue
         assert (await slow).status == 200
         assert (await get(client, srv.url("/fast"))).status == 200
         assert len(srv.conns) == 1  # the waiter that gave up took nothing with it
         pool = pool_of(client, srv.url())
-        assert (pool.size, len(pool.idle), len(pool.waiters)) == (1, 1, 0)
+        assert (pool.size, len(pool.idle), queued_in(pool)) == (1, 1, 0)
     finally:
         await client.close()
 
@@ -499,6 +504,60 @@ async def test_close_fails_requests_in_flight_and_waiting(raw):
     assert await srv.conns[0].closed_by_peer(within=1.0)
 
 
+class _CountedShare(str):
+    """A share name that counts how often the pool looks it up (each look at a waiter of it)."""
+
+    looks = 0
+
+    def __hash__(self) -> int:
+        type(self).looks += 1
+        return str.__hash__(self)
+
+
+async def test_a_hanging_share_queued_in_front_costs_a_healthy_one_no_scan(raw):
+    # A fragment that hangs fills three quarters of its origin's pool, and its fetches queue
+    # behind by the thousand; each connection a healthy fragment gives back must not look at
+    # every one of them (a scan per fetch: the pool's CPU grows with the queue, quadratically).
+    client = Client(limit_per_host=16)  # the last quarter (4) only for shares holding < 1
+
+    async def handler(conn: Conn) -> None:
+        while head := await conn.request():
+            if b"/hang" in head:
+                await asyncio.sleep(30)
+            await conn.send(ok())
+
+    hang = _CountedShare("hang")
+    queued = 2000
+    tasks: list[asyncio.Task[Response]] = []
+    try:
+        srv = await raw(handler)
+        for _ in range(12 + queued):
+            tasks.append(asyncio.create_task(client.get(srv.url("/hang"), None, max_bytes=MAX, share=hang)))
+        await asyncio.sleep(0)
+        pool = pool_of(client, srv.url())
+        while pool.opening or len(srv.conns) < 12:
+            await asyncio.sleep(0.01)
+        assert (pool.size, pool.held[hang], queued_in(pool)) == (12, 12, queued)
+        _CountedShare.looks = 0
+        for i in range(200):  # one healthy fragment, fetched 200 times on the same origin
+            assert (await get(client, srv.url(f"/ok{i}"), share="ok")).status == 200
+        # Before: every connection given back looked at all 2,000 (400,000 looks); now each
+        # hanging ticket is parked once, and each wake looks at its share once.
+        assert _CountedShare.looks < 3 * queued + 10 * 200, _CountedShare.looks
+        assert (pool.held[hang], queued_in(pool)) == (12, queued)  # still hanging, still in order
+        assert pool.size == 13 and "ok" not in pool.held
+        # Twenty at once: past the first, each is parked (its share holds its one connection),
+        # and each one given back goes to the next of them, not to the hanging share.
+        results = await asyncio.gather(*(get(client, srv.url(f"/ok{i}"), share="ok") for i in range(20)))
+        assert [r.status for r in results] == [200] * 20
+        assert (pool.size, pool.held[hang], queued_in(pool)) == (13, 12, queued)
+    finally:
+        await client.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_connection_refused_is_a_connect_error(client):
     url = URL(refused_origin() + "/")
     with pytest.raises(ConnectError):
@@ -520,12 +579,12 @@ async def test_a_burst_opens_connections_a_few_at_a_time_and_none_waits_a_syn_re
         tasks = [asyncio.create_task(get(client, url, timeout=5)) for _ in range(300)]
         await asyncio.sleep(0)  # each task has asked once
         pool = pool_of(client, url)
-        assert (pool.opening, len(pool.waiters)) == (MAX_OPENING, 300 - MAX_OPENING)
+        assert (pool.opening, queued_in(pool)) == (MAX_OPENING, 300 - MAX_OPENING)
         results = await asyncio.gather(*tasks)
         elapsed = time.monotonic() - started
         assert [r.body for r in results] == [b"/x"] * 300
         assert elapsed < 0.9, elapsed  # Linux sends a dropped SYN again after 1 s
-        assert (pool.opening, len(pool.waiters), pool.size) == (0, 0, counter.accepted)
+        assert (pool.opening, queued_in(pool), pool.size) == (0, 0, counter.accepted)
     finally:
         await client.close()
         server.close()
@@ -542,13 +601,13 @@ async def test_a_slot_to_open_in_given_up_before_opening_is_passed_on(raw):
         second = asyncio.create_task(get(client, srv.url("/b")))
         await asyncio.sleep(0)  # /a holds the only slot (opening), /b waits
         pool = pool_of(client, srv.url())
-        assert (pool.size, pool.opening, len(pool.waiters)) == (1, 1, 1)
+        assert (pool.size, pool.opening, queued_in(pool)) == (1, 1, 1)
         first.cancel()
         second.cancel()
         for task in (first, second):
             with pytest.raises(asyncio.CancelledError):
                 await task
-        assert (pool.size, pool.opening, len(pool.waiters)) == (0, 0, 0)
+        assert (pool.size, pool.opening, queued_in(pool)) == (0, 0, 0)
         assert (await get(client, srv.url("/c"))).body == b"/c"
         assert (pool.size, pool.opening, len(pool.idle)) == (1, 0, 1)
     finally:
