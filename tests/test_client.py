@@ -38,6 +38,8 @@ from composer.client import (
     Response,
     TooLarge,
     _Conn,
+    _Pool,
+    _Ticket,
 )
 
 MAX = 1 << 20
@@ -556,6 +558,39 @@ async def test_a_hanging_share_queued_in_front_costs_a_healthy_one_no_scan(raw):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_parked_callers_of_two_shares_are_served_in_order_of_arrival():
+    # Parked per share, callers still go first come, first served across shares: A's first
+    # parked caller is served, leaving A's next (newer than B's) at the head of A's queue, which
+    # was parked first; when both shares may have a slot at once, B's older caller goes first.
+    loop = asyncio.new_event_loop()
+    try:
+        pool = _Pool(Client(limit_per_host=64), loop, "http", "127.0.0.1", 80, "127.0.0.1")
+        assert (pool.limit - pool.reserve, pool.share) == (48, 4)  # last quarter: shares under 4
+
+        def arrive(share: str | None) -> _Ticket:
+            return pool.wait(_Ticket(loop.create_future(), share, b"", 0, None))
+
+        for share in ["a"] * 4 + ["b"] * 4 + [None] * 8:  # 16 open connections
+            assert arrive(share).fut.done()
+            pool.opened()
+        for _ in range(32):  # and 32 slots handed out, opening: no more may open at once
+            assert arrive(None).fut.done()
+        a1, b1, a2 = arrive("a"), arrive("b"), arrive("a")  # a and b hold 4 each: they wait
+        pool.opened()  # a wake, with a and b full: all three parked
+        assert ([t.fut.done() for t in (a1, b1, a2)], list(pool.parked)) == ([False] * 3, ["a", "b"])
+        pool.unhold("a")
+        pool.free_slot()  # one of a's connections ends: a1 (the oldest) takes its slot
+        assert [t.fut.done() for t in (a1, b1, a2)] == [True, False, False] and pool.opening == 32
+        for share in ("a", "b"):  # one of each ends while 32 are opening: no slot is handed out
+            pool.unhold(share)
+            pool.free_slot()
+        assert [t.fut.done() for t in (b1, a2)] == [False, False]
+        pool.opened()  # one slot to open in: b1 arrived before a2
+        assert [t.fut.done() for t in (b1, a2)] == [True, False]
+    finally:
+        loop.close()
 
 
 async def test_connection_refused_is_a_connect_error(client):

@@ -824,3 +824,124 @@ def test_the_access_line_written_out_is_the_formatters_line(created, method, pat
     fast = line(formatter.stamp, created, "composer.access", fields)
     assert fast == formatter.line(created, "info", "composer.access", "access", fields)
     assert json.loads(fast)["path"] == path
+
+
+# ---------------------------------------------------------------- the fragment pool's queue
+
+class _ScanPool:
+    """The pool's slots and queue as they were before waiters were parked by share: each wake
+    scans the queue from its head for the first waiter that may have a slot. The reference
+    the parked queue must agree with, grant for grant."""
+
+    def __init__(self, limit: int, max_opening: int) -> None:
+        self.limit, self.max_opening = limit, max_opening
+        self.reserve, self.share = limit // 4, max(1, limit // 16)
+        self.size = self.opening = 0
+        self.held: dict[str, int] = {}
+        self.waiters: list[tuple[int, str | None]] = []
+        self.granted: set[int] = set()
+
+    def admits(self, share: str | None, busy: int) -> bool:
+        return busy < self.limit - self.reserve or share is None or self.held.get(share, 0) < self.share
+
+    def grant(self, ticket: int, share: str | None) -> None:
+        if share is not None:
+            self.held[share] = self.held.get(share, 0) + 1
+        self.size += 1
+        self.opening += 1
+        self.granted.add(ticket)
+
+    def unhold(self, share: str | None) -> None:
+        if share is not None:
+            self.held[share] -= 1
+            if not self.held[share]:
+                del self.held[share]
+
+    def wait(self, ticket: int, share: str | None) -> None:
+        if self.size < self.limit and self.opening < self.max_opening and self.admits(share, self.size):
+            self.grant(ticket, share)
+        else:
+            self.waiters.append((ticket, share))
+
+    def wake(self) -> None:
+        while self.size < self.limit and self.opening < self.max_opening:
+            for i, (ticket, share) in enumerate(self.waiters):
+                if self.admits(share, self.size):
+                    del self.waiters[i]
+                    self.grant(ticket, share)
+                    break
+            else:
+                return
+
+
+@settings(PROPERTY, max_examples=_examples(300))
+@given(limit=st.sampled_from([4, 8, 16, 64]),
+       ops=st.lists(st.tuples(st.sampled_from(["arrive", "arrive", "open", "finish", "cancel"]),
+                              st.integers(0, 63)), max_size=400))
+def test_the_pools_parked_queue_grants_what_a_scan_of_the_queue_would(limit: int, ops: list[tuple[str, int]]) -> None:
+    """composer.client's pool parks a waiter whose share is full instead of scanning past it
+    at every wake. Over any sequence of callers arriving (five shares, one of them none),
+    connections opening, connections ending and callers giving up (waiting, or handed a slot
+    not yet used), it hands out exactly the slots, to exactly the callers, in exactly the
+    order that the plain scan of the queue would."""
+    import asyncio
+
+    from composer.client import MAX_OPENING, Client, _Pool, _Ticket
+
+    loop = asyncio.new_event_loop()
+    try:
+        pool = _Pool(Client(limit_per_host=limit), loop, "http", "127.0.0.1", 80, "127.0.0.1")
+        model = _ScanPool(limit, MAX_OPENING)
+        shares = ["a", "b", "c", "d", None]
+        tickets: list[_Ticket] = []
+        opened: set[int] = set()
+        finished: set[int] = set()
+        given_up: set[int] = set()
+
+        def granted() -> set[int]:
+            return {i for i, t in enumerate(tickets) if t.fut.done() and not t.fut.cancelled()}
+
+        for op, k in ops:
+            if op == "arrive":
+                share = shares[k % len(shares)]
+                tickets.append(pool.wait(_Ticket(loop.create_future(), share, b"", 0, None)))
+                model.wait(len(tickets) - 1, share)
+            elif op == "open":  # a slot handed out becomes an open connection
+                candidates = [i for i in sorted(granted() - given_up) if i not in opened]
+                if candidates:
+                    opened.add(candidates[k % len(candidates)])
+                    pool.opened()
+                    model.opening -= 1
+                    model.wake()
+            elif op == "finish":  # an open connection ends: its slot and share are freed
+                candidates = [i for i in sorted(opened) if i not in finished]
+                if candidates:
+                    i = candidates[k % len(candidates)]
+                    finished.add(i)
+                    pool.unhold(tickets[i].share)
+                    pool.free_slot()
+                    model.unhold(tickets[i].share)
+                    model.size -= 1
+                    model.wake()
+            else:  # a caller gives up: still waiting, or handed a slot it has not used yet
+                candidates = [i for i in range(len(tickets))
+                              if i not in given_up and i not in opened and not tickets[i].fut.cancelled()]
+                if candidates:
+                    i = candidates[k % len(candidates)]
+                    given_up.add(i)
+                    ticket = tickets[i]
+                    ticket.fut.cancel()
+                    pool.abandon(ticket.share, None, ticket, ticket.fut)
+                    if i in model.granted:
+                        model.opening -= 1
+                        model.unhold(ticket.share)
+                        model.size -= 1
+                        model.wake()
+                    else:
+                        model.waiters.remove((i, ticket.share))
+            assert granted() == model.granted, (op, k)
+            assert (pool.size, pool.opening, pool.held) == (model.size, model.opening, model.held)
+        waiting = [i for i, t in enumerate(tickets) if not t.fut.done()]
+        assert waiting == [i for i, _ in model.waiters]
+    finally:
+        loop.close()
