@@ -1,4 +1,4 @@
-"""A fragment that never answers, under many clients: what it costs every page.
+"""A fragment that never answers, or is refused, under many clients: what it costs every page.
 
     python bench/sick.py [A_DIR] [--conns 1500] [--duration 12] [--python PYTHON]
 
@@ -7,8 +7,9 @@ page20 with one fragment (f19) whose service holds every request for 60 s, serve
 waits out f19's 3 s timeout until its breaker opens (the default policy: ten failures in a
 row); with the breaker off, every page pays it, and thousands of f19's fetches are in flight
 or queued for its origin's pool at once, beside the healthy fragments' on the same origin.
-The healthy page20 at the same load is the baseline. Each row is a fresh composer (CPU 0),
-the fragment server and wrk on CPU 1; with A_DIR, a checkout of composer (its own
+A fragment whose service refuses connections (breaker off) costs a connect attempt per
+page. The healthy page20 at the same load is the baseline. Each row is a fresh composer
+(CPU 0), the fragment server and wrk on CPU 1; with A_DIR, a checkout of composer (its own
 `scripts/compile`) is measured beside this one, row by row.
 
 Reports pages/s, CPU µs per page, p50 and p99, the healthy fragments' failures (any is a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -35,22 +37,30 @@ import ab
 import run
 
 SICK = "f19"
+NO_BREAKER = "  circuit_breaker: {failures: 0, failure_percent: 0}\n"
 CASES = {  # name → (page, settings)
     "healthy": ("page20", ""),
-    "sick, breaker": ("page20sick", ""),
-    "sick, no breaker": ("page20sick", "  circuit_breaker: {failures: 0, failure_percent: 0}\n"),
+    "hanging, breaker": ("page20hang", ""),
+    "hanging, no breaker": ("page20hang", NO_BREAKER),
+    "refused, no breaker": ("page20refused", NO_BREAKER),
 }
 
 
 def write_routes(routes: Path, name: str, settings: str) -> Path:
-    """routes.yaml (from run.prepare_work) plus the sick page, with `settings` added."""
+    """routes.yaml (from run.prepare_work) plus the sick pages, with `settings` added: f19
+    hanging (60 s), or on a port nothing listens on (each fetch refused)."""
     templates = routes.parent / "templates"
     page20 = (templates / "page20.html").read_text()
-    sick = page20.replace(f"/f/{SICK}?delay=10", f"/f/{SICK}?delay=60000")
-    assert sick != page20, "page20.html no longer has the fragment this bench makes sick"
-    (templates / "page20sick.html").write_text(sick)
+    hang = page20.replace(f"/f/{SICK}?delay=10", f"/f/{SICK}?delay=60000")
+    assert hang != page20, "page20.html no longer has the fragment this bench makes sick"
+    (templates / "page20hang.html").write_text(hang)
+    refused = re.sub(rf'src="http://127\.0\.0\.1:\d+/f/{SICK}\?', f'src="http://127.0.0.1:{run.free_port()}/f/{SICK}?',
+                     page20)
+    assert refused != page20
+    (templates / "page20refused.html").write_text(refused)
     text = routes.read_text().replace("settings:\n", "settings:\n" + settings, 1)
-    text += "  - {name: page20sick, match: {path: /page20sick}, template: page20sick.html}\n"
+    for page in ("page20hang", "page20refused"):
+        text += f"  - {{name: {page}, match: {{path: /{page}}}, template: {page}.html}}\n"
     out = routes.parent / f"sick_{name.replace(' ', '_').replace(',', '')}.yaml"
     out.write_text(text)
     return out
@@ -101,7 +111,7 @@ def main() -> int:
     procs = run.Processes()
     try:
         routes = ab.fragments(procs, "sick")
-        print(f"page20, {SICK} hanging (60 s, its timeout 3 s), wrk -c{args.conns} -d{args.duration:g}s; "
+        print(f"page20, {SICK} hanging (60 s, its timeout 3 s) or refused, wrk -c{args.conns} -d{args.duration:g}s; "
               f"composer on CPU {run.PROXY_CPU}", flush=True)
         print("| case | composer | pages/s | CPU µs/page | p50 ms | p99 ms | healthy failed | "
               f"{SICK} failed |\n|---|---|---:|---:|---:|---:|---:|---|", flush=True)
