@@ -38,6 +38,14 @@ def fragments(procs: run.Processes, label: str) -> Path:
 
 def start(procs: run.Processes, checkout: Path, routes: Path, label: str,
           python: str = sys.executable) -> tuple[run.Proc, int]:
+    """`checkout`'s composer serving `routes` on CPU 0, ready: (process, page port)."""
+    proc, port, _ = serve(procs, checkout, routes, label, python)
+    return proc, port
+
+
+def serve(procs: run.Processes, checkout: Path, routes: Path, label: str,
+          python: str = sys.executable) -> tuple[run.Proc, int, int]:
+    """`start`, with the admin port too."""
     port, admin = run.free_port(), run.free_port()
     env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
     argv = [python, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
@@ -48,7 +56,7 @@ def start(procs: run.Processes, checkout: Path, routes: Path, label: str,
     proc = run.Proc(label, popen, log)
     procs.procs.append(proc)
     run.wait_ready(proc, f"http://127.0.0.1:{admin}/readyz")
-    return proc, port
+    return proc, port, admin
 
 
 def main() -> int:

@@ -22,10 +22,8 @@ process it starts is stopped.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -66,20 +64,6 @@ def write_routes(routes: Path, name: str, settings: str) -> Path:
     return out
 
 
-def start(procs: run.Processes, checkout: Path, routes: Path, label: str, python: str) -> tuple[run.Proc, int, int]:
-    port, admin = run.free_port(), run.free_port()
-    env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
-    argv = [python, "-m", "composer", "serve", "--config", str(routes), "--host", "127.0.0.1",
-            "--port", str(port), "--admin-port", str(admin)]
-    log = run.WORK / f"sick_{label}.log"
-    popen = subprocess.Popen(run.pinned(str(run.PROXY_CPU), argv), cwd=checkout, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=log.open("wb"), start_new_session=True)
-    proc = run.Proc(label, popen, log)
-    procs.procs.append(proc)
-    run.wait_ready(proc, f"http://127.0.0.1:{admin}/readyz")
-    return proc, port, admin
-
-
 def failures(admin: int) -> tuple[int, dict[str, int]]:
     """(the healthy fragments' failures, the sick one's by reason) from composer's /metrics."""
     healthy = 0
@@ -118,7 +102,7 @@ def main() -> int:
         for case, (page, settings) in CASES.items():
             case_routes = write_routes(routes, case, settings)
             for label, checkout in checkouts.items():
-                proc, port, admin = start(procs, checkout, case_routes, label, args.python)
+                proc, port, admin = ab.serve(procs, checkout, case_routes, f"sick_{label}", args.python)
                 try:
                     run.run_wrk(procs, f"http://127.0.0.1:{port}/page20", 16, 2)  # warm-up, healthy
                     cpu = run.cpu_seconds([proc.pid])
