@@ -29,7 +29,7 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    that the warm-up wrk run of each page had no non-2xx responses or socket errors.
 5. For each page × concurrency (page0, page20, page100, page1mb: 16, 64; page5: 16, 64, 256): a
    warm-up, then `--rounds` rounds of `--duration` s of wrk per system, rotating which goes
-   first. The median round (by req/s) of each system is reported; every round is in
+   first, each run after `--settle` s of the same load, unmeasured. The median round (by req/s) of each system is reported; every round is in
    RESULTS.md. Per run: req/s, p50/p99 (wrk --latency), CPU % and CPU ms per page (utime +
    stime from /proc/PID/stat summed over the system's process tree — nginx master + worker,
    varnishd manager + cache child —, taken at both ends of the run), RSS (max seen, summed
@@ -519,7 +519,9 @@ def scan_composer_log(system: System) -> int:
 
 
 def measure(procs: Processes, system: System, fragment_server: Proc, page: str, conns: int,
-            rnd: int, duration: float) -> Run:
+            rnd: int, duration: float, settle: float = 0.0) -> Run:
+    if settle > 0:  # the same load, unmeasured: pools grown to what it needs (see --settle)
+        run_wrk(procs, f"{system.base}/{page}", conns, settle)
     pids = tree(system.proc.pid)
     system.failures()  # reset the counters
     if system.kind == "composer":
@@ -1166,7 +1168,9 @@ class Report:
                + (" — **a `--quick` smoke run: numbers are for checking the harness only.**" if a.quick else ""),
                "", *machine(self.digest, self.args.python), "",
                *([f"**ABORTED:** {self.aborted}", ""] if self.aborted else []),
-               (f"- {a.duration:g} s of `wrk -t1 --latency` per run, {a.rounds} round(s) per cell, the systems "
+               (f"- {a.duration:g} s of `wrk -t1 --latency` per run, each after {a.settle:g} s of the same load "
+               "not measured (connections a system let go while the others ran are opened again there, not "
+               f"inside the run's p99), {a.rounds} round(s) per cell, the systems "
                "taking turns to go first; each cell shows the **median round** (by req/s; the lower middle one for an even count) of each system; all rounds are in "
                "the appendix."),
                ("- Proxies pinned to CPU 0 (with all their processes: nginx's master and worker, varnishd's "
@@ -1340,7 +1344,7 @@ def scale(args: argparse.Namespace, procs: Processes, report: Report, routes: Pa
         verify(two, ["page20"], templates)
         run_wrk(procs, f"{two.base}/page20", 64, args.warmup)
         for rnd in range(1, args.rounds + 1):
-            run = measure(procs, two, fragment_server, "page20", 64, rnd, args.duration)
+            run = measure(procs, two, fragment_server, "page20", 64, rnd, args.duration, args.settle)
             report.scaling.append(run)
             print(f"  page20 c64 r{rnd} 2 workers {run.wrk.rps:8,.0f} req/s  p50 {run.wrk.p50:7.1f} ms  "
                   f"p99 {run.wrk.p99:7.1f} ms  cpu {run.cpu_pct:3.0f}%  bad {run.bad}  other {run.other:3.0f}%",
@@ -1466,7 +1470,8 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
             for rnd in range(1, args.rounds + 1):
                 shift = (cell + rnd) % len(order)  # rotate who goes first
                 for name in order[shift:] + order[:shift]:
-                    run = measure(procs, systems[name], fragment_server, page, conns, rnd, args.duration)
+                    run = measure(procs, systems[name], fragment_server, page, conns, rnd, args.duration,
+                                  args.settle)
                     report.runs.append(run)
                     check_all()
                     print(f"  {page} c{conns} r{rnd} {name:8} {run.wrk.rps:8,.0f} req/s  p50 {run.wrk.p50:7.1f} ms"
@@ -1532,6 +1537,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=15, help="seconds of wrk per run (default 15)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per page × concurrency (default 3)")
+    parser.add_argument("--settle", type=float, default=2.0,
+                        help="seconds of the same load, unmeasured, before each run (default 2): idle "
+                             "connections a system dropped while the others ran (composer's client keeps "
+                             "them 30 s, nginx's upstream 60 s) are opened again there, not in the run's p99")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 3 s per run, 1 round, 30 TTFB samples; writes bench/.work/RESULTS.quick.md")
     parser.add_argument("--pages", default=",".join(CONNS),
@@ -1552,6 +1561,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
     if args.quick:
+        args.settle = args.settle if "--settle" in explicit else 0.5
         args.duration = args.duration if "--duration" in explicit else 3
         args.rounds = args.rounds if "--rounds" in explicit else 1
         args.ttfb_samples = args.ttfb_samples if "--ttfb-samples" in explicit else 30
