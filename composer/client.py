@@ -643,26 +643,25 @@ class _Pool:
         conn.idle = True
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
-        if self.waiters or self.parked:
-            self._wake()
+        self._wake()
         if conn.idle:
             self.client._expire_later()
 
     def free_slot(self) -> None:
         """A connection is gone: its slot goes to a waiter (who opens one), or back."""
         self.size -= 1
-        if self.waiters or self.parked:
-            self._wake()
+        self._wake()
 
     def opened(self) -> None:
         """A connection handed out to open is open, or failed: another may be opened."""
         self.opening -= 1
-        if self.waiters or self.parked:
-            self._wake()
+        self._wake()
 
     def _wake(self) -> None:
         """Hand idle connections, then free slots, to the waiters that may have them now: a
         connection coming back, or a share falling, can each let one in."""
+        if not (self.waiters or self.parked):
+            return
         idle = self.idle
         while idle or (self.size < self.limit and self.opening < MAX_OPENING):
             ticket = self._next_waiter(self.size - len(idle))
