@@ -7,6 +7,7 @@ nobody asked for, chunked framing, truncated streams, limits); an aiohttp server
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import gzip
@@ -238,7 +239,6 @@ async def test_per_origin_limit_holds_and_waiters_are_served_in_order():
     client = Client(limit_per_host=2)
     order: list[bytes] = []
     release = asyncio.Event()
-    counter = _Counter()
 
     async def slow(conn: Conn) -> None:
         while head := await conn.request():
@@ -246,27 +246,22 @@ async def test_per_origin_limit_holds_and_waiters_are_served_in_order():
             await release.wait()
             await conn.send(ok())
 
-    server = None
-    try:
-        server = await asyncio.start_server(lambda r, w: _run_conn(slow, r, w, counter), "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        tasks = []
-        for i in range(8):
-            tasks.append(asyncio.create_task(get(client, URL(f"http://127.0.0.1:{port}/{i}"), timeout=5)))
-            await asyncio.sleep(0.01)  # issued in this order
-        await asyncio.sleep(0.1)
-        assert counter.open_max == 2
-        assert order == [b"/0", b"/1"]  # the other six wait for a connection
-        release.set()
-        results = await asyncio.gather(*tasks)
-        assert [r.status for r in results] == [200] * 8
-        assert order == [b"/%d" % i for i in range(8)]  # first come, first served
-        assert counter.open_max == 2 and counter.accepted == 2
-    finally:
-        await client.close()
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+    async with _counting_server(slow) as (port, counter):
+        try:
+            tasks = []
+            for i in range(8):
+                tasks.append(asyncio.create_task(get(client, URL(f"http://127.0.0.1:{port}/{i}"), timeout=5)))
+                await asyncio.sleep(0.01)  # issued in this order
+            await asyncio.sleep(0.1)
+            assert counter.open_max == 2
+            assert order == [b"/0", b"/1"]  # the other six wait for a connection
+            release.set()
+            results = await asyncio.gather(*tasks)
+            assert [r.status for r in results] == [200] * 8
+            assert order == [b"/%d" % i for i in range(8)]  # first come, first served
+            assert counter.open_max == 2 and counter.accepted == 2
+        finally:
+            await client.close()
 
 
 async def test_a_waiting_request_goes_out_on_the_connection_as_it_comes_back(raw):
@@ -294,6 +289,20 @@ class _Counter:
     open_now: int = 0
     open_max: int = 0
     accepted: int = 0
+
+
+@contextlib.asynccontextmanager
+async def _counting_server(handler: Handler, backlog: int = 100) -> AsyncIterator[tuple[int, _Counter]]:
+    """A plain TCP server on 127.0.0.1 running `handler` per connection: (its port, what it
+    counts of connections), closed on the way out."""
+    counter = _Counter()
+    server = await asyncio.start_server(lambda r, w: _run_conn(handler, r, w, counter), "127.0.0.1", 0,
+                                        backlog=backlog)
+    try:
+        yield server.sockets[0].getsockname()[1], counter
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def _run_conn(handler: Handler, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -605,25 +614,21 @@ async def test_a_burst_opens_connections_a_few_at_a_time_and_none_waits_a_syn_re
     # most of the SYNs would be dropped and sent again a second later. At most MAX_OPENING are
     # opened at a time; the others wait for one of those, or for a connection coming back.
     client = Client()
-    counter = _Counter()
-    server = await asyncio.start_server(lambda r, w: _run_conn(serve_forever, r, w, counter), "127.0.0.1", 0,
-                                        backlog=2 * MAX_OPENING)
-    try:
-        url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x")
-        started = time.monotonic()
-        tasks = [asyncio.create_task(get(client, url, timeout=5)) for _ in range(300)]
-        await asyncio.sleep(0)  # each task has asked once
-        pool = pool_of(client, url)
-        assert (pool.opening, queued_in(pool)) == (MAX_OPENING, 300 - MAX_OPENING)
-        results = await asyncio.gather(*tasks)
-        elapsed = time.monotonic() - started
-        assert [r.body for r in results] == [b"/x"] * 300
-        assert elapsed < 0.9, elapsed  # Linux sends a dropped SYN again after 1 s
-        assert (pool.opening, queued_in(pool), pool.size) == (0, 0, counter.accepted)
-    finally:
-        await client.close()
-        server.close()
-        await server.wait_closed()
+    async with _counting_server(serve_forever, backlog=2 * MAX_OPENING) as (port, counter):
+        try:
+            url = URL(f"http://127.0.0.1:{port}/x")
+            started = time.monotonic()
+            tasks = [asyncio.create_task(get(client, url, timeout=5)) for _ in range(300)]
+            await asyncio.sleep(0)  # each task has asked once
+            pool = pool_of(client, url)
+            assert (pool.opening, queued_in(pool)) == (MAX_OPENING, 300 - MAX_OPENING)
+            results = await asyncio.gather(*tasks)
+            elapsed = time.monotonic() - started
+            assert [r.body for r in results] == [b"/x"] * 300
+            assert elapsed < 0.9, elapsed  # Linux sends a dropped SYN again after 1 s
+            assert (pool.opening, queued_in(pool), pool.size) == (0, 0, counter.accepted)
+        finally:
+            await client.close()
 
 
 async def test_a_slot_to_open_in_given_up_before_opening_is_passed_on(raw):
