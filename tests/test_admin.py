@@ -8,12 +8,14 @@ text parser (never regexes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import io
 import json
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import pytest
@@ -21,7 +23,7 @@ from aiohttp import web
 from conftest import html
 from prometheus_client.parser import text_string_to_metric_families
 
-from composer.logs import JsonFormatter
+from composer.logs import JsonFormatter, JsonHandler, setup_logging
 
 FAILURE_FIELDS = ("fragment", "version", "route", "error_type", "url", "status", "duration_ms",
                   "request_id", "fallback")
@@ -556,6 +558,83 @@ async def test_fragment_failure_logs_one_structured_record(fragments, start_comp
     line = as_json_line(by_id["down"])
     assert line["logger"] == "composer.fragments"
     assert line["fragment"] == "down" and line["error_type"] == "status" and line["request_id"] == "rid-7"
+
+
+class _Stderr(io.StringIO):
+    """A stderr for one test: what was written, and in how many writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@contextlib.contextmanager
+def _serve_logging(stream: _Stderr) -> Iterator[JsonHandler]:
+    """`setup_logging` on `stream`, as `serve` sets it up; the test process's logging restored after."""
+    loggers = [logging.getLogger(name) for name in ("composer", "aiohttp", "opentelemetry")]
+    saved = [(logger.handlers[:], logger.level, logger.propagate) for logger in loggers]
+    switches = (logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
+    try:
+        yield setup_logging(stream=stream)
+    finally:
+        for logger, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
+        logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing = switches
+
+
+async def test_access_lines_of_a_loop_turn_share_one_write_and_keep_their_order(fragments, start_composer):
+    # serve's access lines are written without a record, at the end of the loop's turn that
+    # made them, together; a record (a fragment's failure) is written at once, after them.
+    svc = await fragments({"/down": html("down", status=500)})
+    composer = await start_composer(
+        {"page.html": "<html><body><p>static</p></body></html>",
+         "broken.html": f'<html><body><fragment id="down" src="{svc.url("/down")}"></fragment></body></html>'},
+        routes="""
+            routes:
+              - {name: page, match: {path: /page}, template: page.html}
+              - {name: broken, match: {path: /broken}, template: broken.html}
+        """)
+    stream = _Stderr()
+    with _serve_logging(stream):
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async def get(path: str) -> int:
+                async with session.get(composer.server.url + path) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await asyncio.gather(*(get(f"/page?n={n}") for n in range(40))) == [200] * 40
+            await wait_until(lambda: stream.getvalue().count('"msg": "access"') == 40)
+            burst = stream.writes
+            assert await get("/broken") == 200
+            assert await get("/page?n=last") == 200
+            await wait_until(lambda: stream.getvalue().count('"msg": "access"') == 42)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    lines = [r for r in lines if r["logger"].startswith("composer.")]  # (not the fragment service's)
+    assert burst <= 10, f"{burst} writes for 40 access lines"
+    assert [(r["msg"], r.get("path"), r.get("fragment")) for r in lines[40:]] == [
+        ("fragment failed", None, "down"), ("access", "/broken", None), ("access", "/page", None)]
+    assert sorted(r["request_id"] for r in lines[:40]) == sorted({r["request_id"] for r in lines[:40]})
+
+
+async def test_a_record_is_written_after_the_access_lines_waiting_before_it():
+    stream = _Stderr()
+    with _serve_logging(stream) as handler:
+        handler.write_soon('{"n": 1}')
+        handler.write_soon('{"n": 2}')
+        assert (stream.getvalue(), stream.writes) == ("", 0)  # waiting for the loop's turn to end
+        logging.getLogger("composer.fragments").warning("fragment failed")
+        assert [json.loads(line).get("n", "record") for line in stream.getvalue().splitlines()] == [1, 2, "record"]
+        handler.write_soon('{"n": 3}')
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert stream.getvalue().splitlines()[-1] == '{"n": 3}'
+        assert stream.writes == 2
 
 
 # --------------------------------------------------------------------------- x-request-id
