@@ -26,9 +26,7 @@ responses, at a fraction of that (`bench/client.py` measures both):
   `MAX_OPENING` connections to one origin are being opened at once; past that, callers wait
   for one of those or for a connection coming back: a burst (a cold start, a spike) never
   asks more new connections of a service than its accept backlog holds (asyncio's is 100,
-  aiohttp's 128, Node's 511), where the rest would each wait a SYN retransmit (1 s). One
-  still opening after `STALLED` (0.5 s) no longer counts: its SYN was dropped, and callers
-  arriving once the service has room again connect at once instead of waiting behind it.
+  aiohttp's 128, Node's 511), where the rest would each wait a SYN retransmit (1 s).
 - No timeouts of its own: the caller's deadline (`asyncio.timeout`) cancels the request,
   and a cancelled request always closes its connection.
 - Limits: a header line over `max_field_size` bytes, more than `MAX_HEADERS` header lines or
@@ -66,7 +64,6 @@ MAX_FIELD_SIZE: Final = 16384
 MAX_HEADERS: Final = 128
 _DNS_ENTRIES = 1024  # more distinct hosts than this: the cache starts over
 MAX_OPENING: Final = 32  # connections being opened to one origin at once (see the docstring)
-STALLED: Final = 0.5  # s: a connection still opening after this no longer counts (see `_Opening`)
 # Connections per origin (settings.max_connections_per_origin's default). 1,024, not 256: a
 # 16-page burst of 20-fragment pages already wanted 320 at once, and queued fetches cost
 # latency and CPU (bench/PROFILE.md, fourteenth pass). nginx, Node's agent (Tailor's) and Go's
@@ -681,31 +678,6 @@ class _Pool:
                 ticket.fut.set_result(None)
 
 
-class _Opening:
-    """A connection being opened, counted among the pool's `opening` until it is open or has
-    failed — or has taken `STALLED` seconds. A connect that slow has had its SYN dropped (a
-    service's full accept queue; Linux sends it again after 1 s, then 3): left counted, 32 such
-    would hold every opening place for seconds, and callers arriving once the service has
-    room again would wait behind them instead of connecting at once."""
-
-    __slots__ = ("pool", "timer")
-
-    def __init__(self, pool: _Pool) -> None:
-        self.pool = pool
-        self.timer: asyncio.TimerHandle | None = pool.loop.call_later(STALLED, self.stalled)
-
-    def stalled(self) -> None:
-        self.timer = None
-        self.pool.opened()
-
-    def done(self) -> None:
-        timer = self.timer
-        if timer is not None:
-            timer.cancel()
-            self.timer = None
-            self.pool.opened()
-
-
 # ---------------------------------------------------------------- the client
 
 class Client:
@@ -817,9 +789,7 @@ class Client:
 
     async def _open(self, pool: _Pool, share: str | None) -> _Conn:
         """A new connection to `pool`'s origin, in a slot (and `share`) the caller holds; both
-        freed on failure. The slot counts among those opening until this returns, or until it
-        has taken `STALLED` seconds (see `_Opening`)."""
-        opening = _Opening(pool)
+        freed on failure. The slot counts among those opening until this returns."""
         try:
             return await self._connect(pool)
         except BaseException:
@@ -827,7 +797,7 @@ class Client:
             pool.free_slot()
             raise
         finally:
-            opening.done()
+            pool.opened()
 
     async def _connect(self, pool: _Pool) -> _Conn:
         loop = pool.loop

@@ -31,7 +31,6 @@ from yarl import URL
 
 from composer.client import (
     MAX_OPENING,
-    STALLED,
     Client,
     ClientError,
     ConnectError,
@@ -630,53 +629,6 @@ async def test_a_burst_opens_connections_a_few_at_a_time_and_none_waits_a_syn_re
             assert (pool.opening, queued_in(pool), pool.size) == (0, 0, counter.accepted)
         finally:
             await client.close()
-
-
-async def test_connections_stalled_in_a_syn_retransmit_do_not_hold_up_the_next_caller():
-    # A service whose accept queue is full drops SYNs; Linux sends each again after 1 s. The
-    # MAX_OPENING callers whose connects were dropped stop counting as opening after STALLED,
-    # so a caller arriving once the service accepts again connects at once, not behind them.
-    client = Client()
-    listener = socket.socket()
-    fillers: list[socket.socket] = []
-    server: asyncio.Server | None = None
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        while len(fillers) < 8:  # the accept queue filled (Linux: backlog + 1); then SYNs are dropped
-            try:
-                fillers.append(socket.create_connection(("127.0.0.1", port), timeout=0.2))
-            except TimeoutError:
-                break
-        assert 0 < len(fillers) < 8
-        url = URL(f"http://127.0.0.1:{port}/x")
-        stalled = [asyncio.create_task(get(client, url, timeout=5)) for _ in range(MAX_OPENING)]
-        await asyncio.sleep(0.1)
-        pool = pool_of(client, url)
-        assert (pool.opening, pool.size) == (MAX_OPENING, MAX_OPENING)
-        await asyncio.sleep(STALLED)
-        assert (pool.opening, pool.size) == (0, MAX_OPENING)  # still connecting, no longer counted
-        assert not any(task.done() for task in stalled)
-        counter = _Counter()
-        server = await asyncio.start_server(lambda r, w: _run_conn(serve_forever, r, w, counter), sock=listener)
-        await asyncio.sleep(0.05)  # the queue drained: the service has room again
-        started = time.monotonic()
-        assert (await get(client, URL(f"http://127.0.0.1:{port}/next"), timeout=5)).body == b"/next"
-        assert time.monotonic() - started < 0.2, "waited for the stalled connects' SYN retransmit"
-        assert not any(task.done() for task in stalled)  # (their SYNs go again at 1 s)
-        assert [r.body for r in await asyncio.gather(*stalled)] == [b"/x"] * MAX_OPENING
-        assert (pool.opening, queued_in(pool), pool.size) == (0, 0, len(pool.idle))
-    finally:
-        await client.close()
-        for filler in fillers:
-            filler.close()
-        if server is not None:
-            server.close()
-            await server.wait_closed()
-        else:
-            listener.close()
 
 
 async def test_a_slot_to_open_in_given_up_before_opening_is_passed_on(raw):
