@@ -6,7 +6,10 @@
 For judging one change on a noisy machine: both composers (each on CPU 0, one loaded at a
 time) serve the same bench pages from the same fragment server (CPU 1, with wrk); rounds
 alternate which goes first, and the report gives each one's median CPU µs per page and B/A.
-A change is worth keeping when B/A holds across rounds, not when one run looks good. B
+A change is worth keeping when B/A holds across rounds, not when one run looks good: an A/A
+run (one checkout on both sides) reads 0.97–1.03 here, two processes of the same code
+differing by that much (hash seeds, address layout) whatever the rounds' order, so a B/A
+inside that band from one run is not a result — run it again with the sides swapped. B
 defaults to this checkout; A is typically `git worktree add /tmp/base <commit>`. With
 `--python-a`/`--python-b` (each a venv's python with composer's dependencies) one checkout
 compares interpreters.
