@@ -59,11 +59,11 @@ class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self.waiting: list[str] = []
+        self._waiting: list[str] = []
 
     def write_soon(self, line: str) -> None:
         """Write `line` at the end of the running loop's turn (or with the next record's)."""
-        waiting = self.waiting
+        waiting = self._waiting
         waiting.append(line)  # (no lock: `flush` takes only the lines it saw, from the front)
         if len(waiting) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
@@ -78,14 +78,14 @@ class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # noqa: BLE001 - logging's contract: a record that will not format goes to handleError
             self.handleError(record)
             return
-        self.waiting.append(line)  # (`handle` holds the lock)
+        self._waiting.append(line)  # (`handle` holds the lock)
         self.flush()
 
     def flush(self) -> None:
         """Write the lines waiting: at the end of the loop's turn, after a record, at exit."""
         self.acquire()
         try:
-            waiting = self.waiting
+            waiting = self._waiting
             count = len(waiting)
             if count:
                 text = "\n".join(waiting[:count]) + "\n"
