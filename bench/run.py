@@ -29,14 +29,15 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    that the warm-up wrk run of each page had no non-2xx responses or socket errors.
 5. For each page × concurrency (page0, page20, page100, page1mb: 16, 64; page5: 16, 64, 256): a
    warm-up, then `--rounds` rounds of `--duration` s of wrk per system, rotating which goes
-   first, each run after `--settle` s of the same load, unmeasured. The median round (by req/s) of each system is reported; every round is in
-   RESULTS.md. Per run: req/s, p50/p99 (wrk --latency), CPU % and CPU ms per page (utime +
-   stime from /proc/PID/stat summed over the system's process tree — nginx master + worker,
-   varnishd manager + cache child —, taken at both ends of the run), RSS (max seen, summed
-   over the tree), non-2xx + socket errors, fragment failures (composer's
-   composer_fragment_failures_total, Tailor's error events, nginx's error.log at [error] or
-   worse, Varnish's fetch_failed/esi_errors/backend_fail/backend_unhealthy), composer log lines
-   other than 2xx/499 access lines, and how busy each core was, including other processes' load.
+   first, each run after `--settle` s of the same load, unmeasured. The median round (by req/s)
+   of each system is reported; every round is in RESULTS.md. Per run: req/s, p50/p99 (wrk
+   --latency), CPU % and CPU ms per page (utime + stime from /proc/PID/stat summed over the
+   system's process tree — nginx master + worker, varnishd manager + cache child —, taken at
+   both ends of the run), RSS (max seen, summed over the tree), non-2xx + socket errors,
+   fragment failures (composer's composer_fragment_failures_total, Tailor's error events,
+   nginx's error.log at [error] or worse, Varnish's
+   fetch_failed/esi_errors/backend_fail/backend_unhealthy), composer log lines other than
+   2xx/499 access lines, and how busy each core was, including other processes' load.
 6. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
    on page5np (no primary) and page5, while fragments are pending.
 7. CPU per page for every page, and per fragment = (cpu(pageN) − cpu(page0)) / N, also against
