@@ -4,7 +4,10 @@
 // The same answers as bench/fragment_server.py: `<div class="NAME">xxx…</div>\n` of `size`
 // bytes (default 1024) after `delay` ms, with a `Link` header declaring one stylesheet and one
 // fragment script. Anything else is a 404. Keep-alive connections stay open 75 s (aiohttp's
-// default), so proxies' pooled connections are not cut between benchmark rows.
+// default), so proxies' pooled connections are not cut between benchmark rows. It listens with a
+// backlog of 4,096 (the kernel's somaxconn; Node's default is 511): a proxy opening hundreds of
+// connections at once (page100) must not find them dropped here, each then waiting a 1 s
+// SYN-ACK retransmit — the fragment service's limit, not the proxy's, in every system's p99.
 //
 // With a PAGES_DIR, it also answers GET /p/<name> with PAGES_DIR/<name>.html (text/html, read
 // once): the page templates Varnish (bench/run.py's ESI peer) fetches from its backend.
@@ -80,7 +83,7 @@ const server = http.createServer((req, res) => {
 server.keepAliveTimeout = 75000;
 server.headersTimeout = 76000;
 server.requestTimeout = 0;
-server.listen(port, '127.0.0.1', () => console.log(`ready ${port}`));
+server.listen({ port, host: '127.0.0.1', backlog: 4096 }, () => console.log(`ready ${port}`));
 
 const stop = () => server.close(() => process.exit(0)) && setTimeout(() => process.exit(0), 1000).unref();
 process.on('SIGTERM', stop);

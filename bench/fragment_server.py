@@ -58,7 +58,8 @@ def main() -> None:
     app.router.add_get("/f/{name}", fragment)
     if len(sys.argv) > 2:
         app.router.add_get("/p/{name}", pages(Path(sys.argv[2])))
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+                backlog=4096)  # as bench/fragment_server.js (see there)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,24 @@ def core_ticks() -> dict[str, tuple[int, ...]]:
     return out
 
 
+def kernel_drops() -> tuple[int, int, int]:
+    """Machine-wide counts of what the kernel dropped or sent again: connections past a listen
+    backlog (TcpExt ListenOverflows), packets past a CPU's input queue (the second column of
+    /proc/net/softnet_stat: loopback traffic sent faster than the CPU's softirq takes it), and
+    TCP segments retransmitted (Tcp RetransSegs). Loopback loses nothing else, so a run where
+    one of them grew can owe its p99 to a retransmit (a SYN's or SYN-ACK's is 1 s)."""
+    def counter(path: str, prefix: str, name: str) -> int:
+        lines = [line.split() for line in Path(path).read_text().splitlines() if line.startswith(prefix)]
+        for names, values in zip(lines[::2], lines[1::2]):
+            if name in names:
+                return int(values[names.index(name)])
+        return 0
+
+    backlog = sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
+    return (counter("/proc/net/netstat", "TcpExt:", "ListenOverflows"), backlog,
+            counter("/proc/net/snmp", "Tcp:", "RetransSegs"))
+
+
 def own_cpu_seconds() -> float:
     """This script plus every child it has waited for (wrk runs)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -413,6 +431,7 @@ class Run:
     steal: float  # % of one core taken by the hypervisor
     fragment_server_pct: float
     odd_log_lines: int = 0  # composer: log lines other than 2xx/499 access lines
+    dropped: tuple[int, int, int] = (0, 0, 0)  # kernel_drops() during the run (the whole machine)
 
     @property
     def cpu_ms_per_page(self) -> float:
@@ -530,6 +549,7 @@ def measure(procs: Processes, system: System, fragment_server: Proc, page: str, 
     sampler = RssSampler(pids)
     sampler.start()
     ticks0, cpu0, frag0, own0 = core_ticks(), cpu_seconds(pids), cpu_seconds([fragment_server.pid]), own_cpu_seconds()
+    drops0 = kernel_drops()
     t0 = time.monotonic()
     try:
         result = run_wrk(procs, f"{system.base}/{page}", conns, duration)
@@ -541,6 +561,8 @@ def measure(procs: Processes, system: System, fragment_server: Proc, page: str, 
     # ended took its CPU with it (only waited-for children reach a parent's counters), so say so
     after = tree(system.proc.pid)
     ticks1, frag1, own1 = core_ticks(), cpu_seconds([fragment_server.pid]), own_cpu_seconds()
+    drops1 = kernel_drops()
+    dropped = (drops1[0] - drops0[0], drops1[1] - drops0[1], drops1[2] - drops0[2])
     cpu1 = cpu_seconds(sorted(set(pids) | set(after)))
     check_alive(system.proc, fragment_server)
     if set(after) != set(pids) and len(system.notes) < 8:
@@ -556,7 +578,7 @@ def measure(procs: Processes, system: System, fragment_server: Proc, page: str, 
     steal = (ticks1["cpu"][3] - ticks0["cpu"][3]) / TICK / wall * 100
     return Run(system.name, page, conns, rnd, result, cpu_s, cpu_s / wall * 100, peak, system.failures(),
                busy("cpu0"), busy("cpu1"), other, steal, frag_s / wall * 100,
-               scan_composer_log(system) if system.kind == "composer" else 0)
+               scan_composer_log(system) if system.kind == "composer" else 0, dropped)
 
 
 def median_run(runs: list[Run]) -> Run:
@@ -1177,7 +1199,8 @@ class Report:
                ("- Proxies pinned to CPU 0 (with all their processes: nginx's master and worker, varnishd's "
                "manager and cache child); wrk, the fragment server and this script to CPU 1. CPU of a proxy = "
                "utime + stime from /proc/PID/stat summed over its whole process tree (read at the start and the "
-               f"end of each run). Fragment server: **{self.fragment_server}** (cheaper per request, see below). "
+               f"end of each run). Fragment server: **{self.fragment_server}** (cheaper per request, see below; it "
+               "listens with a backlog of 4,096, so no system's connection bursts are dropped there). "
                "Fragment responses carry no Cache-Control, so composer's fragment cache stores nothing: every "
                "page fetches every fragment; nginx and Varnish do not cache them either."),
                ("- Pages: page0 = 2.5 KB of markup, no fragment; page5 = 5 fragments (2–10 KB, 5–50 ms, one "
@@ -1202,6 +1225,11 @@ class Report:
             out += [(f"In {len(saturated)} of {len(self.runs)} runs CPU 1 (wrk + the fragment server) was "
                      "≥ 95 % busy: there the load side, not the proxy, may have set the pace (see core1 % in "
                      "the appendix)."), ""]
+        dropping = [r for r in self.runs if r.dropped[0] or r.dropped[1]]
+        if dropping:
+            out += [(f"In {len(dropping)} of {len(self.runs)} runs the kernel dropped connections or packets "
+                     "(listen ovf / in-queue drops in the appendix; a few retransmits a run are usual here): a "
+                     "p99 there can be a retransmit's wait (1 s for a SYN or SYN-ACK), not the proxy's."), ""]
         out += ["## Throughput, latency, CPU, memory", "",
                 ("÷ composer = this system's figure over composer's in the same cell. CPU % is of one core (the "
                 "proxy's). CPU ms/page = proxy CPU seconds "
@@ -1311,17 +1339,20 @@ class Report:
                  "Tailor: error, fragment:error/warn/fallback events; nginx: error.log lines at [error] or worse; "
                  "Varnish: fetch_failed + esi_errors + backend_fail + backend_unhealthy); odd log = composer log lines other than "
                  "2xx access lines and 499s (wrk closing connections at the end of a run); other % = CPU used by "
-                 "processes this script did not start; steal % = taken by the hypervisor (all % of one core)."),
+                 "processes this script did not start; steal % = taken by the hypervisor (all % of one core); "
+                 "listen ovf / in-queue drops / retrans = connections the kernel dropped past a listen backlog, "
+                 "packets past a CPU's input queue, TCP segments sent again, machine-wide during the run."),
                 "",
                 ("| page | conns | round | system | req/s | p50 ms | p99 ms | pages | non-2xx | sock err | CPU % "
-                 "| CPU ms/page | RSS MB | frag fail | odd log | core0 % | core1 % | frag srv % | other % | steal % |"),
-                "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| CPU ms/page | RSS MB | frag fail | odd log | core0 % | core1 % | frag srv % | other % | steal % "
+                 "| listen ovf | in-queue drops | retrans |"),
+                "|---|---:|---:|---|" + "---:|" * 19]
         for r in [*self.runs, *self.scaling]:
             out.append(f"| {r.page} | {r.conns} | {r.round} | {r.system} | {f0(r.wrk.rps)} | {f1(r.wrk.p50)} "
                        f"| {f1(r.wrk.p99)} | {r.wrk.requests} | {r.wrk.non2xx} | {r.wrk.socket_errors} "
                        f"| {r.cpu_pct:.0f} | {f2(r.cpu_ms_per_page)} | {r.rss_mb:.0f} | {r.fragment_failures} "
                        f"| {r.odd_log_lines} | {r.core0:.0f} | {r.core1:.0f} | {r.fragment_server_pct:.0f} "
-                       f"| {r.other:.0f} | {r.steal:.0f} |")
+                       f"| {r.other:.0f} | {r.steal:.0f} | {r.dropped[0]} | {r.dropped[1]} | {r.dropped[2]} |")
         return "\n".join(out) + "\n"
 
 
