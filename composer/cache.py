@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from cachetools import TLRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -35,7 +35,7 @@ __all__ = ["FragmentCache", "Freshness", "LastGood", "Result", "freshness"]
 Result = Literal["hit", "miss", "stale", "stale_if_error", "coalesced"]
 Load = Callable[[float], Awaitable[Fetched | Failed]]
 
-_PASS = "pass"  # for a URL whose last answer was not cacheable (else: the names it varies on)
+_PASS: Final = "pass"  # for a URL whose last answer was not cacheable (else: the names it varies on)
 _OVERHEAD = 512  # bytes an entry costs beyond its body: headers, the entry, the key
 _KNOWN_URLS = 50_000
 _Values = tuple[tuple[str, str], ...]  # (header name, the request's value) for each name varied on

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import codecs
 from functools import lru_cache
+from typing import Final
 
 __all__ = ["charset_of", "not_text", "utf8"]
 
 # Services repeat their Content-Type: its charset is remembered (values up to
 # _CACHED_CHARS characters, _CACHED of them).
-_CACHED_CHARS = 256
+_CACHED_CHARS: Final = 256
 _CACHED = 1024
 
 # Labels as WHATWG's Encoding standard reads them where Python reads them differently or not
 # at all, by the name Python's codec lookup gives (else the label, lower-cased).
-_WINDOWS_1252 = "windows-1252"
+_WINDOWS_1252: Final = "windows-1252"
 _WEB_CODECS = {
     "iso8859-1": _WINDOWS_1252, "ascii": _WINDOWS_1252, "cp1252": _WINDOWS_1252, "x-cp1252": _WINDOWS_1252,
     "iso8859-9": "cp1254", "iso8859-11": "cp874", "tis-620": "cp874", "windows-874": "cp874", "dos-874": "cp874",
@@ -35,9 +36,9 @@ _WEB_CODECS = {
 # ISO-2022-KR family are refused by browsers on purpose).
 _NOT_CHARSETS = frozenset({"utf-7", "unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined",
                            "charmap", "iso2022_kr", "hz"})
-_UTF8_LABELS = frozenset({"utf-8", "utf8"})
+_UTF8_LABELS: Final = frozenset({"utf-8", "utf8"})
 # windows-1252 as WHATWG defines it: its five unassigned bytes are the C1 controls.
-_WINDOWS_1252_TABLE = "".join(bytes([b]).decode("cp1252", "ignore") or chr(b) for b in range(256))
+_WINDOWS_1252_TABLE: Final = "".join(bytes([b]).decode("cp1252", "ignore") or chr(b) for b in range(256))
 
 
 def charset_of(content_type: str | None) -> str | None:
@@ -91,7 +92,7 @@ def _parse_charset(content_type: str) -> str | None:
     return None
 
 
-_cached_charset = lru_cache(maxsize=_CACHED)(_parse_charset)
+_cached_charset: Final = lru_cache(maxsize=_CACHED)(_parse_charset)
 
 
 def _unquote(quoted: str) -> str:

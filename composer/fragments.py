@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -109,6 +110,12 @@ def _not_content_but_redirects(status: int) -> bool:
     return status >= 500
 
 
+# Final: compiled, C statics (a function passed as a value is otherwise looked up per fetch).
+_SKIP: Final = _not_content
+_SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects
+_current_task: Final = asyncio.current_task
+
+
 async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeout: float, max_bytes: int,
                 allow_redirect: bool, share: str | None = None, redirect_body: bool = False) -> Fetched | Failed:
     """One GET with a deadline over connect, headers and body; never raises for I/O trouble.
@@ -119,15 +126,14 @@ async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeou
     # machine (a tenth of a 20-fragment page's CPU went there), nor a timer of its own
     # (`Deadlines`): the task is cancelled when it passes, and a CancelledError that the
     # deadline caused (and nobody else) is a timeout.
-    task = asyncio.current_task(session.loop)
+    task = _current_task(session.loop)
     assert task is not None
     cancelling = task.cancelling()
     deadlines = session.deadlines
     deadline = deadlines.add(task, timeout)
     try:
         resp = await session.get(url, headers, max_bytes=max_bytes, share=share,
-                                 skip_body=_not_content_but_redirects if allow_redirect or redirect_body
-                                 else _not_content)
+                                 skip_body=_SKIP_BUT_REDIRECTS if allow_redirect or redirect_body else _SKIP)
     except asyncio.CancelledError:
         if not deadlines.passed(deadline) or task.uncancel() > cancelling:
             raise  # the page went away (or someone besides our deadline cancelled it)

@@ -22,7 +22,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Final, Literal
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -31,7 +31,7 @@ __all__ = ["Asset", "parse_assets", "preload"]
 
 # A service sends the same lines again and again: what a line gives is remembered (lines up
 # to _LINE_CACHED characters, _LINES_CACHED of them).
-_LINE_CACHED = 2048
+_LINE_CACHED: Final = 2048
 _LINES_CACHED = 4096
 _ENTRIES = re.compile(r",(?=\s*<)")
 _TARGET = re.compile(r"\s*<(.*)>(.*)")
@@ -113,7 +113,7 @@ def _parse_line(line: str) -> tuple[Asset, ...]:
     return tuple(assets)
 
 
-_cached_line = lru_cache(maxsize=_LINES_CACHED)(_parse_line)
+_cached_line: Final = lru_cache(maxsize=_LINES_CACHED)(_parse_line)
 
 
 def _rel(params: str) -> str:

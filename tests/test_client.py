@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from composer.client import (
+    _URLS,
     MAX_OPENING,
     Client,
     ClientError,
@@ -233,6 +234,19 @@ async def test_sequential_requests_reuse_one_connection(client, raw):
     assert len(srv.conns) == 1
     assert len(srv.requests) == 5
     assert pool_of(client, srv.url()).size == 1
+
+
+async def test_urls_made_per_request_each_get_their_own_answer_and_are_not_all_kept(client, raw):
+    # A URL object's pool and target are remembered by identity (a template's static src is the
+    # same object page after page); a {param} src makes a new URL per page.
+    srv = await raw(lambda conn: serve_forever(conn, srv))
+    static = srv.url("/static")
+    for i in range(_URLS + 50):
+        assert (await get(client, srv.url(f"/p/{i}"))).body == b"/p/%d" % i
+        if i % 100 == 0:
+            assert (await get(client, static)).body == b"/static"
+    assert len(client._urls) <= _URLS
+    assert len(srv.conns) == 1
 
 
 async def test_per_origin_limit_holds_and_waiters_are_served_in_order():
