@@ -37,6 +37,16 @@ import ab
 import run
 
 
+class _Sink:
+    """httptools' callbacks for one response: only its end matters."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
 async def _load(port: int, path: str, requests: int, conns: int) -> int:
     """`requests` GETs of `path`, `conns` keep-alive connections at a time; the non-200 count."""
     import httptools
@@ -46,15 +56,10 @@ async def _load(port: int, path: str, requests: int, conns: int) -> int:
         request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
         bad = 0
         for _ in range(n):
-            done: list[bool] = []
-
-            class Sink:
-                def on_message_complete(self) -> None:
-                    done.append(True)
-
-            parser = httptools.HttpResponseParser(Sink())
+            sink = _Sink()
+            parser = httptools.HttpResponseParser(sink)
             writer.write(request)
-            while not done:
+            while not sink.done:
                 data = await reader.read(65536)
                 if not data:
                     raise run.BenchError(f"composer closed the connection on {path}")
@@ -104,7 +109,7 @@ def measure(procs: run.Processes, checkout: Path, routes: Path, pages: list[str]
             print(f"  {checkout} {page}: {bad} of {requests} answers were not 200 (see {out}/composer.log)",
                   file=sys.stderr, flush=True)
         dump = max(out.glob(f"callgrind.{popen.pid}.*"), key=lambda p: p.stat().st_mtime)
-        totals = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.M)
+        totals = re.search(r"^totals: (\d+)", dump.read_text(errors="replace"), re.MULTILINE)
         if totals is None:
             raise run.BenchError(f"no totals in {dump}")
         counts[page] = int(totals.group(1)) / requests

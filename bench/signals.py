@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import run as bench  # noqa: E402  (bench/run.py)
+import run as bench  # bench/run.py
 
-from composer.collector import bundle  # noqa: E402
+from composer.collector import bundle
 
 BEACON = {"route": "page20", "id": "0123456789abcdef0123456789abcdef",
           "e": [["f1", "", "error", "TypeError: x is undefined", "http://127.0.0.1:9800/f/1.js"]],

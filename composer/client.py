@@ -24,9 +24,11 @@ responses, at a fraction of that (`bench/client.py` measures both):
   too. When a reused connection is closed before any byte of the answer, the request is
   sent once more on a fresh connection (never after a fresh one fails). At most
   `MAX_OPENING` connections to one origin are being opened at once; past that, callers wait
-  for one of those or for a connection coming back: a burst (a cold start, a spike) never
-  asks more new connections of a service than its accept backlog holds (asyncio's is 100,
-  aiohttp's 128, Node's 511), where the rest would each wait a SYN retransmit (1 s).
+  for one of those or for a connection coming back: a burst (a cold start, a spike) sends a
+  service a few dozen handshakes at a time, not hundreds past its accept backlog (asyncio's
+  is 100, aiohttp's 128, Node's 511), where each dropped one waits a retransmit (1 s). The
+  cap ends at the handshake, not at the service's accept: one too busy to accept can still
+  fill its queue.
 - No timeouts of its own: the caller's deadline (`asyncio.timeout`) cancels the request,
   and a cancelled request always closes its connection.
 - Limits: a header line over `max_field_size` bytes, more than `MAX_HEADERS` header lines or
