@@ -1200,7 +1200,8 @@ class Report:
                "manager and cache child); wrk, the fragment server and this script to CPU 1. CPU of a proxy = "
                "utime + stime from /proc/PID/stat summed over its whole process tree (read at the start and the "
                f"end of each run). Fragment server: **{self.fragment_server}** (cheaper per request, see below; it "
-               "listens with a backlog of 4,096, so no system's connection bursts are dropped there). "
+               "listens with a backlog of 4,096, where Node's default 511 overflowed under connection bursts: "
+               "what still overflows is in the appendix's listen ovf column). "
                "Fragment responses carry no Cache-Control, so composer's fragment cache stores nothing: every "
                "page fetches every fragment; nginx and Varnish do not cache them either."),
                ("- Pages: page0 = 2.5 KB of markup, no fragment; page5 = 5 fragments (2–10 KB, 5–50 ms, one "
