@@ -37,7 +37,9 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    fragment failures (composer's composer_fragment_failures_total, Tailor's error events,
    nginx's error.log at [error] or worse, Varnish's
    fetch_failed/esi_errors/backend_fail/backend_unhealthy), composer log lines other than
-   2xx/499 access lines, and how busy each core was, including other processes' load.
+   2xx/499 access lines, how busy each core was, including other processes' load, and what the
+   kernel dropped or sent again meanwhile (listen overflows, loopback packets past a CPU's
+   input queue, TCP retransmits: `kernel_drops`).
 6. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
    on page5np (no primary) and page5, while fragments are pending.
 7. CPU per page for every page, and per fragment = (cpu(pageN) − cpu(page0)) / N, also against
