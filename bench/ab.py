@@ -30,10 +30,11 @@ import run
 
 
 def fragments(procs: run.Processes, label: str) -> Path:
-    """The Node fragment server on CPU 1, and bench/.work/routes.yaml pointing at it."""
+    """The fragment server (bench/fragment_server.py, the cheaper) on CPU 1, and
+    bench/.work/routes.yaml pointing at it."""
     port = run.free_port()
     routes = run.prepare_work(port)
-    server = procs.start(f"{label} fragments", run.pinned(str(run.LOAD_CPU), run.fragment_server_argv("node", port)),
+    server = procs.start(f"{label} fragments", run.pinned(str(run.LOAD_CPU), run.fragment_server_argv("python", port)),
                          log=run.WORK / f"{label}_fragments.log")
     run.wait_ready(server, f"http://127.0.0.1:{port}/f/x?size=16")
     return routes

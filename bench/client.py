@@ -6,8 +6,8 @@
 
 A "page" is `--fragments` concurrent GETs of `--size`-byte fragments (all different paths on
 one origin, keep-alive connections reused), `--in-flight` pages at a time, `--pages` pages.
-The fragment server is bench/fragment_server.py (aiohttp + uvloop; `--server node`: the
-faster bench/fragment_server.js), started here on a free 127.0.0.1 port and pinned to CPU 1; each measurement runs in its own process pinned to CPU 0
+The fragment server is bench/fragment_server.py (uvloop + httptools, the cheaper; `--server
+node`: bench/fragment_server.js), started here on a free 127.0.0.1 port and pinned to CPU 1; each measurement runs in its own process pinned to CPU 0
 (when `taskset` exists) and reports the CPU time (user + system) it spent on the measured
 pages, after a warm-up. Rows:
 

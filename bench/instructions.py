@@ -14,7 +14,7 @@ second is a few pages, and it would be counted as theirs. Kernel work (system ca
 TCP) is not counted: bench/ab.py reports its share of the CPU and the calls per page.
 
 Use it to judge a change (`git worktree add /tmp/base HEAD` and pass both), then confirm
-with bench/ab.py. The fragment server is the Node one, on another CPU. Every process it
+with bench/ab.py. The fragment server is bench/fragment_server.py, on another CPU. Every process it
 starts is stopped.
 """
 

@@ -6,7 +6,7 @@
 bench/profile.py (py-spy) sees Python frames, and gives a compiled module's time to the
 Python frame below it; callgrind (bench/instructions.py) counts instructions, not time, and
 no kernel work. This one samples time on the CPU, user and kernel: composer (uvloop, one
-process, CPU 0) serves the page under wrk (CPU 1, with the Node fragment server) while
+process, CPU 0) serves the page under wrk (CPU 1, with the fragment server, bench/fragment_server.py) while
 `perf record -e cpu-clock --call-graph dwarf` samples it. Each sample is charged to the
 innermost of composer's compiled functions on its stack (`CPyDef_<module>___<function>`,
 mypyc's name for it; a coroutine's body is its `..._gen_____mypyc_generator_helper__`):

@@ -4,7 +4,7 @@
                             [--checkout DIR] [--output PATH] [--native]
 
 For each page: composer (uvloop, one process, on CPU 0) serves the bench page under wrk
-(CPU 1, with the Node fragment server); `py-spy record --format raw` samples composer for
+(CPU 1, with the fragment server, bench/fragment_server.py); `py-spy record --format raw` samples composer for
 `--duration` s. The collapsed stacks give two tables: the top frames by own time (the leaf
 frame of each sample, as `py-spy top` shows it) and own time per layer (the module of the
 leaf frame: composer.<module>, aiohttp.<module>, asyncio, uvloop, ...). `--checkout` profiles

@@ -6,7 +6,7 @@
 bench/run.py reports one process's high-water mark over every cell before the one shown (a
 process rarely gives memory back), which mixes loads. Here each cell gets a composer of its
 own: its RSS once ready (idle, nothing fetched yet), then its high-water mark (VmHWM) after
-`--duration` s of wrk. The fragment server (Node) and wrk run on CPU 1, composer on CPU 0,
+`--duration` s of wrk. The fragment server (bench/fragment_server.py) and wrk run on CPU 1, composer on CPU 0,
 as in bench/run.py. Every process it starts is stopped.
 """
 

@@ -17,7 +17,7 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    the peers the same templates are rewritten, each <fragment> to `<!--# include virtual=… -->`
    (nginx) or `<esi:include src=…/>` (Varnish), into a temp dir removed at the end.
 3. Fragment server: measures the CPU per request of bench/fragment_server.js (Node `http`)
-   and bench/fragment_server.py (aiohttp + uvloop) under `wrk -c64` at /f/x?size=2048 (server
+   and bench/fragment_server.py (uvloop + httptools) under `wrk -c64` at /f/x?size=2048 (server
    on CPU 1, wrk on CPU 0), and uses the cheaper one (`--fragment-server auto`). It also serves
    the ESI pages at /p/NAME: Varnish's origin.
 4. Starts the fragment server (CPU 1) and the systems, each pinned to CPU 0 with all its
@@ -1309,7 +1309,7 @@ class Report:
                     "| fragment server | req/s | server CPU % | CPU µs / request | errors |", "|---|---:|---:|---:|---:|"]
             for kind, fs in self.fragment_servers.items():
                 label = "bench/fragment_server.js (Node http)" if kind == "node" else \
-                    "bench/fragment_server.py (aiohttp + uvloop)"
+                    "bench/fragment_server.py (uvloop + httptools)"
                 out.append(f"| {label} | {f0(fs['rps'])} | {fs['cpu_pct']:.0f} | **{fs['us_per_request']:.1f}** "
                            f"| {fs['bad']:.0f} |")
             out.append("")
@@ -1437,7 +1437,7 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
             print(f"  {k}: {fs['rps']:,.0f} req/s, {fs['us_per_request']:.1f} µs CPU/request", flush=True)
         kind = min(report.fragment_servers, key=lambda k: report.fragment_servers[k]["us_per_request"])
     report.fragment_server = {"node": "bench/fragment_server.js (Node http)",
-                              "python": "bench/fragment_server.py (aiohttp)"}[kind]
+                              "python": "bench/fragment_server.py (uvloop + httptools)"}[kind]
 
     fport = free_port()
     routes = prepare_work(fport)
@@ -1596,7 +1596,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
     if args.quick:
-        args.settle = args.settle if "--settle" in explicit else 0.5
+        args.settle = args.settle if "--settle" in explicit else 1  # (wrk takes whole seconds)
         args.duration = args.duration if "--duration" in explicit else 3
         args.rounds = args.rounds if "--rounds" in explicit else 1
         args.ttfb_samples = args.ttfb_samples if "--ttfb-samples" in explicit else 30

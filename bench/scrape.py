@@ -2,7 +2,7 @@
 
     python bench/scrape.py [CHECKOUT ...] [--page page0] [--seconds 6] [--every 0.2]
 
-Each checkout (default: this one) serves the bench pages from the Node fragment server.
+Each checkout (default: this one) serves the bench pages from the fragment server (bench/fragment_server.py).
 One client asks for `--page` over and over (c1, 2 ms apart) for `--seconds`, first alone,
 then beside a second client that GETs /metrics every `--every` seconds; the report is each
 run's p50, p99 and max. Rendering every series of bench/routes.yaml (6,500 samples) takes

@@ -92,7 +92,7 @@ def main() -> int:
             folder = Path(tmp)
             port = bench.free_port()
             frag = procs.start("fragment server", bench.pinned(str(bench.LOAD_CPU), bench.fragment_server_argv(
-                "node", port)), log=folder / "fragments.log")
+                "python", port)), log=folder / "fragments.log")
             bench.wait_ready(frag, f"http://127.0.0.1:{port}/f/x?size=16")
             routes = bench.prepare_work(port)
             files = {name: routes_with(routes, name == "on", folder) for name in ("off", "on")}
