@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 from collections import deque
+from email.utils import formatdate
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -36,14 +38,24 @@ _MOST = 10 * 1024 * 1024
 
 
 class Answers:
-    """Each distinct response's bytes, made once (a run asks for a few hundred)."""
+    """Each distinct response's bytes, made once a second (a run asks for a few hundred), with
+    the head Node's `http` sends: its `Date`, `Connection` and `Keep-Alive` lines too, so a
+    proxy parses as many header lines from either server."""
 
     def __init__(self, pages: Path | None) -> None:
         self.pages = pages
         self.made: dict[str, tuple[float, bytes]] = {}
+        self.second = 0
+        self.tail = b""
 
     def __call__(self, url: bytes) -> tuple[float, bytes]:
         """(delay in seconds, the whole response) for a request target."""
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.tail = (f"Date: {formatdate(now, usegmt=True)}\r\n"
+                         "Connection: keep-alive\r\nKeep-Alive: timeout=75\r\n\r\n").encode()
+            self.made.clear()
         key = url.decode("latin-1")
         found = self.made.get(key)
         if found is None:
@@ -57,7 +69,7 @@ class Answers:
         if self.pages is not None and path.startswith("/p/") and _NAME.match(path[3:]):
             file = self.pages / f"{path[3:]}.html"
             if file.is_file():
-                return 0.0, _response(file.read_bytes(), b"")
+                return 0.0, self._response(file.read_bytes(), b"")
         if not path.startswith("/f/") or len(path) <= 3 or "/" in path[3:]:
             return 0.0, _NOT_FOUND
         name = re.sub(r"[^A-Za-z0-9_-]", "_", unquote(path[3:]))
@@ -65,12 +77,11 @@ class Answers:
         size = min(params.get("size", 1024), _MOST)
         body = f'<div class="{name}">{"x" * max(0, size - 30)}</div>\n'.encode()
         link = f'Link: </assets/{name}.css>; rel="stylesheet", </assets/{name}.js>; rel="fragment-script"\r\n'
-        return params.get("delay", 0) / 1000, _response(body, link.encode())
+        return params.get("delay", 0) / 1000, self._response(body, link.encode())
 
-
-def _response(body: bytes, extra: bytes) -> bytes:
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n%s\r\n"
-            % (len(body), extra)) + body
+    def _response(self, body: bytes, link: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: %d\r\n%s%s"
+                % (len(body), link, self.tail)) + body
 
 
 class Connection(asyncio.Protocol):
