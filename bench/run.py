@@ -38,7 +38,7 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    nginx's error.log at [error] or worse, Varnish's
    fetch_failed/esi_errors/backend_fail/backend_unhealthy), composer log lines other than
    2xx/499 access lines, how busy each core was, including other processes' load, and what the
-   kernel dropped or sent again meanwhile (listen overflows, loopback packets past a CPU's
+   kernel dropped or sent again from the start of its settle (listen overflows, loopback packets past a CPU's
    input queue, TCP retransmits: `kernel_drops`).
 6. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
    on page5np (no primary) and page5, while fragments are pending.
@@ -542,6 +542,8 @@ def scan_composer_log(system: System) -> int:
 
 def measure(procs: Processes, system: System, fragment_server: Proc, page: str, conns: int,
             rnd: int, duration: float, settle: float = 0.0) -> Run:
+    # From the settle's start: a fetch that fails in the run may have started in it.
+    drops0 = kernel_drops()
     if settle > 0:  # the same load, unmeasured: pools grown to what it needs (see --settle)
         run_wrk(procs, f"{system.base}/{page}", conns, settle)
     pids = tree(system.proc.pid)
@@ -551,7 +553,6 @@ def measure(procs: Processes, system: System, fragment_server: Proc, page: str, 
     sampler = RssSampler(pids)
     sampler.start()
     ticks0, cpu0, frag0, own0 = core_ticks(), cpu_seconds(pids), cpu_seconds([fragment_server.pid]), own_cpu_seconds()
-    drops0 = kernel_drops()
     t0 = time.monotonic()
     try:
         result = run_wrk(procs, f"{system.base}/{page}", conns, duration)
@@ -1344,7 +1345,7 @@ class Report:
                  "2xx access lines and 499s (wrk closing connections at the end of a run); other % = CPU used by "
                  "processes this script did not start; steal % = taken by the hypervisor (all % of one core); "
                  "listen ovf / in-queue drops / retrans = connections the kernel dropped past a listen backlog, "
-                 "packets past a CPU's input queue, TCP segments sent again, machine-wide during the run."),
+                 "packets past a CPU's input queue, TCP segments sent again, machine-wide from the start of the run's settle to its end (a fetch failing in the run may have started there)."),
                 "",
                 ("| page | conns | round | system | req/s | p50 ms | p99 ms | pages | non-2xx | sock err | CPU % "
                  "| CPU ms/page | RSS MB | frag fail | odd log | core0 % | core1 % | frag srv % | other % | steal % "
