@@ -3,7 +3,7 @@ pages, same fragment server, same run.
 
     python bench/run.py [--duration 15] [--rounds 3] [--quick] [--systems composer,tailor,nginx,varnish]
                         [--pages page0,page5,page20,page100,page1mb] [--fragment-server auto|node|python]
-                        [--ttfb-samples 200] [--no-scaling] [--output PATH] [--python PYTHON]
+                        [--ttfb-samples 200] [--no-curve] [--no-scaling] [--output PATH] [--python PYTHON]
 
 What it does, in order (every process it starts is stopped at the end, also on Ctrl-C,
 SIGTERM or an error; each runs in its own process group, which is what gets killed):
@@ -40,19 +40,21 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    2xx/499 access lines, how busy each core was, including other processes' load, and what the
    kernel dropped or sent again from the start of its settle (listen overflows, loopback packets past a CPU's
    input queue, TCP retransmits: `kernel_drops`).
-6. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
+6. page20 at c4, c8 and c32 too (`CURVE`), one round each, composer and nginx: CPU per page
+   against how busy the proxy is (not with --no-curve).
+7. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
    on page5np (no primary) and page5, while fragments are pending.
-7. CPU per page for every page, and per fragment = (cpu(pageN) − cpu(page0)) / N, also against
+8. CPU per page for every page, and per fragment = (cpu(pageN) − cpu(page0)) / N, also against
    page20's; and composer's CPU per page over each peer's round by round (median and range: a
    round measures every system back to back, so the machine's drift between rounds cancels).
-8. The physical floor: wrk straight at page5's slowest synchronous fragment (50 ms) at c16.
-9. composer --workers 2 (unpinned: wrk and the fragment server share a core with it) on
+9. The physical floor: wrk straight at page5's slowest synchronous fragment (50 ms) at c16.
+10. composer --workers 2 (unpinned: wrk and the fragment server share a core with it) on
    page20 at c64, against the one-process figure (not with --no-scaling).
 
 Prints the markdown and writes it to bench/RESULTS.md (`--quick`: bench/.work/RESULTS.quick.md
 unless --output is given) with the date, the machine, the load and the exact command.
 `--quick` is a smoke run: 3 s per run, 1 round, 30 TTFB samples. Needs wrk and taskset and a
-machine with at least 2 CPUs; node + npm for Tailor and the Node fragment server.
+machine with at least 2 CPUs; node + npm for Tailor and bench/fragment_server.js.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ TAILOR = "node-tailor"
 TAILOR_VERSION = "3.9.2"
 CANON_ORIGIN = "127.0.0.1:9800"  # what bench/templates/*.html say
 CONNS = {"page0": (16, 64), "page5": (16, 64, 256), "page20": (16, 64), "page100": (16, 64), "page1mb": (16, 64)}
+# page20 at these too, one round each, for composer and nginx: CPU per page against how busy the
+# proxy is (with page20's own 16 and 64, the curve; see Report.curve_table).
+CURVE = (4, 8, 32)
 PROXY_CPU, LOAD_CPU = 0, 1  # the proxy under test; wrk, the fragment server and this script
 SYSTEMS = ("composer", "tailor", "nginx", "varnish")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -1063,6 +1068,7 @@ class Report:
     ttfb: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     floor: Wrk | None = None
     scaling: list[Run] = field(default_factory=list)
+    curve: list[Run] = field(default_factory=list)  # page20 at CURVE's concurrencies
     scaling_error: str = ""
     notes: dict[str, list[str]] = field(default_factory=dict)
     aborted: str = ""
@@ -1112,6 +1118,27 @@ class Report:
                     f"| {page}{mark} | {conns} | {self.label(system)} | {f0(r.wrk.rps)} | **{vs_rps}** "
                     f"| {f1(r.wrk.p50)} | {f1(r.wrk.p99)} | {r.cpu_pct:.0f} | {f2(r.cpu_ms_per_page)} | {vs_cpu} "
                     f"| {r.rss_mb:.0f} | {r.bad} | {r.fragment_failures} |")
+        return lines
+
+    def curve_table(self) -> list[str]:
+        """page20's CPU per page at each concurrency measured, composer's and nginx's."""
+        names = [n for n in ("composer", "nginx") if n in self.systems]
+        levels = sorted({r.conns for r in self.curve} | {c for p, c in self.cells() if p == "page20"})
+        lines = ["| conns | " + " | ".join(f"{self.label(n)} CPU % | {self.label(n)} CPU ms/page" for n in names)
+                 + (" | composer ÷ nginx |" if len(names) == 2 else " |"),
+                 "|---:|" + "---:|---:|" * len(names) + ("---:|" if len(names) == 2 else "")]
+        for conns in levels:
+            cells: list[str] = []
+            found: list[Run | None] = []
+            for name in names:
+                runs = [r for r in self.curve if r.system == name and r.conns == conns]
+                r = median_run(runs) if runs else self.median(name, "page20", conns)
+                found.append(r)
+                cells += [f"{r.cpu_pct:.0f}", f2(r.cpu_ms_per_page)] if r is not None else ["–", "–"]
+            both = len(found) == 2 and found[0] is not None and found[1] is not None
+            tail = (f" | {ratio(found[0].cpu_ms_per_page, found[1].cpu_ms_per_page)} |"  # type: ignore[union-attr]
+                    if both else " | – |" if len(names) == 2 else " |")
+            lines.append(f"| {conns} | " + " | ".join(cells) + tail)
         return lines
 
     def paired(self) -> list[str]:
@@ -1259,6 +1286,15 @@ class Report:
                     "page20 fragment does). page5's fragments are 2–10 KB and one is async; page1mb's one "
                     "fragment is 1 MiB, so its figure is the cost of moving 1 MiB through the proxy."), "",
                     *per_fragment, ""]
+        if self.curve:
+            out += ["## CPU per page against load (page20)", "",
+                    ("page20 at more concurrencies, one round each (c16 and c64: the median rounds above). "
+                     "On this VM a proxy that is partly idle pays more per page: each time its core has "
+                     "idled (halted: the guest does not poll) the work after the wake-up runs slower, and a "
+                     "Python process, with its larger working set, pays far more of that than nginx "
+                     "(bench/PROFILE.md, eighteenth pass). The saturated figure is the cost of the work; "
+                     "the others add what the machine charges for waking up."), "",
+                    *self.curve_table(), ""]
         if self.ttfb:
             out += ["## Time to first byte while fragments are pending", "",
                     ("A raw-socket client, one fresh connection per sample (connect not timed), sequential, "
@@ -1351,7 +1387,7 @@ class Report:
                  "| CPU ms/page | RSS MB | frag fail | odd log | core0 % | core1 % | frag srv % | other % | steal % "
                  "| listen ovf | in-queue drops | retrans |"),
                 "|---|---:|---:|---|" + "---:|" * 19]
-        for r in [*self.runs, *self.scaling]:
+        for r in [*self.runs, *self.curve, *self.scaling]:
             out.append(f"| {r.page} | {r.conns} | {r.round} | {r.system} | {f0(r.wrk.rps)} | {f1(r.wrk.p50)} "
                        f"| {f1(r.wrk.p99)} | {r.wrk.requests} | {r.wrk.non2xx} | {r.wrk.socket_errors} "
                        f"| {r.cpu_pct:.0f} | {f2(r.cpu_ms_per_page)} | {r.rss_mb:.0f} | {r.fragment_failures} "
@@ -1517,6 +1553,18 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
                     time.sleep(0.3)
             cell += 1
 
+    if "page20" in pages and args.curve:
+        print("bench: page20 at c" + ", c".join(map(str, CURVE)) + " (composer, nginx)", flush=True)
+        for conns in CURVE:
+            for name in ("composer", "nginx"):
+                if name in systems:
+                    run = measure(procs, systems[name], fragment_server, "page20", conns, 1, args.duration,
+                                  args.settle)
+                    report.curve.append(run)
+                    check_all()
+                    print(f"  page20 c{conns} {name:8} {run.wrk.rps:8,.0f} req/s  cpu {run.cpu_pct:3.0f}%  "
+                          f"{run.cpu_ms_per_page:.2f} ms/page  bad {run.bad}", flush=True)
+
     if "page5" in pages and args.ttfb_samples > 0:
         print(f"bench: time to first byte, {args.ttfb_samples} samples per system", flush=True)
         for page in ("page5np", "page5"):
@@ -1584,6 +1632,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"systems to measure (default all: {','.join(SYSTEMS)}); a peer that is not "
                              "installed or does not start is skipped with a note")
+    parser.add_argument("--no-curve", dest="curve", action="store_false",
+                        help="skip page20 at c" + ", c".join(map(str, CURVE)) + " (CPU per page against load)")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false",
                         help="skip the composer --workers 2 runs")
     parser.add_argument("--fragment-server", choices=("auto", "node", "python"), default="auto",
@@ -1635,7 +1685,7 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     raw = WORK / (output.stem + ".json")
-    raw.write_text(json.dumps({"runs": [asdict(r) for r in [*report.runs, *report.scaling]],
+    raw.write_text(json.dumps({"runs": [asdict(r) for r in [*report.runs, *report.curve, *report.scaling]],
                                "ttfb": {f"{p} {s}": t for (p, s), t in report.ttfb.items()},
                                "floor": asdict(report.floor) if report.floor else None,
                                "fragment_servers": report.fragment_servers,
