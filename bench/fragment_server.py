@@ -10,9 +10,8 @@ templates Varnish (bench/run.py's ESI peer) fetches from its backend.
 
 Why not aiohttp's web server: the load side shares one core with wrk, and at page20 c64 the
 proxies ask 30,000 fragments a second of it. aiohttp costs 30 µs a request there and Node's
-`http` 19; an `asyncio.Protocol` on uvloop with llhttp (httptools) parsing the requests and
-each answer's bytes made once costs about half of Node's (bench/run.py measures them and uses
-the cheaper): a fragment service that is not the bottleneck is what a proxy's figures need.
+`http` 15-19; an `asyncio.Protocol` on uvloop with llhttp (httptools) parsing the requests and
+each answer's bytes made once costs 6-7 (bench/run.py measures them and uses the cheaper): a fragment service that is not the bottleneck is what a proxy's figures need.
 Keep-alive for as long as the client likes (no idle timeout), answers in request order on a
 connection, a listen backlog of 4,096 (as the Node one, see there).
 """
