@@ -438,7 +438,7 @@ class Run:
     steal: float  # % of one core taken by the hypervisor
     fragment_server_pct: float
     odd_log_lines: int = 0  # composer: log lines other than 2xx/499 access lines
-    dropped: tuple[int, int, int] = (0, 0, 0)  # kernel_drops() during the run (the whole machine)
+    dropped: tuple[int, int, int] = (0, 0, 0)  # kernel_drops() from the settle's start to the run's end (the whole machine)
 
     @property
     def cpu_ms_per_page(self) -> float:
@@ -1289,11 +1289,11 @@ class Report:
         if self.curve:
             out += ["## CPU per page against load (page20)", "",
                     ("page20 at more concurrencies, one round each (c16 and c64: the median rounds above). "
-                     "On this VM a proxy that is partly idle pays more per page: each time its core has "
-                     "idled (halted: the guest does not poll) the work after the wake-up runs slower, and a "
-                     "Python process, with its larger working set, pays far more of that than nginx "
-                     "(bench/PROFILE.md, eighteenth pass). The saturated figure is the cost of the work; "
-                     "the others add what the machine charges for waking up."), "",
+                     "A proxy that is partly idle can pay more per page than a saturated one: where an idle "
+                     "core halts (a VM whose guest does not poll, as the one of bench/PROFILE.md's eighteenth "
+                     "pass), the work after each wake-up runs slower, and a Python process, with its larger "
+                     "working set, pays more of that than nginx. The saturated figure is the cost of the "
+                     "work; the gap to the others is what the machine charges for waking up."), "",
                     *self.curve_table(), ""]
         if self.ttfb:
             out += ["## Time to first byte while fragments are pending", "",
