@@ -1,29 +1,31 @@
 """The access line: one per request, and the request id it carries.
 
-Its work is per request, so it is compiled with the request path (scripts/compile); `logs`,
-whose classes subclass logging's and aiohttp's (which mypyc cannot build), calls in here.
-The line is written out directly: the generic JSON encoder takes 7 µs a line, a tenth of a
-fragment-less page, and a test compares the two byte for byte. Compiled, an f-string with a
+Its work is per request, so it is compiled with the request path (scripts/compile): the
+server writes each request's line where it answers (`AccessLog`), and `logs.JsonHandler`
+(which mypyc cannot build: it subclasses logging's) writes it out with others. The line is
+made here directly: the generic JSON encoder takes 7 µs a line, a tenth of a fragment-less
+page, and a test compares the two byte for byte. Compiled, an f-string with a
 format spec (`{x:03d}`, `{x!r}`) costs four times its `%` or `str()` (mypyc calls `format`
 for each), so strings here are joined or %-formatted.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from json.encoder import encode_basestring_ascii
-from typing import Required, TypedDict
+from typing import Final, Protocol, Required, TypedDict, cast
 
-from aiohttp.web import BaseRequest, RequestKey, StreamResponse
+from aiohttp.web import BaseRequest, RequestKey
 
-__all__ = ["ERROR", "REQUEST_ID", "ROUTE", "Access", "Stamp", "fields", "line", "new_request_id", "request_id_of"]
+__all__ = ["REQUEST_ID", "Access", "AccessLog", "Stamp", "line", "new_request_id", "request_id_of"]
 
-ROUTE = RequestKey("composer_route", str)
 REQUEST_ID = RequestKey("composer_request_id", str)
-ERROR = RequestKey("composer_error", str)  # why a request could not be parsed (its access line says)
 
-_esc = encode_basestring_ascii  # a str as a JSON string, as json's encoder writes it
+_esc: Final = encode_basestring_ascii  # a str as a JSON string, as json's encoder writes it
+_now: Final = time.time
+_INFO: Final = logging.INFO
 
 
 class Access(TypedDict, total=False):
@@ -54,22 +56,64 @@ def new_request_id(request: BaseRequest) -> str:
     return "%032x" % random.getrandbits(128)  # noqa: UP031 (compiled, % is faster than a format spec)
 
 
-def fields(request: BaseRequest, response: StreamResponse, elapsed: float) -> Access:
-    """The access line of `request`, answered with `response` in `elapsed` seconds."""
-    found: Access = {
-        "method": request.method,
-        "path": request.path,
-        "status": response.status,
-        "duration_ms": round(elapsed * 1000, 2),
-        "route": request.get(ROUTE, ""),
-        "request_id": request.get(REQUEST_ID, ""),
-        "remote": request.remote,
-    }
-    # (a request's `get` or `in` of a key not set raises and catches a KeyError: only a
-    # client error can have one)
-    if response.status >= 400 and ERROR in request:
-        found["error"] = request[ERROR]
-    return found
+class AccessLog:
+    """The page listener's access lines, written where composer answers: the handler knows the
+    status, route, request id and time without storing them on the request for aiohttp's access
+    logger to read back (its record, dict and calls cost a fragment-less page ~14 of its 60 µs,
+    bench/PROFILE.md, nineteenth pass), and a request its client left has a line too (499).
+
+    Where the record would only reach the JSON handler `logs.setup_logging` installs (of
+    `handler_type`, formatted by `formatter_type`: passed in, as `logs` is above this module),
+    the line is made here and handed to the handler's `write_soon`; else it is an ordinary
+    record, for whatever handlers a test or an embedding application set up."""
+
+    def __init__(self, logger: logging.Logger, handler_type: type[logging.Handler],
+                 formatter_type: type[logging.Formatter]) -> None:
+        self.logger = logger
+        self.handler_type = handler_type
+        self.formatter_type = formatter_type
+
+    def write(self, request: BaseRequest, path: str, status: int, elapsed: float, route: str, request_id: str,
+              error: str | None = None) -> None:
+        """The line of `request` (whose path is `path`, as it came: raw, not decoded), answered
+        with `status` in `elapsed` seconds."""
+        logger = self.logger
+        if not logger.isEnabledFor(_INFO):
+            return
+        method, remote, duration = request.method, request.remote, round(elapsed * 1000, 2)
+        handler = self._only_handler(logger)
+        if handler is None:
+            fields: Access = {"method": method, "path": path, "status": status, "duration_ms": duration,
+                              "route": route, "request_id": request_id, "remote": remote}
+            if error is not None:
+                fields["error"] = error
+            logger.info("access", extra={"fields": fields})
+            return
+        formatter = cast(_Formatter, handler.formatter)
+        cast(_Handler, handler).write_soon(line(formatter.stamp, _now(), logger.name, method, path, status, duration,
+                                                route, request_id, remote, error))
+
+    def _only_handler(self, logger: logging.Logger) -> logging.Handler | None:
+        """The JSON handler that alone would see `logger`'s INFO records, through its parent, as
+        `setup_logging` leaves the `composer` logger; None when anything else would (a test's
+        handler, a filter, an embedding application's setup)."""
+        parent = logger.parent
+        if logger.handlers or logger.filters or not logger.propagate or parent is None or parent.filters \
+                or parent.propagate or len(parent.handlers) != 1:
+            return None
+        handler = parent.handlers[0]
+        if type(handler) is not self.handler_type or handler.filters or handler.level > _INFO \
+                or type(handler.formatter) is not self.formatter_type:
+            return None
+        return handler
+
+
+class _Handler(Protocol):
+    def write_soon(self, line: str) -> None: ...
+
+
+class _Formatter(Protocol):
+    stamp: Stamp
 
 
 class Stamp:
@@ -86,13 +130,13 @@ class Stamp:
         return "%s.%03dZ" % (last[1], int((created - second) * 1000))  # noqa: UP031 (as above)
 
 
-def line(stamp: Stamp, created: float, name: str, access: Access) -> str:
-    """The JSON object `logs.JsonFormatter.line(created, "info", name, "access", access)` makes."""
-    remote = access["remote"]
-    error = access.get("error")
+def line(stamp: Stamp, created: float, name: str, method: str, path: str, status: int, duration_ms: float,
+         route: str, request_id: str, remote: str | None, error: str | None) -> str:
+    """The JSON object `logs.JsonFormatter.line(created, "info", name, "access", fields)` makes of
+    these fields (`error` only when not None)."""
     return "".join((
         '{"ts": "', stamp.of(created), '", "level": "info", "logger": ', _esc(name), ', "msg": "access", "method": ',
-        _esc(access["method"]), ', "path": ', _esc(access["path"]), ', "status": ', str(access["status"]),
-        ', "duration_ms": ', repr(float(access["duration_ms"])), ', "route": ', _esc(access["route"]),
-        ', "request_id": ', _esc(access["request_id"]), ', "remote": ', "null" if remote is None else _esc(remote),
+        _esc(method), ', "path": ', _esc(path), ', "status": ', str(status),
+        ', "duration_ms": ', repr(float(duration_ms)), ', "route": ', _esc(route),
+        ', "request_id": ', _esc(request_id), ', "remote": ', "null" if remote is None else _esc(remote),
         "" if error is None else ', "error": ' + _esc(error), "}"))

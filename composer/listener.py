@@ -33,7 +33,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .access import ERROR
+from .access import REQUEST_ID, AccessLog
 from .errors import error_page
 
 __all__ = ["Limits", "PageServer", "raise_open_files"]
@@ -60,6 +60,13 @@ class Limits:
 class _Request(web.BaseRequest):
     """A page request whose responses carry composer's `Server` header, whoever built them."""
 
+    @property
+    def remote(self) -> str | None:
+        """The client's address, worked out once per connection (aiohttp's, once per request, was
+        a twentieth of a fragment-less page's own work: every access line has it)."""
+        protocol = self._protocol
+        return protocol.remote if isinstance(protocol, _Connection) else None
+
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         # aiohttp's one hook between the headers being final and being written: its own
         # `Server: Python/3.x aiohttp/3.y` (set by default) is replaced or removed here.
@@ -74,7 +81,7 @@ class _Request(web.BaseRequest):
 class _Connection(RequestHandler):
     """One client connection, with the head, send and connection-count limits."""
 
-    __slots__ = ("_busy", "_counted", "_head_timer", "_send_timer", "pages")
+    __slots__ = ("_busy", "_counted", "_head_timer", "_send_timer", "pages", "remote")
 
     def __init__(self, manager: PageServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -83,6 +90,7 @@ class _Connection(RequestHandler):
         self._counted = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
+        self.remote: str | None = None  # the client's address, as aiohttp's `BaseRequest.remote` gives it
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pages = self.pages
@@ -94,6 +102,8 @@ class _Connection(RequestHandler):
         pages.open += 1
         self._counted = True
         super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = None if peer is None else str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer)
         self._arm_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -156,10 +166,13 @@ class _Connection(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the response had started; the connection is closed instead")
         status = status if status in (400, 413, 414, 431, 501) else 500 if status >= 500 else 400
+        error = None
         if status >= 500 and exc is not None:
             log.error("request failed", exc_info=exc)  # a bug of composer's: its traceback helps
         else:  # the client's mistake: its access line says which, in a word
-            request[ERROR] = type(exc).__name__ if exc is not None else "bad request"
+            error = type(exc).__name__ if exc is not None else "bad request"
+        if REQUEST_ID not in request:  # else composer's handler ran, and wrote the line
+            self.pages.access.write(request, request.raw_path.partition("?")[0], status, 0.0, "", "", error)
         response = web.Response(status=status, body=error_page(status),
                                 headers={"content-type": "text/html; charset=utf-8", "cache-control": "no-store"})
         response.force_close()
@@ -170,10 +183,14 @@ class PageServer(web.Server):
     """`web.Server` making `_Connection`s and `_Request`s."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], limits: Limits,
-                 handler_cancellation: bool = False, **kwargs: Any) -> None:
+                 access: AccessLog, handler_cancellation: bool = False, **kwargs: Any) -> None:
+        # aiohttp's access logger is off: composer's handler writes each line (access.AccessLog),
+        # and `handle_error` those of requests that never reached it.
+        kwargs["access_log"] = None
         super().__init__(self._handle, request_factory=self._request, handler_cancellation=handler_cancellation,
                          **kwargs)
         self.limits = limits
+        self.access = access
         self.open = 0  # connections held now
         self._handler = handler
         self._handler_kwargs = kwargs
@@ -192,7 +209,8 @@ class PageServer(web.Server):
         if isinstance(protocol, _Connection):
             protocol.head_done()
         path = message.path
-        if not path.startswith("/") and "://" in path or any(b"_" in name for name, _ in message.raw_headers):
+        # (the names joined, not a generator over them: this runs for every request, interpreted)
+        if not path.startswith("/") and "://" in path or "_" in "".join(message.headers.keys()):
             message = _sanitised(message)
         return _Request(message, payload, protocol, writer, task, self._event_loop)
 

@@ -1,10 +1,10 @@
 """JSON log lines on stderr: one object per line, easy for log shippers and `jq`.
 
 Structured fields travel in `extra={"fields": {...}}`; the access line is one such record
-per request, written by `AccessLogger`. Where that record would only reach the stderr
-handler `setup_logging` installs, the line is written without a record (the logging
-machinery — record, filters, handler lookups — cost a third of a fragment-less page), and
-with the loop turn's other access lines in one write (`JsonHandler.write_soon`).
+per request (`access.AccessLog`). Where that record would only reach the stderr handler
+`setup_logging` installs, the line is written without a record (the logging machinery —
+record, filters, handler lookups — cost a third of a fragment-less page), and with the loop
+turn's other access lines in one write (`JsonHandler.write_soon`).
 """
 
 from __future__ import annotations
@@ -13,19 +13,12 @@ import asyncio
 import json
 import logging
 import sys
-import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
-
 from .access import Stamp
-from .access import fields as access_fields
-from .access import line as access_line
 
 _JSON = json.JSONEncoder(default=str)  # made once (json.dumps with `default` makes one per call)
-_now = time.time
 
 
 class JsonFormatter(logging.Formatter):
@@ -115,34 +108,4 @@ def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> Js
         logger.handlers[:] = [handler]
         logger.setLevel(at)
         logger.propagate = False
-    return handler
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path, status, duration, route and request id."""
-
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        logger = self.logger
-        handler = _only_handler(logger)
-        if handler is None:
-            logger.info("access", extra={"fields": access_fields(request, response, time)})
-        elif logger.isEnabledFor(logging.INFO):
-            formatter = handler.formatter
-            assert isinstance(formatter, JsonFormatter)
-            line = access_line(formatter.stamp, _now(), logger.name, access_fields(request, response, time))
-            handler.write_soon(line)
-
-
-def _only_handler(logger: logging.Logger) -> JsonHandler | None:
-    """The JsonHandler (with its JsonFormatter) that alone would see `logger`'s INFO records,
-    through its parent, as `setup_logging` leaves the `composer` and `aiohttp` loggers; None
-    when anything else would (a test's handler, a filter, an embedding application's setup)."""
-    parent = logger.parent
-    if logger.handlers or logger.filters or not logger.propagate or parent is None or parent.filters \
-            or parent.propagate or len(parent.handlers) != 1:
-        return None
-    handler = parent.handlers[0]
-    if type(handler) is not JsonHandler or handler.filters or handler.level > logging.INFO \
-            or not isinstance(handler.formatter, JsonFormatter):
-        return None
     return handler

@@ -25,7 +25,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import Gauge
 
-from .access import REQUEST_ID, ROUTE, new_request_id
+from .access import REQUEST_ID, AccessLog, new_request_id
 from .breaker import State
 from .canary import Analysis
 from .client import Client
@@ -37,7 +37,7 @@ from .filters import apply_response
 from .fragments import new_session
 from .guard import request_problem
 from .listener import Limits, PageServer
-from .logs import AccessLogger
+from .logs import JsonFormatter, JsonHandler
 from .metrics import CONTENT_TYPE_LATEST, Declared, Metrics
 from .pipeline import Pipeline
 from .proxy import Proxy, backend_session
@@ -95,6 +95,7 @@ class ComposerServer:
         self.tracing = tracing  # None: from the environment (OTEL_EXPORTER_OTLP_ENDPOINT) at start()
         self._own_tracing = False
         self.metrics = Metrics()
+        self.access = AccessLog(logging.getLogger("composer.access"), JsonHandler, JsonFormatter)
         self.ready = False
         self.reloader = Reloader(lambda: self.table, self._swap, self.metrics)
         self._sessions: list[aiohttp.ClientSession | Client] = []  # fragments, backends
@@ -181,8 +182,7 @@ class ComposerServer:
         self._composer = Composer(pipeline, tracing=self.tracing)
         self._proxy = Proxy(backends, self.tracing, max_ws_message_bytes=settings.max_ws_message_bytes)
         self._page_server = PageServer(
-            self.handle, _limits(settings), access_log_class=AccessLogger, handler_cancellation=True,
-            access_log=logging.getLogger("composer.access"), auto_decompress=False,
+            self.handle, _limits(settings), self.access, handler_cancellation=True, auto_decompress=False,
             max_line_size=MAX_LINE_SIZE, max_field_size=MAX_FIELD_SIZE, max_headers=MAX_HEADERS,
             keepalive_timeout=settings.keepalive_timeout_ms / 1000)
         pages = web.ServerRunner(self._page_server, handle_signals=False, shutdown_timeout=self.grace)
@@ -236,18 +236,18 @@ class ComposerServer:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
-        request[REQUEST_ID] = new_request_id(request)  # (none was given before: no lookup)
+        request_id = request[REQUEST_ID] = new_request_id(request)  # (none was given before: no lookup)
         table = self.table  # one table for the whole request, whatever reloads meanwhile
         route_name = ""
         status = 500
+        path, query = split_target(request.raw_path)
         try:
-            path, query = split_target(request.raw_path)
             problem = request_problem(request, path)
             response: web.StreamResponse
             if problem is not None:
                 response = _page(problem[0], error_page(*problem))
             elif path.startswith(_OWN) and self.labels.routes:  # client signals (SPEC §7) are on
-                route_name = request[ROUTE] = _OWN_ROUTE
+                route_name = _OWN_ROUTE
                 response = await self._own(request, path)
             else:
                 match = table.match(request, path)
@@ -256,7 +256,7 @@ class ComposerServer:
                     response = _page(405, _NOT_ALLOWED, allow=", ".join(sorted(match.allow))) if match.allow \
                         else _page(404, _NOT_FOUND)
                 else:
-                    route_name = request[ROUTE] = route.name
+                    route_name = route.name
                     response = await self._dispatch(request, table, route, match.params, path, query)
             status = response.status
             return response
@@ -275,13 +275,17 @@ class ComposerServer:
             if request.writer.output_size > 0:
                 raise  # the head is out: aiohttp logs it and closes the connection
             log.exception("unhandled error", extra={"fields": {"route": route_name,
-                                                               "request_id": request[REQUEST_ID]}})
+                                                               "request_id": request_id}})
             return web.Response(status=500, body=BARE_500, headers={"content-type": _HTML})
         finally:
+            elapsed = time.perf_counter() - started
             method = request.method if request.method in _METHODS else "other"
             metrics = self.metrics
             metrics.series(metrics.requests, route_name, method, str(status)).inc()
-            metrics.series(metrics.request_duration, route_name).observe(time.perf_counter() - started)
+            metrics.series(metrics.request_duration, route_name).observe(elapsed)
+            # Here, not after aiohttp's last write (a Response's body leaves just after): a request
+            # whose client left, cancelled, has its line too, with 499.
+            self.access.write(request, path, status, elapsed, route_name, request_id)
 
     async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
                         path: str, query: str) -> web.StreamResponse:

@@ -519,6 +519,39 @@ async def test_access_log_one_json_record_per_request(fragments, start_composer,
         assert line[key] == page[key]
 
 
+async def test_a_client_that_leaves_mid_page_has_an_access_line_with_499(fragments, start_composer, caplog):
+    # Written where composer answers, not after aiohttp's last write: a page whose client left
+    # (its handler cancelled) has its line too, with nginx's 499, its route and request id.
+    caplog.set_level(logging.INFO, logger="composer")
+    svc = await fragments({"/slow": html("<p>late</p>", delay=2.0)})
+    composer = await start_composer({"page.html": f'<html><body><fragment src="{svc.url("/slow")}"></fragment></body></html>'})
+    reader, writer = await asyncio.open_connection("127.0.0.1", composer.server.port)
+    writer.write(b"GET /page HTTP/1.1\r\nHost: x\r\nX-Request-Id: gone-1\r\n\r\n")
+    await writer.drain()
+    await wait_until(lambda: svc.requests)  # the page is being composed
+    writer.close()
+    await wait_until(lambda: records(caplog, "composer.access"))
+    (access,) = records(caplog, "composer.access")
+    line = fields(access)
+    assert (line["status"], line["route"], line["request_id"], line["path"]) == (499, "page", "gone-1", "/page")
+    assert line["duration_ms"] < 2000
+
+
+async def test_a_request_that_does_not_parse_has_one_access_line_naming_the_error(start_composer, caplog):
+    caplog.set_level(logging.INFO, logger="composer")
+    composer = await start_composer({"page.html": "<html><body><p>hello</p></body></html>"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", composer.server.port)
+    writer.write(b"GET /page HTTP/1.1\r\nHost: x\r\nContent-Length: abc123\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.split(b" ", 2)[1] == b"400", answer[:40]
+    await wait_until(lambda: records(caplog, "composer.access"))
+    await asyncio.sleep(0.05)
+    (access,) = records(caplog, "composer.access")
+    line = fields(access)
+    assert line["status"] == 400 and line["route"] == "" and line["error"] and "abc123" not in json.dumps(line)
+
+
 async def test_fragment_failure_logs_one_structured_record(fragments, start_composer, caplog):
     caplog.set_level(logging.INFO, logger="composer")
     svc = await fragments({

@@ -821,7 +821,8 @@ def test_the_access_line_written_out_is_the_formatters_line(created, method, pat
     if error is not None:
         fields["error"] = error
     formatter = JsonFormatter()
-    fast = line(formatter.stamp, created, "composer.access", fields)
+    fast = line(formatter.stamp, created, "composer.access", method, path, status, round(duration, 2), route, rid,
+                remote, error)
     assert fast == formatter.line(created, "info", "composer.access", "access", fields)
     assert json.loads(fast)["path"] == path
 
