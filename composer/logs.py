@@ -4,19 +4,18 @@ Structured fields travel in `extra={"fields": {...}}`; the access line is one su
 per request (`access.AccessLog`). Where that record would only reach the stderr handler
 `setup_logging` installs, the line is written without a record (the logging machinery —
 record, filters, handler lookups — cost a third of a fragment-less page), and with the loop
-turn's other access lines in one write (`JsonHandler.write_soon`).
+turn's other access lines in one write (`JsonHandler.pending`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from .access import Stamp
+from .access import Pending, Stamp
 
 _JSON = json.JSONEncoder(default=str)  # made once (json.dumps with `default` makes one per call)
 
@@ -45,23 +44,14 @@ class JsonFormatter(logging.Formatter):
 
 
 class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """stderr, one JSON line per record. A line made without a record (`write_soon`: the access
-    line) waits for the end of the event loop's turn and goes out with that turn's others in one
+    """stderr, one JSON line per record. A line made without a record (added to `pending`: the
+    access line) waits for the end of the event loop's turn and goes out with that turn's others in one
     write: a write per request cost a fragment-less page 10 of its 54 µs (bench/PROFILE.md,
     sixteenth pass). A record's line is written at once, after the lines waiting: order is kept."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._waiting: list[str] = []
-
-    def write_soon(self, line: str) -> None:
-        """Write `line` at the end of the running loop's turn (or with the next record's)."""
-        waiting = self._waiting
-        waiting.append(line)  # (no lock: `flush` takes only the lines it saw, from the front)
-        if len(waiting) == 1:
-            asyncio.get_running_loop().call_soon(self.flush)
-        elif len(waiting) >= _MOST_WAITING:  # (also bounds a wait whose loop closed before its turn ended)
-            self.flush()
+        self.pending = Pending(self.flush)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -71,14 +61,14 @@ class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # noqa: BLE001 - logging's contract: a record that will not format goes to handleError
             self.handleError(record)
             return
-        self._waiting.append(line)  # (`handle` holds the lock)
+        self.pending.lines.append(line)  # (`handle` holds the lock)
         self.flush()
 
     def flush(self) -> None:
         """Write the lines waiting: at the end of the loop's turn, after a record, at exit."""
         self.acquire()
         try:
-            waiting = self._waiting
+            waiting = self.pending.lines
             count = len(waiting)
             if count:
                 text = "\n".join(waiting[:count]) + "\n"
@@ -90,8 +80,6 @@ class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
         finally:
             self.release()
 
-
-_MOST_WAITING = 512  # access lines held for one write at most
 
 
 def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> JsonHandler:

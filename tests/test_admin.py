@@ -525,7 +525,7 @@ async def test_a_client_that_leaves_mid_page_has_an_access_line_with_499(fragmen
     caplog.set_level(logging.INFO, logger="composer")
     svc = await fragments({"/slow": html("<p>late</p>", delay=2.0)})
     composer = await start_composer({"page.html": f'<html><body><fragment src="{svc.url("/slow")}"></fragment></body></html>'})
-    reader, writer = await asyncio.open_connection("127.0.0.1", composer.server.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", composer.server.port)
     writer.write(b"GET /page HTTP/1.1\r\nHost: x\r\nX-Request-Id: gone-1\r\n\r\n")
     await writer.drain()
     await wait_until(lambda: svc.requests)  # the page is being composed
@@ -658,12 +658,12 @@ async def test_access_lines_of_a_loop_turn_share_one_write_and_keep_their_order(
 async def test_a_record_is_written_after_the_access_lines_waiting_before_it():
     stream = _Stderr()
     with _serve_logging(stream) as handler:
-        handler.write_soon('{"n": 1}')
-        handler.write_soon('{"n": 2}')
+        handler.pending.add('{"n": 1}')
+        handler.pending.add('{"n": 2}')
         assert (stream.getvalue(), stream.writes) == ("", 0)  # waiting for the loop's turn to end
         logging.getLogger("composer.fragments").warning("fragment failed")
         assert [json.loads(line).get("n", "record") for line in stream.getvalue().splitlines()] == [1, 2, "record"]
-        handler.write_soon('{"n": 3}')
+        handler.pending.add('{"n": 3}')
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert stream.getvalue().splitlines()[-1] == '{"n": 3}'

@@ -805,25 +805,30 @@ def test_the_time_limit_catches_a_hang() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(created=st.floats(min_value=0, max_value=4e9), method=st.text(max_size=10), path=st.text(max_size=40),
-       status=st.integers(min_value=100, max_value=599), duration=st.floats(min_value=0, max_value=1e6),
+       status=st.integers(min_value=100, max_value=599), hundredths=st.integers(min_value=0, max_value=10**12),
        route=st.text(max_size=20), rid=st.text(max_size=40), remote=st.none() | st.text(max_size=20),
        error=st.none() | st.text(max_size=20))
-def test_the_access_line_written_out_is_the_formatters_line(created, method, path, status, duration, route, rid,
+def test_the_access_line_written_out_is_the_formatters_line(created, method, path, status, hundredths, route, rid,
                                                             remote, error):
     """composer.access.line (the access line, written without the JSON encoder) gives, byte for
     byte, what JsonFormatter's generic `line` gives for the same fields: any text (quotes,
-    control characters, non-ASCII, lone surrogates), a null remote, an error or none."""
+    control characters, non-ASCII, lone surrogates), a null remote, an error or none, any
+    duration (written from its hundredths of a ms, not by float repr), and the same again when
+    its quoted strings come from the cache."""
     from composer.access import line
     from composer.logs import JsonFormatter
 
-    fields = {"method": method, "path": path, "status": status, "duration_ms": round(duration, 2), "route": route,
+    fields = {"method": method, "path": path, "status": status, "duration_ms": hundredths / 100, "route": route,
               "request_id": rid, "remote": remote}
     if error is not None:
         fields["error"] = error
     formatter = JsonFormatter()
-    fast = line(formatter.stamp, created, "composer.access", method, path, status, round(duration, 2), route, rid,
-                remote, error)
+    quoted: dict[str, str] = {}
+    fast = line(formatter.stamp, created, "composer.access", method, path, status, hundredths, route, rid, remote, error,
+                quoted)
     assert fast == formatter.line(created, "info", "composer.access", "access", fields)
+    assert line(formatter.stamp, created, "composer.access", method, path, status, hundredths, route, rid, remote, error,
+                quoted) == fast
     assert json.loads(fast)["path"] == path
 
 
@@ -946,3 +951,4 @@ def test_the_pools_parked_queue_grants_what_a_scan_of_the_queue_would(limit: int
         assert waiting == [i for i, _ in model.waiters]
     finally:
         loop.close()
+
