@@ -99,7 +99,8 @@ class Composer:
             if new_bucket:
                 headers.add("set-cookie", BUCKET_SET_COOKIE.format(bucket))
             status = 200  # the span's, should the page go away while its primary is awaited
-            status, body = await _head(route, template, tasks, headers, settings.server_timing, started)
+            primary = await tasks[template.primary.index] if template.primary is not None else None
+            status, body = _head(route, template, primary, headers, settings.server_timing, started)
             if body is not None:  # the head is the whole answer
                 return web.Response(status=status, body=body or None, headers=headers)
             if not template.fragments and page is None and not template.client_signals:  # its bytes are the page
@@ -188,24 +189,20 @@ class Composer:
 
 
 class _Streamed(web.StreamResponse):
-    """A page whose head leaves with its first bytes, in one write (StreamResponse's own sends
-    it alone, at once)."""
+    """A page whose head leaves with its first bytes, in one write (StreamResponse's: alone, at once)."""
 
     _send_headers_immediately = False
 
 
-async def _head(route: Route, template: Template, tasks: dict[int, asyncio.Task[Outcome]],
-                headers: CIMultiDict[str], server_timing: bool, started: float) -> tuple[int, bytes | None]:
-    """The page's status and `headers`, decided once: by the primary's outcome, if there is a
-    primary (SPEC §3), then by the route's response filters. The body comes with them when the
-    head is the whole answer (a failed primary: BARE_500; a redirect or no content: b"");
-    None when the page is to be streamed."""
-    primary = template.primary
+def _head(route: Route, template: Template, outcome: Outcome | None, headers: CIMultiDict[str], server_timing: bool,
+          started: float) -> tuple[int, bytes | None]:
+    """The page's status and `headers`, decided once: by its primary's `outcome` if it has one (SPEC
+    §3), then by the route's response filters. The body comes with them when the head is the whole
+    answer (a failed primary: BARE_500; a redirect or no content: b""); None when it is streamed."""
     status, body = 200, None
     waited = 0.0  # the wait for the primary (its fetch, or its fallback's)
     links = template.preload  # under compat: tailor the AMD loader's entry, first
-    if primary is not None:
-        outcome = await tasks[primary.index]
+    if outcome is not None:
         waited = time.perf_counter() - started
         if outcome.source == "none":
             status, body = 500, BARE_500
@@ -224,7 +221,7 @@ async def _head(route: Route, template: Template, tasks: dict[int, asyncio.Task[
     if body is None and links:
         headers["link"] = links
     if server_timing:
-        headers["server-timing"] = _timing(primary, waited, time.perf_counter() - started)
+        headers["server-timing"] = _timing(template.primary, waited, time.perf_counter() - started)
     return apply_response(route.response_filters, status, headers), body
 
 
@@ -291,9 +288,13 @@ def _render(outcome: Outcome, seen: set[str], out: list[bytes], fragment: Fragme
 def _timing(primary: Fragment | None, waited: float, elapsed: float) -> str:
     """`Server-Timing` as the head leaves: the wait for the primary fragment (its fetch, or its
     fallback's) and composer's own time around it, in ms (browsers' devtools show both)."""
-    # (Compiled, `%` is faster than an f-string's format spec: mypyc calls `format` for each.)
-    own = "composer;dur=%.1f" % ((elapsed - waited) * 1000)
+    own = "composer;dur=" + _tenths(elapsed - waited)
     if primary is None:
         return own
     desc = pid.replace("\\", "\\\\").replace('"', '\\"') if (pid := primary.id).isascii() and pid.isprintable() else ""
-    return 'primary;dur=%.1f;desc="%s", %s' % (waited * 1000, desc, own)  # noqa: UP031
+    return "".join(('primary;dur=', _tenths(waited), ';desc="', desc, '", ', own))
+
+
+def _tenths(seconds: float) -> str:
+    """`seconds` in ms, to a tenth: "%.1f"'s form at a third of its cost (no float formatting)."""
+    return str((tenths := int(seconds * 10_000 + 0.5)) // 10) + "." + str(tenths % 10)
