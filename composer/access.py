@@ -21,8 +21,7 @@ from typing import Final, Protocol, Required, TypedDict, cast
 
 from aiohttp.web import BaseRequest, RequestKey
 
-__all__ = ["MOST_WAITING", "REQUEST_ID", "Access", "AccessLog", "Pending", "Stamp", "line", "new_request_id",
-           "request_id_of"]
+__all__ = ["REQUEST_ID", "Access", "AccessLog", "Pending", "Stamp", "line", "new_request_id", "request_id_of"]
 
 REQUEST_ID = RequestKey("composer_request_id", str)
 
@@ -30,7 +29,8 @@ _esc: Final = encode_basestring_ascii  # a str as a JSON string, as json's encod
 _now: Final = time.time
 _INFO: Final = logging.INFO
 _random_bits: Final = random.getrandbits
-_QUOTED = 4096  # strings kept JSON-quoted (methods, routes, client addresses): past that, quoted each time
+_QUOTED: Final = 4096  # strings kept JSON-quoted (methods, routes, client addresses): past that, quoted each time
+_MOST_WAITING: Final = 512  # lines held for one write at most
 # A duration's hundredths of a ms as repr() writes the float (".0", ".01" … ".1", ".11" …), and a
 # timestamp's milliseconds (".000Z" …): looked up, where formatting a float took ~3,500
 # instructions of a line's ~18,000 (callgrind) and "%03d" ~1,500.
@@ -135,11 +135,8 @@ class Pending:
         lines.append(line)  # (no lock: `flush` takes only the lines it saw, from the front)
         if len(lines) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
-        elif len(lines) >= MOST_WAITING:  # (also bounds a wait whose loop closed before its turn ended)
+        elif len(lines) >= _MOST_WAITING:  # (also bounds a wait whose loop closed before its turn ended)
             self.flush()
-
-
-MOST_WAITING = 512  # lines held for one write at most
 
 
 class _Handler(Protocol):

@@ -45,8 +45,8 @@ class JsonFormatter(logging.Formatter):
 
 class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """stderr, one JSON line per record. A line made without a record (added to `pending`: the
-    access line) waits for the end of the event loop's turn and goes out with that turn's others in one
-    write: a write per request cost a fragment-less page 10 of its 54 µs (bench/PROFILE.md,
+    access line) waits for the end of the event loop's turn and goes out with that turn's others
+    in one write: a write per request cost a fragment-less page 10 of its 54 µs (bench/PROFILE.md,
     sixteenth pass). A record's line is written at once, after the lines waiting: order is kept."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -79,7 +79,6 @@ class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
             pass
         finally:
             self.release()
-
 
 
 def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> JsonHandler:
