@@ -274,7 +274,7 @@ async def test_serve_composes_then_drains_on_sigterm(tmp_path, fragments):
         records = json_lines(composer.stderr)
         assert records, "no log lines on stderr"
         assert refuses(port) and refuses(admin)
-        # The access lines (written without a LogRecord: composer.logs.AccessLogger) read as
+        # The access lines (written without a LogRecord: composer.access.AccessLog) read as
         # the formatter's lines do: same keys in the same order, the same timestamp form.
         access = [r for r in records if r.get("logger") == "composer.access"]
         assert [(r["path"], r["status"], r["route"]) for r in access] == [
