@@ -21,8 +21,9 @@ from typing import Final, Protocol, Required, TypedDict, cast
 
 from aiohttp.web import BaseRequest, RequestKey
 
-__all__ = ["REQUEST_ID", "Access", "AccessLog", "Pending", "Stamp", "line", "new_request_id", "request_id_of"]
+__all__ = ["REQUEST_ID", "Access", "AccessLog", "Pending", "Stamp", "line", "new_request_id"]
 
+# The request's id, kept on it for the backend proxy, and by which `listener` knows the handler ran.
 REQUEST_ID = RequestKey("composer_request_id", str)
 
 _esc: Final = encode_basestring_ascii  # a str as a JSON string, as json's encoder writes it
@@ -49,12 +50,6 @@ class Access(TypedDict, total=False):
     request_id: Required[str]
     remote: Required[str | None]
     error: str
-
-
-def request_id_of(request: BaseRequest) -> str:
-    """The request's id: the one given it on arrival, else `new_request_id`'s."""
-    given: str | None = request.get(REQUEST_ID)
-    return given if given else new_request_id(request)
 
 
 def new_request_id(request: BaseRequest) -> str:

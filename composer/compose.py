@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .access import request_id_of
 from .canary import BUCKET_SET_COOKIE, user_bucket
 from .config import Settings
 from .errors import error_page
@@ -62,20 +61,21 @@ class Composer:
         await self.pipeline.close()
 
     def _page(self, request: web.BaseRequest, route: Route, params: dict[str, str], settings: Settings,
-              bucket: int, started: float) -> Page:
+              bucket: int, started: float, request_id: str) -> Page:
         span = None
         if self.tracing is not None:
             span = self.tracing.page("compose_page", request.headers, {
                 "http.request.method": request.method, "http.route": route.name, "url.path": request.path,
                 "composer.template": route.template.name if route.template else ""})
-        return Page.of(request, route.name, params, settings, request_id=request_id_of(request), bucket=bucket,
+        return Page.of(request, route.name, params, settings, request_id=request_id, bucket=bucket,
                        started=started, span=span,
                        fragments=len(route.template.fragments) if route.template else 0)
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
-                      settings: Settings) -> web.StreamResponse:
-        """Answer `request` with the route's template; fragment tasks never outlive this call.
-        `params` are the route's raw path captures; `settings` those of the route's table."""
+                      settings: Settings, request_id: str) -> web.StreamResponse:
+        """Answer `request` (known as `request_id`) with the route's template; fragment tasks never
+        outlive this call. `params` are the route's raw path captures; `settings` those of the
+        route's table."""
         template = route.template
         assert template is not None
         bucket, new_bucket = user_bucket(request) if template.versioned else (-1, False)
@@ -84,7 +84,7 @@ class Composer:
         # HEAD needs only what decides the status and headers: the primary, if any.
         wanted = template.fragments if not head_only else (template.primary,) if template.primary else ()
         # A page that fetches nothing (and is not traced) needs no fragment context.
-        page = self._page(request, route, params, settings, bucket, started) \
+        page = self._page(request, route, params, settings, bucket, started, request_id) \
             if wanted or self.tracing is not None else None
         tasks: dict[int, asyncio.Task[Outcome]] = {}
         if page is not None:
@@ -111,8 +111,7 @@ class Composer:
             response = _Streamed(status=status, headers=headers)
             await response.prepare(request)
             if not head_only:
-                signals = PageSignals(route.name, page.request_id if page else request_id_of(request),
-                                      settings.client_signals_sample) \
+                signals = PageSignals(route.name, request_id, settings.client_signals_sample) \
                     if template.client_signals else None
                 # The page's last bytes go out with the chunked terminator: one write, not two.
                 await response.write_eof(await self._stream(response, template, tasks, page.marks if page else None, signals))

@@ -257,7 +257,7 @@ class ComposerServer:
                         else _page(404, _NOT_FOUND)
                 else:
                     route_name = route.name
-                    response = await self._dispatch(request, table, route, match.params, path, query)
+                    response = await self._dispatch(request, table, route, match.params, path, query, request_id)
             status = response.status
             return response
         except ConnectionResetError:
@@ -288,7 +288,7 @@ class ComposerServer:
             self.access.write(request, path, status, elapsed, route_name, request_id)
 
     async def _dispatch(self, request: web.BaseRequest, table: RouteTable, route: Route, params: dict[str, str],
-                        path: str, query: str) -> web.StreamResponse:
+                        path: str, query: str, request_id: str) -> web.StreamResponse:
         if route.pages is not None:  # template_lookup: a page compiled at load, or none
             page = route.page(path)
             if page is None:
@@ -296,7 +296,7 @@ class ComposerServer:
             route = page
         if route.template is not None:
             assert self._composer is not None
-            return await self._composer.compose(request, route, params, table.settings)
+            return await self._composer.compose(request, route, params, table.settings, request_id)
         if route.backend is not None:
             assert self._proxy is not None
             return await self._proxy.forward(request, route, params, path, query)
