@@ -94,6 +94,9 @@ CONNS = {"page0": (16, 64), "page5": (16, 64, 256), "page20": (16, 64), "page100
 # page20 at these too, one round each, for composer and nginx: CPU per page against how busy the
 # proxy is (with page20's own 16 and 64, the curve; see Report.curve_table).
 CURVE = (4, 8, 32)
+# What each fragment server is, as the report names it.
+FRAGMENT_SERVERS = {"node": "bench/fragment_server.js (Node http)",
+                    "python": "bench/fragment_server.py (uvloop + httptools)"}
 PROXY_CPU, LOAD_CPU = 0, 1  # the proxy under test; wrk, the fragment server and this script
 SYSTEMS = ("composer", "tailor", "nginx", "varnish")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -1345,9 +1348,7 @@ class Report:
                     "CPU seconds of the server process from /proc/PID/stat divided by requests."), "",
                     "| fragment server | req/s | server CPU % | CPU µs / request | errors |", "|---|---:|---:|---:|---:|"]
             for kind, fs in self.fragment_servers.items():
-                label = "bench/fragment_server.js (Node http)" if kind == "node" else \
-                    "bench/fragment_server.py (uvloop + httptools)"
-                out.append(f"| {label} | {f0(fs['rps'])} | {fs['cpu_pct']:.0f} | **{fs['us_per_request']:.1f}** "
+                out.append(f"| {FRAGMENT_SERVERS[kind]} | {f0(fs['rps'])} | {fs['cpu_pct']:.0f} | **{fs['us_per_request']:.1f}** "
                            f"| {fs['bad']:.0f} |")
             out.append("")
         if self.page_bytes:
@@ -1473,8 +1474,7 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
         for k, fs in report.fragment_servers.items():
             print(f"  {k}: {fs['rps']:,.0f} req/s, {fs['us_per_request']:.1f} µs CPU/request", flush=True)
         kind = min(report.fragment_servers, key=lambda k: report.fragment_servers[k]["us_per_request"])
-    report.fragment_server = {"node": "bench/fragment_server.js (Node http)",
-                              "python": "bench/fragment_server.py (uvloop + httptools)"}[kind]
+    report.fragment_server = FRAGMENT_SERVERS[kind]
 
     fport = free_port()
     routes = prepare_work(fport)

@@ -35,6 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .access import REQUEST_ID, AccessLog
 from .errors import error_page
+from .routing import split_target
 
 __all__ = ["Limits", "PageServer", "raise_open_files"]
 
@@ -172,7 +173,7 @@ class _Connection(RequestHandler):
         else:  # the client's mistake: its access line says which, in a word
             error = type(exc).__name__ if exc is not None else "bad request"
         if REQUEST_ID not in request:  # else composer's handler ran, and wrote the line
-            self.pages.access.write(request, request.raw_path.partition("?")[0], status, 0.0, "", "", error)
+            self.pages.access.write(request, split_target(request.raw_path)[0], status, 0.0, "", "", error)
         response = web.Response(status=status, body=error_page(status),
                                 headers={"content-type": "text/html; charset=utf-8", "cache-control": "no-store"})
         response.force_close()
