@@ -32,7 +32,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -43,7 +48,8 @@ LOOPS = ("asyncio", "uvloop")
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def pinned(cpu: str, argv: list[str]) -> list[str]:
@@ -52,7 +58,7 @@ def pinned(cpu: str, argv: list[str]) -> list[str]:
     return argv
 
 
-def wait_listening(port: int, proc: subprocess.Popen, deadline: float = 20.0) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float = 20.0) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -76,7 +82,9 @@ async def measure(kind: str, port: int, pages: int, in_flight: int, fragments: i
     headers = CIMultiDict({"x-request-id": "0123456789abcdef", "accept-encoding": "gzip, deflate, br"})
     max_bytes = 5 * 1024 * 1024
 
-    if kind == "aiohttp":
+    if kind == "minimal":
+        one, close = minimal_client(port, headers)
+    elif kind == "aiohttp":
         import aiohttp
 
         session = aiohttp.ClientSession(
@@ -95,11 +103,11 @@ async def measure(kind: str, port: int, pages: int, in_flight: int, fragments: i
         client = Client(limit_per_host=256)
 
         async def one(url: URL) -> int:
-            return len((await client.get(url, headers, max_bytes=max_bytes)).body)
+            body = (await client.get(url, headers, max_bytes=max_bytes)).body
+            assert body is not None
+            return len(body)
 
         close = client.close
-    elif kind == "minimal":
-        one, close = minimal_client(port, headers)
     else:
         from composer.fragments import Fetched, fetch, new_session
 
@@ -136,23 +144,26 @@ async def measure(kind: str, port: int, pages: int, in_flight: int, fragments: i
     return {"cpu_s": cpu, "wall_s": wall}
 
 
-def minimal_client(port: int, headers):
+def minimal_client(port: int, headers: Any) -> tuple[Callable[[URL], Coroutine[Any, Any, int]],
+                                                    Callable[[], Coroutine[Any, Any, None]]]:
     """The floor: PERF-NOTES' "minimal asyncio.Protocol keep-alive client + httptools" — one
     origin, no limits, no decoding, no error handling. Not a client to use: a yardstick."""
     import httptools
 
     loop = asyncio.get_running_loop()
-    idle: list = []
+    idle: list[Proto] = []
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
 
     class Proto(asyncio.Protocol):
+        transport: asyncio.Transport
+
         def __init__(self) -> None:
             self.parser = httptools.HttpResponseParser(self)
-            self.fut = None
+            self.fut: asyncio.Future[bytes] | None = None
             self.chunks: list[bytes] = []
 
-        def connection_made(self, transport) -> None:
-            self.transport = transport
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
 
         def data_received(self, data: bytes) -> None:
             self.parser.feed_data(data)
@@ -162,9 +173,10 @@ def minimal_client(port: int, headers):
 
         def on_message_complete(self) -> None:
             body, self.chunks = b"".join(self.chunks), []
+            assert self.fut is not None
             self.fut.set_result(body)
 
-    async def one(url) -> int:
+    async def one(url: URL) -> int:
         if idle:
             proto = idle.pop()
         else:

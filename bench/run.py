@@ -110,7 +110,7 @@ class BenchError(Exception):
 
 def pinned(cpus: str | None, argv: list[str]) -> list[str]:
     """argv under taskset: `cpus` like "0" or "0,1" (None: every CPU, i.e. unpinned)."""
-    return ["taskset", "-c", cpus if cpus is not None else f"0-{os.cpu_count() - 1}", *argv]
+    return ["taskset", "-c", cpus if cpus is not None else f"0-{(os.cpu_count() or 1) - 1}", *argv]
 
 
 @dataclass
@@ -144,13 +144,14 @@ class Processes:
 
     def start(self, name: str, argv: list[str], *, log: Path | None = None, cwd: Path = ROOT,
               stdout: Any = None, env: dict[str, str] | None = None) -> Proc:
-        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log, "ab") if log is not None else None  # noqa: SIM115
+        sink: Any = out if out is not None else subprocess.DEVNULL
         try:
             popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=stdout if stdout is not None else out, stderr=out,
+                                     stdout=stdout if stdout is not None else sink, stderr=sink,
                                      start_new_session=True)
         finally:
-            if log is not None:
+            if out is not None:
                 out.close()
         proc = Proc(name, popen, log)
         self.procs.append(proc)
@@ -291,7 +292,7 @@ def rss_mb(pids: list[int]) -> float:
 def core_ticks() -> dict[str, tuple[int, ...]]:
     """Per CPU ("cpu0", "cpu1", and "cpu" for all), ticks from /proc/stat: (busy, total,
     process time = user + nice + system, steal). Busy includes irq/softirq (loopback TCP)."""
-    out = {}
+    out: dict[str, tuple[int, ...]] = {}
     for line in Path("/proc/stat").read_text().splitlines():
         if not line.startswith("cpu"):
             break

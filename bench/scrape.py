@@ -62,9 +62,7 @@ def main() -> int:
         routes = ab.fragments(procs, "scrape")
         print(f"/{args.page} at c1, ms | p50 | p99 | max | pages")
         for checkout in args.checkouts:
-            proc, port = ab.start(procs, checkout, routes, "scrape")
-            argv = list(proc.popen.args)  # type: ignore[arg-type]
-            admin = int(argv[argv.index("--admin-port") + 1])
+            proc, port, admin = ab.serve(procs, checkout, routes, "scrape")
             for every in (None, args.every):
                 got = asyncio.run(_latencies(port, admin, args.page, args.seconds, every))
                 what = f"scraped every {every} s" if every else "no scrape"

@@ -15,6 +15,7 @@ import argparse
 import gzip
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,7 +70,7 @@ def beacon_cost(procs: bench.Processes, system: bench.System, args: argparse.Nam
     cpu0 = bench.cpu_seconds(pids)
     argv = bench.pinned(str(bench.LOAD_CPU), ["wrk", "-t1", "-c16", f"-d{args.duration:g}s", "--latency", "-s", str(script),
                                                    url])
-    proc = procs.start("wrk beacons", argv, stdout=bench.subprocess.PIPE)
+    proc = procs.start("wrk beacons", argv, stdout=subprocess.PIPE)
     out, _ = proc.popen.communicate(timeout=args.duration + 60)
     procs.stop(proc)
     result = bench.parse_wrk(out.decode())

@@ -323,7 +323,8 @@ def _tail(path: Path, lines: int = 20) -> str:
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def rss_mb(pid: int) -> float:
@@ -415,7 +416,7 @@ async def _get(url: str) -> str:
 
 def parse_metric(text: str, name: str, label: str) -> dict[str, float]:
     """Sum the samples of counter `name` by the value of `label`."""
-    sums: Counter[str] = Counter()
+    sums: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith(name + "{"):
             continue
@@ -423,8 +424,8 @@ def parse_metric(text: str, name: str, label: str) -> dict[str, float]:
         for pair in labels.split('",'):
             key, _, val = pair.partition("=")
             if key.strip() == label:
-                sums[val.strip('"')] += float(value)
-    return dict(sums)
+                sums[val.strip('"')] = sums.get(val.strip('"'), 0.0) + float(value)
+    return sums
 
 
 async def soak(pages: int = 20_000, concurrency: int = 50, baseline: int = 2_000, every: int = 5_000,

@@ -18,6 +18,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 BATCH = 100  # fragments in flight at once, as on a page100 page
 
@@ -46,7 +47,7 @@ async def with_callbacks(loop: asyncio.AbstractEventLoop, n: int) -> None:
         outs: list[asyncio.Future[int]] = []
         for f in futures:
             out: asyncio.Future[int] = loop.create_future()
-            f.add_done_callback(lambda done, out=out: forward(done, out))
+            f.add_done_callback(partial(forward, out=out))
             outs.append(out)
         await asyncio.sleep(0)
         for f in futures:
