@@ -157,7 +157,7 @@ class FragmentCache:
                result: Fetched | Failed) -> tuple[Fetched | Failed, Result, Failed | None]:
         """A fetch that went straight through, as `get` answers it. A URL that now answers
         cacheably is cached from here on."""
-        if self.max_bytes and isinstance(result, Fetched) and "cache-control" in result.headers:
+        if self.max_bytes and isinstance(result, Fetched) and result.head.get(b"cache-control") is not None:
             self._store(url, request, result, known=_PASS)
         return _missed(result)
 

@@ -57,7 +57,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = ["KEEPALIVE", "LIMIT_PER_HOST", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
-           "InvalidRequest", "InvalidResponse", "Response", "TooLarge"]
+           "Head", "InvalidRequest", "InvalidResponse", "Response", "TooLarge"]
 
 # Final: compiled, each is a constant, not a lookup in the module's dict (per header line).
 KEEPALIVE: Final = 30.0
@@ -113,15 +113,64 @@ class _Stop(Exception):
     one each time: re-raising one instance would grow its traceback without end.)"""
 
 
+class Head:
+    """A response's header lines as llhttp gave them (bytes). A fetch reads three or four of a
+    response's lines, so those are found by `get` and decoded alone; the lines go into a
+    multidict (`headers`) only for whoever reads them all (a primary's, a cached entry's).
+    Decoding every line and building the multidict for every fragment was ~2 µs of a fetch's
+    ~16 (bench/client.py; bench/PROFILE.md, twentieth pass)."""
+
+    __slots__ = ("_headers", "_lines")
+
+    def __init__(self, lines: list[tuple[bytes, bytes]]) -> None:
+        self._lines = lines
+        self._headers: CIMultiDictProxy[str] | None = None
+
+    def get(self, name: bytes) -> str | None:
+        """The first line named `name` (lowercase), case-insensitively; None if there is none."""
+        size = len(name)
+        for key, value in self._lines:
+            if len(key) == size and (key == name or key.lower() == name):
+                return _decode(value)
+        return None
+
+    def getall(self, name: bytes) -> list[str]:
+        """Every line named `name` (lowercase), in order."""
+        size = len(name)
+        return [_decode(value) for key, value in self._lines if len(key) == size and (key == name or key.lower() == name)]
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """All the lines, decoded once, on first use."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _READ_ONLY(_HEADERS([(_decode(key), _decode(value)) for key, value in self._lines]))
+        return headers
+
+
+def _decode(text: bytes) -> str:
+    try:  # compiled, a strict UTF-8 decode is a fast path; one with an error handler is not
+        return text.decode()
+    except UnicodeDecodeError:
+        return text.decode("utf-8", "surrogateescape")
+
+
+_NO_LINES: Final = Head([])
+
+
 class Response:
     """A complete response. `body` is the decoded body, or None when `skip_body` said so."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "head", "status")
 
-    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: bytes | None) -> None:
+    def __init__(self, status: int, head: Head, body: bytes | None) -> None:
         self.status = status
-        self.headers = headers
+        self.head = head
         self.body = body
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.head.headers
 
     def __repr__(self) -> str:
         return f"<Response {self.status} {len(self.body) if self.body is not None else '-'} bytes>"
@@ -209,15 +258,17 @@ class _Conn(asyncio.Protocol):
     `_Pool.free_slot`). The protocol never frees a slot except for an idle connection.
     """
 
-    __slots__ = ("_chunks", "_decoder", "_head_room", "_headers", "_informational", "_max_bytes",
+    __slots__ = ("_chunks", "_decoder", "_head", "_head_room", "_informational", "_max_bytes",
                  "_raw", "_received", "_response", "_size", "_skip", "_status", "_until_close", "closed", "complete", "error",
                  "fut", "headers_done", "idle", "idle_since", "keep_alive", "max_field", "parser", "pool", "requests",
                  "transport")
 
-    # Per request, set by `send` (and dropped once the response is delivered).
-    _raw: list[tuple[str, str]]
+    # Per request: the header lines read so far (a `Head` takes them at the head's end, and
+    # trailers start a list of their own), the body's pieces (emptied once delivered, and
+    # reused), the head's lines.
+    _raw: list[tuple[bytes, bytes]]
     _chunks: list[bytes]
-    _headers: CIMultiDictProxy[str] | None
+    _head: Head
     _response: Response | None
     _decoder: _Zlib | _Brotli | None
 
@@ -238,6 +289,9 @@ class _Conn(asyncio.Protocol):
         self.complete = False
         self.headers_done = False
         self.error: BaseException | None = None
+        self._raw = []
+        self._chunks = []
+        self._head = _NO_LINES
 
     # -------- the caller's side
 
@@ -252,9 +306,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = False
         self.error = None
         self._informational = False
-        self._raw = []
         self._head_room = self.pool.client.max_head
-        self._chunks = []
         self._size = 0
         self._decoder = None
         self._until_close = False
@@ -323,8 +375,10 @@ class _Conn(asyncio.Protocol):
                 fut.set_exception(error)
         elif not fut.done() and self._response is not None:
             fut.set_result(self._response)
-        self._response = self._headers = None  # nothing kept while idle
-        self._chunks, self._raw = [], []
+        self._response = None  # nothing kept while idle
+        self._head = _NO_LINES
+        self._chunks.clear()  # (reused by the next request: never handed out, unlike a head's lines)
+        self._raw.clear()
 
     def eof_received(self) -> bool | None:
         self._lost(None)
@@ -385,18 +439,15 @@ class _Conn(asyncio.Protocol):
             self.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Trailers (and the lines of bytes after our response) land in `_raw` too, after the
-        # headers were taken from it: dropped, but counted against the limit.
+        # Trailers (and the lines of bytes after our response) land in `_raw` too, a new list
+        # once the head's lines were taken: dropped, but counted against the limit.
         raw = self._raw
         if len(name) + len(value) > self.max_field or len(raw) >= MAX_HEADERS:
             self.error = InvalidResponse("too many headers" if len(raw) >= MAX_HEADERS else "header line too long")
             raise _Stop
         if value and (value[-1] == 32 or value[-1] == 9):  # llhttp keeps a value's trailing SP/HTAB
             value = value.rstrip(b" \t")
-        try:  # compiled, a strict UTF-8 decode is a fast path; one with an error handler is not
-            raw.append((name.decode(), value.decode()))
-        except UnicodeDecodeError:
-            raw.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        raw.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.complete:
@@ -414,15 +465,16 @@ class _Conn(asyncio.Protocol):
         self.headers_done = True
         self._status = status
         self.keep_alive = parser.should_keep_alive()
-        self._headers = headers = _READ_ONLY(_HEADERS(self._raw))
+        self._head = head = Head(self._raw)
+        self._raw = []  # for trailers (read and dropped) and the lines of bytes after the response
         skip = self._skip
         if skip is not None and skip(status):
-            self._response = Response(status, headers, None)
+            self._response = Response(status, head, None)
             self.complete = True
             self.keep_alive = False
             raise _Stop
-        length = headers.get("content-length")
-        encoding = headers.get("content-encoding")
+        length = head.get(b"content-length")
+        encoding = head.get(b"content-encoding")
         if encoding is None:
             if length is not None and int(length) > self._max_bytes:
                 self.error = TooLarge(int(length))
@@ -430,7 +482,7 @@ class _Conn(asyncio.Protocol):
         else:
             self._decoder = _decoder(encoding)
         if length is None and status != 204 and status != 304:
-            te = headers.get("transfer-encoding")
+            te = head.get(b"transfer-encoding")
             self._until_close = te is None or te.rsplit(",", 1)[-1].strip().lower() != "chunked"
 
     def on_body(self, data: bytes) -> None:
@@ -466,8 +518,7 @@ class _Conn(asyncio.Protocol):
                 raise _Stop from None
         chunks = self._chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        assert self._headers is not None  # on_headers_complete ran: the head came before the body
-        self._response = Response(self._status, self._headers, body)
+        self._response = Response(self._status, self._head, body)  # (on_headers_complete ran: the head came first)
         self.complete = True
 
 

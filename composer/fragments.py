@@ -40,13 +40,14 @@ from .client import (
     MAX_FIELD_SIZE,
     Client,
     ClientError,
+    Head,
     InvalidRequest,
     InvalidResponse,
     TooLarge,
 )
 from .deadlines import Deadlines
 from .errors import Reason
-from .links import Asset, parse_assets
+from .links import Asset, assets_of
 
 __all__ = ["Failed", "Fetched", "Session", "fetch", "new_session"]
 
@@ -60,14 +61,18 @@ class Fetched:
 
     status: int
     body: bytes
-    headers: CIMultiDictProxy[str]
+    head: Head  # its header lines: `head.get` finds one, `headers` (all, decoded) is made on first use
     assets: tuple[Asset, ...]
 
-    def __init__(self, status: int, body: bytes, headers: CIMultiDictProxy[str], assets: tuple[Asset, ...]) -> None:
+    def __init__(self, status: int, body: bytes, head: Head, assets: tuple[Asset, ...]) -> None:
         self.status = status
         self.body = body
-        self.headers = headers
+        self.head = head
         self.assets = assets
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.head.headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +161,13 @@ async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeou
     body = resp.body
     if body is None:  # 5xx, or an unasked-for 3xx: the body was not read
         return Failed(Reason.STATUS, f"status {status}", status)
-    headers_ = resp.headers
+    head = resp.head
     if redirect_body or not 300 <= status < 400:  # a redirect's body is never shown (but as content)
-        charset = charset_of(headers_.get("content-type"))
+        charset = charset_of(head.get(b"content-type"))
         text = utf8(body, charset)
         if text is None:
             return Failed(Reason.INVALID, not_text(charset))
         if len(text) > max_bytes:  # transcoding grew it
             return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes as UTF-8")
         body = text
-    return Fetched(status, body, headers_, parse_assets(headers_))
+    return Fetched(status, body, head, assets_of(head.getall(b"link")))

@@ -27,7 +27,7 @@ from typing import Final, Literal
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-__all__ = ["Asset", "parse_assets", "preload"]
+__all__ = ["Asset", "assets_of", "parse_assets", "preload"]
 
 # A service sends the same lines again and again: what a line gives is remembered (lines up
 # to _LINE_CACHED characters, _LINES_CACHED of them).
@@ -78,7 +78,11 @@ def parse_assets(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str = 
 
     Each header line is parsed on its own, so one bad line loses only itself.
     """
-    lines = headers.getall(name, ())
+    return assets_of(headers.getall(name, ()))
+
+
+def assets_of(lines: list[str] | tuple[()]) -> tuple[Asset, ...]:
+    """The assets of `Link` header lines (`parse_assets`'s), for a fetch that has the lines."""
     if not lines:
         return ()
     if len(lines) == 1:

@@ -66,7 +66,7 @@ log = logging.getLogger("composer.fragments")
 # use (a few per fragment).
 monotonic: Final = time.monotonic
 perf_counter: Final = time.perf_counter
-_NESTED: Final = NESTED_HEADER
+_NESTED: Final = NESTED_HEADER.encode()  # a response's lines are found by their bytes (client.Head)
 
 _ACCEPT_ENCODING = "gzip, deflate, br"  # what every fragment request accepts (SPEC §3)
 # A timing mark (settings.timing_marks): fragment, start and duration in ms from the page's
@@ -274,7 +274,7 @@ class Pipeline:
                     answer, how, failure = await self.cache.get(
                         key, headers, partial(self._attempt, fragment, page, version, url, headers, src),
                         timeout=_budget(fragment, page), refresh_timeout=fragment.timeout)
-                if isinstance(answer, Fetched) and answer.headers.get(_NESTED) == "1" \
+                if isinstance(answer, Fetched) and answer.head.get(_NESTED) == "1" \
                         and isinstance(nested := self.nesting.compiled(fragment, page, answer.body), Failed):
                     answer = failure = nested  # SPEC §6: a nested body that does not compile failed
                 self._count(fragment, page, version, analysed, how, failure)
@@ -386,7 +386,7 @@ class Pipeline:
                 fallback = self.last_good.get(key)
             if fallback is not None:
                 outcome = Outcome("fallback-src", fallback.body, fallback.assets, fallback.status)
-                if fallback.headers.get(NESTED_HEADER) != "1":
+                if fallback.head.get(_NESTED) != "1":
                     return outcome
                 # Composed as a nested `src` is: the header says the body is a template, whoever serves it.
                 nested = self.nesting.compiled(fragment, page, fallback.body)

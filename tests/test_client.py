@@ -678,6 +678,7 @@ async def test_chunked_body_with_trailers(client, raw):
         resp = await get(client, srv.url())
         assert resp.body == b"hello world"
         assert "x-checksum" not in resp.headers  # trailers are read and dropped
+        assert resp.head.get(b"x-checksum") is None and resp.head.get(b"trailer") == "X-Checksum"
     assert len(srv.conns) == 1  # the framing ended where it should: reused
 
 
@@ -771,6 +772,21 @@ async def test_headers_are_a_multidict_as_sent(client, raw):
     assert resp.headers.getall("SET-COOKIE") == ["a=1", "b=2"]
     assert resp.headers["x-pad"] == "v"
     assert resp.headers["x-bytes"] == b"\xc3\xa9\xff".decode("utf-8", "surrogateescape")
+
+
+async def test_a_line_is_found_by_its_name_in_any_case_and_decoded_alone(client, raw):
+    answer = (b"HTTP/1.1 200 OK\r\nCONTENT-TYPE: text/html\r\nlInK: </a.css>\r\nLink: </b.js>\r\n"
+              b"X-Bytes: \xff\r\nContent-Typo: no\r\nContent-Length: 2\r\n\r\nok")
+    srv = await raw(lambda conn: serve_forever(conn, None, answer))
+    resp = await get(client, srv.url())
+    head = resp.head
+    assert head.get(b"content-type") == "text/html"
+    assert head.getall(b"link") == ["</a.css>", "</b.js>"] and head.get(b"link") == "</a.css>"
+    assert head.get(b"x-bytes") == b"\xff".decode("utf-8", "surrogateescape")
+    assert (head.get(b"x-missing"), head.getall(b"x-missing"), head.get(b"content-typ")) == (None, [], None)
+    # Every line, decoded, for whoever reads them all: made once.
+    assert list(resp.headers.items())[:2] == [("CONTENT-TYPE", "text/html"), ("lInK", "</a.css>")]
+    assert resp.headers is resp.headers is head.headers
 
 
 async def test_each_response_on_a_connection_has_its_own_header_names(client, raw):

@@ -161,6 +161,25 @@ async def test_hang_before_headers_times_out_within_deadline(session, raw_server
     assert 0.15 <= elapsed < 0.45
 
 
+async def test_the_lines_a_fetch_reads_are_found_in_any_case(session, raw_server):
+    # A fetch finds Content-Type, Link and Content-Length by name, without the multidict: in
+    # whatever case the service writes them, as HTTP says (and as the multidict did).
+    body = b"<p>\xfc</p>"
+
+    async def shouting(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nCONTENT-TYPE: text/html; charset=iso-8859-1\r\n"
+                     b'link: </a.css>; rel="stylesheet"\r\nX-Other: 1\r\nLINK: </a.js>; rel="fragment-script"\r\n'
+                     b"content-LENGTH: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+    result = await get(session, await raw_server(shouting))
+    assert isinstance(result, Fetched), result
+    assert result.body == "<p>ü</p>".encode()
+    assert result.assets == (Asset("stylesheet", "/a.css"), Asset("script", "/a.js"))
+    assert result.headers.getall("Link") == ['</a.css>; rel="stylesheet"', '</a.js>; rel="fragment-script"']
+
+
 async def test_trickling_body_is_cut_at_the_deadline(session, raw_server):
     sent: list[int] = []
 
