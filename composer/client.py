@@ -758,9 +758,10 @@ class Client:
         self._expiry: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        # The last headers sent, their lines and whether they give the Host.
-        self._last: tuple[CIMultiDict[str] | None, str, bool] | None = None
-        self._urls: dict[int, tuple[URL, _Pool, str]] = {}  # id(url) → (url, its pool, its target): `_where`
+        # The last headers sent, their lines as sent (with the head's last CRLF) and whether they give the Host.
+        self._last: tuple[CIMultiDict[str] | None, bytes, bool] | None = None
+        # id(url) → (url, its pool, its request line with Host, and without): `_where`
+        self._urls: dict[int, tuple[URL, _Pool, bytes, bytes]] = {}
 
     @property
     def closed(self) -> bool:
@@ -786,14 +787,15 @@ class Client:
         if self._closed:
             raise ConnectError("client is closed")
         loop = self.loop
-        pool, target = self._where(url, loop)
-        # A page's fragments share one headers object, asked for in a burst: its lines are
-        # made once (the object is kept, so `is` cannot match another; callers never change
-        # headers they passed).
+        # The request's bytes are its URL's first lines (made once per URL object) and the
+        # header lines: a page's fragments share one headers object, asked for in a burst, so
+        # those are made once a page (the object is kept, so `is` cannot match another;
+        # callers never change headers they passed).
+        pool, with_host, without_host = self._where(url, loop)
         last = self._last
         if last is None or last[0] is not headers:
             last = self._last = (headers, *_lines(headers))
-        data = _request(target, pool.host_header, last[1], last[2])
+        data = (without_host if last[2] else with_host) + last[1]
         fut: asyncio.Future[Response | None] = loop.create_future()
         conn = pool.take(share, loop.time() - self.keepalive)
         ticket = None
@@ -835,20 +837,22 @@ class Client:
         pool.finish(share, conn)
         return response
 
-    def _where(self, url: URL, loop: asyncio.AbstractEventLoop) -> tuple[_Pool, str]:
-        """`url`'s pool and request target. A compiled template's static `src` is the same URL
-        object page after page: it is found by identity, its parts not read and hashed again on
+    def _where(self, url: URL, loop: asyncio.AbstractEventLoop) -> tuple[_Pool, bytes, bytes]:
+        """`url`'s pool and the first lines of its request, with a Host line and without (for
+        headers that give one). A compiled template's static `src` is the same URL object page
+        after page: it is found by identity, its parts not read, hashed and encoded again on
         every fetch (3 % of a 20-fragment page's instructions). An entry holds its URL, so the id
         cannot be reused while it is there; URLs made per page fill the table and it starts over."""
         known = self._urls.get(id(url))
         if known is not None and known[0] is url:
-            return known[1], known[2]
+            return known[1], known[2], known[3]
         pool = self._pools.get((url.scheme, url.raw_host, url.port)) or self._pool(url, loop)  # type: ignore[arg-type]
-        target = url.raw_path_qs
+        without_host = _request_line(url.raw_path_qs)
+        with_host = without_host + _encoded(f"Host: {pool.host_header}\r\n")
         if len(self._urls) >= _URLS:
             self._urls.clear()
-        self._urls[id(url)] = (url, pool, target)
-        return pool, target
+        self._urls[id(url)] = (url, pool, with_host, without_host)
+        return pool, with_host, without_host
 
     def _pool(self, url: URL, loop: asyncio.AbstractEventLoop) -> _Pool:
         scheme, host, port = url.scheme, url.raw_host, url.port
@@ -984,23 +988,26 @@ class Client:
         await asyncio.sleep(0)  # let the transports close their sockets
 
 
-def _lines(headers: CIMultiDict[str] | None) -> tuple[str, bool]:
-    """The header lines as sent, and whether they give the Host; refuses CR or LF inside a
-    line (header injection)."""
+def _lines(headers: CIMultiDict[str] | None) -> tuple[bytes, bool]:
+    """The header lines as sent, with the CRLF that ends the head, and whether they give the
+    Host; refuses CR or LF inside a line (header injection)."""
     if not headers:
-        return "", False
+        return b"\r\n", False
     text = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
     if text.count("\n") != len(headers) or text.count("\r") != len(headers):
         raise InvalidRequest("a request header or the target holds CR or LF")  # never sent
-    return text, "host" in headers
+    return _encoded(text + "\r\n"), "host" in headers
 
 
-def _request(target: str, host: str, lines: str, has_host: bool) -> bytes:
-    """`GET target HTTP/1.1`, Host (unless the lines give one) and the header lines (from
-    `_lines`), as bytes; refuses CR or LF in the target and text that cannot be sent."""
+def _request_line(target: str) -> bytes:
+    """`GET target HTTP/1.1` as bytes; refuses CR or LF in the target."""
     if "\r" in target or "\n" in target:
         raise InvalidRequest("a request header or the target holds CR or LF")  # never sent
-    text = f"GET {target} HTTP/1.1\r\n{lines}\r\n" if has_host else f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{lines}\r\n"
+    return _encoded(f"GET {target} HTTP/1.1\r\n")
+
+
+def _encoded(text: str) -> bytes:
+    """`text` as sent; refuses what cannot be."""
     try:
         return text.encode("utf-8", "surrogateescape")
     except UnicodeError:
