@@ -27,6 +27,7 @@ from typing import Final, Literal
 from cachetools import TLRUCache
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .client import Name
 from .errors import Reason
 from .fragments import Failed, Fetched
 
@@ -35,6 +36,7 @@ __all__ = ["FragmentCache", "Freshness", "LastGood", "Result", "freshness"]
 Result = Literal["hit", "miss", "stale", "stale_if_error", "coalesced"]
 Load = Callable[[float], Awaitable[Fetched | Failed]]
 
+_CACHE_CONTROL: Final = Name("cache-control")
 _PASS: Final = "pass"  # for a URL whose last answer was not cacheable (else: the names it varies on)
 _OVERHEAD = 512  # bytes an entry costs beyond its body: headers, the entry, the key
 _KNOWN_URLS = 50_000
@@ -157,7 +159,7 @@ class FragmentCache:
                result: Fetched | Failed) -> tuple[Fetched | Failed, Result, Failed | None]:
         """A fetch that went straight through, as `get` answers it. A URL that now answers
         cacheably is cached from here on."""
-        if self.max_bytes and isinstance(result, Fetched) and result.head.get(b"cache-control") is not None:
+        if self.max_bytes and isinstance(result, Fetched) and result.head.get(_CACHE_CONTROL) is not None:
             self._store(url, request, result, known=_PASS)
         return _missed(result)
 

@@ -57,7 +57,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = ["KEEPALIVE", "LIMIT_PER_HOST", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
-           "Head", "InvalidRequest", "InvalidResponse", "Response", "TooLarge"]
+           "Head", "InvalidRequest", "InvalidResponse", "Name", "Response", "TooLarge"]
 
 # Final: compiled, each is a constant, not a lookup in the module's dict (per header line).
 KEEPALIVE: Final = 30.0
@@ -113,11 +113,24 @@ class _Stop(Exception):
     one each time: re-raising one instance would grow its traceback without end.)"""
 
 
+class Name:
+    """A header name to find a response's lines by (`Head.get`), made once (a module's
+    constant): its lowercase bytes, and its usual spelling (`Content-Type`), which is what
+    servers send, compared before anything is lowercased."""
+
+    __slots__ = ("lower", "size", "title")
+
+    def __init__(self, name: str) -> None:
+        self.lower = name.lower().encode()
+        self.title = b"-".join([part.capitalize() for part in self.lower.split(b"-")])
+        self.size = len(self.lower)
+
+
 class Head:
     """A response's header lines as llhttp gave them (bytes). A fetch reads three or four of a
     response's lines, so those are found by `get` and decoded alone; the lines go into a
     multidict (`headers`) only for whoever reads them all (a primary's, a cached entry's).
-    Decoding every line and building the multidict for every fragment was ~2 µs of a fetch's
+    Decoding every line and building the multidict for every fragment was ~1 µs of a fetch's
     ~16 (bench/client.py; bench/PROFILE.md, twentieth pass)."""
 
     __slots__ = ("_headers", "_lines")
@@ -126,18 +139,16 @@ class Head:
         self._lines = lines
         self._headers: CIMultiDictProxy[str] | None = None
 
-    def get(self, name: bytes) -> str | None:
-        """The first line named `name` (lowercase), case-insensitively; None if there is none."""
-        size = len(name)
+    def get(self, name: Name) -> str | None:
+        """The first line called `name`, in any case; None if there is none."""
         for key, value in self._lines:
-            if len(key) == size and (key == name or key.lower() == name):
+            if _named(key, name):
                 return _decode(value)
         return None
 
-    def getall(self, name: bytes) -> list[str]:
-        """Every line named `name` (lowercase), in order."""
-        size = len(name)
-        return [_decode(value) for key, value in self._lines if len(key) == size and (key == name or key.lower() == name)]
+    def getall(self, name: Name) -> list[str]:
+        """Every line called `name`, in order."""
+        return [_decode(value) for key, value in self._lines if _named(key, name)]
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -148,6 +159,14 @@ class Head:
         return headers
 
 
+def _named(key: bytes, name: Name) -> bool:
+    """Whether a line's name `key` is `name`, in any case (lowercased only when its length
+    and first letter say it may be)."""
+    lower = name.lower
+    return len(key) == name.size and (key == name.title or key == lower
+                                      or (key[0] | 0x20 == lower[0] and key.lower() == lower))
+
+
 def _decode(text: bytes) -> str:
     try:  # compiled, a strict UTF-8 decode is a fast path; one with an error handler is not
         return text.decode()
@@ -156,6 +175,9 @@ def _decode(text: bytes) -> str:
 
 
 _NO_LINES: Final = Head([])
+_CONTENT_LENGTH: Final = Name("content-length")
+_CONTENT_ENCODING: Final = Name("content-encoding")
+_TRANSFER_ENCODING: Final = Name("transfer-encoding")
 
 
 class Response:
@@ -473,8 +495,8 @@ class _Conn(asyncio.Protocol):
             self.complete = True
             self.keep_alive = False
             raise _Stop
-        length = head.get(b"content-length")
-        encoding = head.get(b"content-encoding")
+        length = head.get(_CONTENT_LENGTH)
+        encoding = head.get(_CONTENT_ENCODING)
         if encoding is None:
             if length is not None and int(length) > self._max_bytes:
                 self.error = TooLarge(int(length))
@@ -482,7 +504,7 @@ class _Conn(asyncio.Protocol):
         else:
             self._decoder = _decoder(encoding)
         if length is None and status != 204 and status != 304:
-            te = head.get(b"transfer-encoding")
+            te = head.get(_TRANSFER_ENCODING)
             self._until_close = te is None or te.rsplit(",", 1)[-1].strip().lower() != "chunked"
 
     def on_body(self, data: bytes) -> None:

@@ -43,6 +43,7 @@ from .client import (
     Head,
     InvalidRequest,
     InvalidResponse,
+    Name,
     TooLarge,
 )
 from .deadlines import Deadlines
@@ -117,6 +118,8 @@ def _not_content_but_redirects(status: int) -> bool:
 
 # Final: compiled, C statics; otherwise each is a lookup in the module's dict on every fetch.
 _SKIP: Final = _not_content
+_CONTENT_TYPE: Final = Name("content-type")
+_LINK: Final = Name("link")
 _SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects
 _current_task: Final = asyncio.current_task
 
@@ -163,11 +166,11 @@ async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeou
         return Failed(Reason.STATUS, f"status {status}", status)
     head = resp.head
     if redirect_body or not 300 <= status < 400:  # a redirect's body is never shown (but as content)
-        charset = charset_of(head.get(b"content-type"))
+        charset = charset_of(head.get(_CONTENT_TYPE))
         text = utf8(body, charset)
         if text is None:
             return Failed(Reason.INVALID, not_text(charset))
         if len(text) > max_bytes:  # transcoding grew it
             return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes as UTF-8")
         body = text
-    return Fetched(status, body, head, assets_of(head.getall(b"link")))
+    return Fetched(status, body, head, assets_of(head.getall(_LINK)))

@@ -40,6 +40,7 @@ from yarl import URL
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood, Result
 from .canary import Analysis
+from .client import Name
 from .config import CACHE_BYTES, Settings
 from .errors import Reason
 from .fragments import Failed, Fetched, Session, fetch
@@ -66,7 +67,7 @@ log = logging.getLogger("composer.fragments")
 # use (a few per fragment).
 monotonic: Final = time.monotonic
 perf_counter: Final = time.perf_counter
-_NESTED: Final = NESTED_HEADER.encode()  # a response's lines are found by their bytes (client.Head)
+_NESTED: Final = Name(NESTED_HEADER)
 
 _ACCEPT_ENCODING = "gzip, deflate, br"  # what every fragment request accepts (SPEC §3)
 # A timing mark (settings.timing_marks): fragment, start and duration in ms from the page's

@@ -37,6 +37,7 @@ from composer.client import (
     ConnectError,
     InvalidRequest,
     InvalidResponse,
+    Name,
     Response,
     TooLarge,
     _Conn,
@@ -678,7 +679,7 @@ async def test_chunked_body_with_trailers(client, raw):
         resp = await get(client, srv.url())
         assert resp.body == b"hello world"
         assert "x-checksum" not in resp.headers  # trailers are read and dropped
-        assert resp.head.get(b"x-checksum") is None and resp.head.get(b"trailer") == "X-Checksum"
+        assert resp.head.get(Name("x-checksum")) is None and resp.head.get(Name("trailer")) == "X-Checksum"
     assert len(srv.conns) == 1  # the framing ended where it should: reused
 
 
@@ -780,10 +781,10 @@ async def test_a_line_is_found_by_its_name_in_any_case_and_decoded_alone(client,
     srv = await raw(lambda conn: serve_forever(conn, None, answer))
     resp = await get(client, srv.url())
     head = resp.head
-    assert head.get(b"content-type") == "text/html"
-    assert head.getall(b"link") == ["</a.css>", "</b.js>"] and head.get(b"link") == "</a.css>"
-    assert head.get(b"x-bytes") == b"\xff".decode("utf-8", "surrogateescape")
-    assert (head.get(b"x-missing"), head.getall(b"x-missing"), head.get(b"content-typ")) == (None, [], None)
+    assert head.get(Name("content-type")) == "text/html"
+    assert head.getall(Name("link")) == ["</a.css>", "</b.js>"] and head.get(Name("link")) == "</a.css>"
+    assert head.get(Name("x-bytes")) == b"\xff".decode("utf-8", "surrogateescape")
+    assert (head.get(Name("x-missing")), head.getall(Name("x-missing")), head.get(Name("content-typ"))) == (None, [], None)
     # Every line, decoded, for whoever reads them all: made once.
     assert list(resp.headers.items())[:2] == [("CONTENT-TYPE", "text/html"), ("lInK", "</a.css>")]
     assert resp.headers is resp.headers is head.headers
