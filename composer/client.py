@@ -285,9 +285,9 @@ class _Conn(asyncio.Protocol):
                  "fut", "headers_done", "idle", "idle_since", "keep_alive", "max_field", "parser", "pool", "requests",
                  "transport")
 
-    # Per request: the header lines read so far (a `Head` takes them at the head's end, and
-    # trailers start a list of their own), the body's pieces (emptied once delivered, and
-    # reused), the head's lines.
+    # Per request: `_raw` the header lines read so far (a `Head` takes them when the head
+    # ends, and trailers start a list of their own), `_chunks` the body's pieces (emptied once
+    # delivered, and reused), `_head` the response's lines.
     _raw: list[tuple[bytes, bytes]]
     _chunks: list[bytes]
     _head: Head
