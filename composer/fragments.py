@@ -118,10 +118,11 @@ def _not_content_but_redirects(status: int) -> bool:
 
 # Final: compiled, C statics; otherwise each is a lookup in the module's dict on every fetch.
 _SKIP: Final = _not_content
-_CONTENT_TYPE: Final = Name("content-type")
-_LINK: Final = Name("link")
 _SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects
 _current_task: Final = asyncio.current_task
+# The lines a fetch reads of a response (client.Head decodes those alone).
+_CONTENT_TYPE: Final = Name("content-type")
+_LINK: Final = Name("link")
 
 
 async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeout: float, max_bytes: int,
