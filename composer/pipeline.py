@@ -190,7 +190,7 @@ class Page:
         headers["x-request-uri"] = request.raw_path
         headers["x-request-host"] = incoming.get("host", "")
         # `Page(...)` with its arguments in order, not `cls(name=...)`: compiled, that is a C call,
-        # where a class object called with sixteen keywords parses them by name (~10 k instructions).
+        # where a class object called with sixteen keywords parses them by name (~6 k instructions).
         return Page(route, {k: unquote(v) for k, v in params.items()}, request_id, headers, public,
                     settings.max_fragment_bytes, monotonic() + settings.page_timeout_ms / 1000, bucket,
                     _overrides(incoming.get(settings.version_override_header or "", "")), started,
