@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from .canary import BUCKET_SET_COOKIE, user_bucket
+from .client import Name
 from .config import Settings
 from .errors import error_page
 from .filters import apply_response
@@ -37,8 +38,9 @@ BARE_500 = error_page(500)
 _CACHE_CONTROL = "no-cache, no-store, must-revalidate"
 _CONTENT_TYPE = "text/html; charset=utf-8"
 _SLICE = 64 * 1024  # the most written to a client at once
-# A primary answering one of these says "no content": the page follows it, empty, like a 3xx.
-_NO_BODY = frozenset({204, 205})
+_SET_COOKIE: Final = Name("set-cookie")  # what a page reads of its primary's header lines
+_LOCATION: Final = Name("location")
+_NO_BODY = frozenset({204, 205})  # a primary's "no content": the page follows it, empty, like a 3xx
 # Moves an async fragment's content from its hidden carrier to the placeholder, and removes both (the
 # placeholder also when nothing came). Its stylesheets stay outside: a moved <link> is fetched again.
 _MOVE_SCRIPT = (
@@ -67,9 +69,8 @@ class Composer:
             span = self.tracing.page("compose_page", request.headers, {
                 "http.request.method": request.method, "http.route": route.name, "url.path": request.path,
                 "composer.template": route.template.name if route.template else ""})
-        return Page.of(request, route.name, params, settings, request_id=request_id, bucket=bucket,
-                       started=started, span=span,
-                       fragments=len(route.template.fragments) if route.template else 0)
+        return Page.of(request, route.name, params, settings, request_id=request_id, bucket=bucket, started=started,
+                       span=span, fragments=len(route.template.fragments) if route.template else 0)
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
                       settings: Settings, request_id: str) -> web.StreamResponse:
@@ -207,12 +208,12 @@ def _head(route: Route, template: Template, outcome: Outcome | None, headers: CI
             status, body = 500, BARE_500
         elif outcome.source == "src":
             status = outcome.status
-            assert outcome.headers is not None
-            for cookie in outcome.headers.getall("set-cookie", ()):
+            assert outcome.head is not None
+            for cookie in outcome.head.getall(_SET_COOKIE):
                 headers.add("set-cookie", cookie)
             if 300 <= status < 400 or status in _NO_BODY:
-                if "location" in outcome.headers:
-                    headers["location"] = outcome.headers["location"]
+                if (location := outcome.head.get(_LOCATION)) is not None:
+                    headers["location"] = location
                 del headers["content-type"]
                 body = b""
         if body is None and (outcome.assets or outcome.preload):

@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Final, Literal
 from urllib.parse import unquote
 
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood, Result
 from .canary import Analysis
-from .client import Name
+from .client import Head, Name
 from .config import CACHE_BYTES, Settings
 from .errors import Reason
 from .fragments import Failed, Fetched, Session, fetch
@@ -85,10 +85,11 @@ class Outcome:
     body: bytes = b""
     assets: tuple[Asset, ...] = ()
     status: int = 0
-    # A primary's response headers (they decide the page), else None: an outcome waits, held,
-    # until the fragments before it are written, and headers weigh ~1.6 KB, a body's worth.
+    # A primary's response header lines (they decide the page), else None: an outcome waits,
+    # held, until the fragments before it are written. As llhttp gave them: the page reads two
+    # names of them (`Head.get`), and a multidict of all would cost ~7 k instructions a page.
     # (Under compat: tailor any fragment's until its assets are read from them.)
-    headers: CIMultiDictProxy[str] | None = None
+    head: Head | None = None
     version: str = ""  # the version chosen for the page (its fallback shows for it)
     # A nested fragment (SPEC §6): its body's bytes and its fragments' outcomes, in order;
     # empty for any other, whose `body` is shown.
@@ -98,14 +99,14 @@ class Outcome:
     preload: tuple[Asset, ...] | None = None
 
     def __init__(self, source: Literal["src", "fallback-src", "inline", "none"], body: bytes = b"",
-                 assets: tuple[Asset, ...] = (), status: int = 0, headers: CIMultiDictProxy[str] | None = None,
+                 assets: tuple[Asset, ...] = (), status: int = 0, head: Head | None = None,
                  version: str = "", parts: tuple[bytes | tuple[Fragment, Outcome], ...] = (),
                  preload: tuple[Asset, ...] | None = None) -> None:
         self.source = source
         self.body = body
         self.assets = assets
         self.status = status
-        self.headers = headers
+        self.head = head
         self.version = version
         self.parts = parts
         self.preload = preload
@@ -282,7 +283,7 @@ class Pipeline:
                 self._count(fragment, page, version, analysed, how, failure)
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
                 outcome = Outcome("src", answer.body, answer.assets, answer.status,
-                                  answer.headers if fragment.primary or fragment.pipe is not None else None, version)
+                                  answer.head if fragment.primary or fragment.pipe is not None else None, version)
                 if isinstance(nested, Template):
                     assert url is not None
                     outcome = await self.nesting.compose(nested, fragment, page, outcome, url, started, span)
@@ -485,13 +486,13 @@ def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:
     if outcome.source == "none":
         return outcome
     limit = pipe.limit
-    found = tailor_assets(outcome.headers, limit) if outcome.headers is not None else capped(outcome.assets, limit)
-    head, tail, kept = pipe.wrap(found)
+    found = tailor_assets(outcome.head.headers, limit) if outcome.head is not None else capped(outcome.assets, limit)
+    start, end, kept = pipe.wrap(found)
     preload = tuple(sorted(found, key=lambda a: a.kind != "stylesheet")) if primary else None
-    headers = outcome.headers if primary else None  # read: only a primary's are needed now
+    lines = outcome.head if primary else None  # read: only a primary's are needed now
     if outcome.parts:  # a nested fragment: its parts are shown, not its body
-        return replace(outcome, assets=kept, parts=(head, *outcome.parts, tail), preload=preload, headers=headers)
-    return replace(outcome, assets=kept, body=b"".join((head, outcome.body, tail)), preload=preload, headers=headers)
+        return replace(outcome, assets=kept, parts=(start, *outcome.parts, end), preload=preload, head=lines)
+    return replace(outcome, assets=kept, body=b"".join((start, outcome.body, end)), preload=preload, head=lines)
 
 
 def _budget(fragment: Fragment, page: Page) -> float:
