@@ -27,7 +27,7 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    once, includes passed). wrk and this script run on CPU 1. Checks that every page, through
    each system, is a 200 holding every fragment's content (sync ones in document order), and
    that the warm-up wrk run of each page had no non-2xx responses or socket errors.
-5. For each page × concurrency (page0, page20, page100, page1mb: 16, 64; page5: 16, 64, 256): a
+5. For each page × concurrency (page0, page1, page20, page100, page1mb: 16, 64; page5: 16, 64, 256): a
    warm-up, then `--rounds` rounds of `--duration` s of wrk per system, rotating which goes
    first, each run after `--settle` s of the same load, unmeasured. The median round (by req/s)
    of each system is reported; every round is in RESULTS.md. Per run: req/s, p50/p99 (wrk
@@ -45,8 +45,10 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
 7. Time to first byte: a raw-socket client (one connection per sample, sequential, N samples)
    on page5np (no primary) and page5, while fragments are pending.
 8. CPU per page for every page, and per fragment = (cpu(pageN) − cpu(page0)) / N, also against
-   page20's; and composer's CPU per page over each peer's round by round (median and range: a
-   round measures every system back to back, so the machine's drift between rounds cancels).
+   page20's; what each extra fragment costs, (cpu(page20) − cpu(page1)) / 19 (page1 is page20
+   with its first fragment only), and what the first one costs over page0; and composer's CPU per
+   page over each peer's round by round (median and range: a round measures every system back to
+   back, so the machine's drift between rounds cancels).
 9. The physical floor: wrk straight at page5's slowest synchronous fragment (50 ms) at c16.
 10. composer --workers 2 (unpinned: wrk and the fragment server share a core with it) on
    page20 at c64, against the one-process figure (not with --no-scaling).
@@ -90,7 +92,7 @@ WORK = HERE / ".work"
 TAILOR = "node-tailor"
 TAILOR_VERSION = "3.9.2"
 CANON_ORIGIN = "127.0.0.1:9800"  # what bench/templates/*.html say
-CONNS = {"page0": (16, 64), "page5": (16, 64, 256), "page20": (16, 64), "page100": (16, 64), "page1mb": (16, 64)}
+CONNS = {"page0": (16, 64), "page1": (16, 64), "page5": (16, 64, 256), "page20": (16, 64), "page100": (16, 64), "page1mb": (16, 64)}
 # page20 at these too, one round each, for composer and nginx: CPU per page against how busy the
 # proxy is (with page20's own 16 and 64, the curve; see Report.curve_table).
 CURVE = (4, 8, 32)
@@ -1196,6 +1198,29 @@ class Report:
                     lines.append(f"| {page} ({n}) at c{conns} | " + " | ".join(cells) + " |")
         return lines if len(lines) > 2 else []
 
+    def extra_fragment(self) -> list[str]:
+        """What the 2nd to 20th fragments of page20 cost each, (cpu(page20) − cpu(page1)) / 19, and what
+        a page's first fragment costs over page0 beyond that: the same markup, the same fragments, so
+        the difference is fragments only. (pageN − page0) / N charges every fragment a share of the
+        first one's: the page's task, its stream and its extra writes."""
+        lines = ["| conns | " + " | ".join(f"{self.label(s)} µs per extra fragment | {self.label(s)} first fragment, "
+                                           "µs over page0" for s in self.systems) + " |",
+                 "|---:|" + "---:|---:|" * len(self.systems)]
+        for conns in (16, 64):
+            cells = []
+            for s in self.systems:
+                r0, r1, r20 = (self.median(s, p, conns) for p in ("page0", "page1", "page20"))
+                if r1 is None or r20 is None:
+                    cells.append("– | –")
+                    continue
+                n = self.fragment_counts.get("page20", 20) - self.fragment_counts.get("page1", 1)
+                extra = (r20.cpu_ms_per_page - r1.cpu_ms_per_page) / n * 1000
+                first = f"{(r1.cpu_ms_per_page - r0.cpu_ms_per_page) * 1000:.0f}" if r0 is not None else "–"
+                cells.append(f"**{extra:.1f}** | {first}")
+            if any(c != "– | –" for c in cells):
+                lines.append(f"| {conns} | " + " | ".join(cells) + " |")
+        return lines if len(lines) > 2 else []
+
     def method(self) -> list[str]:
         """What each system is and what it does and does not do (also in bench/RESULTS.md)."""
         out = []
@@ -1239,7 +1264,8 @@ class Report:
                "Fragment responses carry no Cache-Control, so composer's fragment cache stores nothing: every "
                "page fetches every fragment; nginx and Varnish do not cache them either."),
                ("- Pages: page0 = 2.5 KB of markup, no fragment; page5 = 5 fragments (2–10 KB, 5–50 ms, one "
-               "primary, one async); page20 = 20 × 2 KB after 10 ms; page100 = the same layout with 100 × 2 KB; "
+               "primary, one async); page20 = 20 × 2 KB after 10 ms; page1 = page20 with its first (primary) "
+               "fragment only, the same markup around it; page100 = the same layout with 100 × 2 KB; "
                "page1mb = page0's markup around one 1 MiB fragment (10 ms). nginx and Varnish get the same "
                "templates with each `<fragment>` rewritten to their include tag (primary/async dropped)."),
                *self.method(),
@@ -1290,6 +1316,14 @@ class Report:
                     "page20 fragment does). page5's fragments are 2–10 KB and one is async; page1mb's one "
                     "fragment is 1 MiB, so its figure is the cost of moving 1 MiB through the proxy."), "",
                     *per_fragment, ""]
+        extra = self.extra_fragment()
+        if extra:
+            out += ["## What each extra fragment costs (page1 → page20)", "",
+                    ("From the median rounds above. page1 is page20 with only its first fragment (the "
+                     "primary), around the same markup: per extra fragment = (CPU ms/page of page20 − that "
+                     "of page1) / 19, the cost of the 2nd to 20th fragments; first fragment = page1 − page0, "
+                     "what a page pays to fetch and stream any fragment at all (its own fetch included). "
+                     "The table above spreads that first cost over all N."), "", *extra, ""]
         if self.curve:
             out += ["## CPU per page against load (page20)", "",
                     ("page20 at more concurrencies, one round each (c16 and c64: the median rounds above). "
