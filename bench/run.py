@@ -1323,7 +1323,10 @@ class Report:
                      "primary), around the same markup: per extra fragment = (CPU ms/page of page20 − that "
                      "of page1) / 19, the cost of the 2nd to 20th fragments; first fragment = page1 − page0, "
                      "what a page pays to fetch and stream any fragment at all (its own fetch included). "
-                     "The table above spreads that first cost over all N."), "", *extra, ""]
+                     "The table above spreads that first cost over all N. page1 leaves a proxy's core idle "
+                     "more of the time than page20 does, and a partly idle core costs more per page (bench/"
+                     "PROFILE.md, eighteenth pass): if anything, the extra fragment reads low and the first "
+                     "one high."), "", *extra, ""]
         if self.curve:
             out += ["## CPU per page against load (page20)", "",
                     ("page20 at more concurrencies, one round each (c16 and c64: the median rounds above). "
