@@ -92,7 +92,8 @@ WORK = HERE / ".work"
 TAILOR = "node-tailor"
 TAILOR_VERSION = "3.9.2"
 CANON_ORIGIN = "127.0.0.1:9800"  # what bench/templates/*.html say
-CONNS = {"page0": (16, 64), "page1": (16, 64), "page5": (16, 64, 256), "page20": (16, 64), "page100": (16, 64), "page1mb": (16, 64)}
+CONNS = {"page0": (16, 64), "page1": (16, 64), "page5": (16, 64, 256), "page20": (16, 64), "page100": (16, 64),
+         "page1mb": (16, 64)}
 # page20 at these too, one round each, for composer and nginx: CPU per page against how busy the
 # proxy is (with page20's own 16 and 64, the curve; see Report.curve_table).
 CURVE = (4, 8, 32)
@@ -1199,10 +1200,10 @@ class Report:
         return lines if len(lines) > 2 else []
 
     def extra_fragment(self) -> list[str]:
-        """What the 2nd to 20th fragments of page20 cost each, (cpu(page20) − cpu(page1)) / 19, and what
-        a page's first fragment costs over page0 beyond that: the same markup, the same fragments, so
-        the difference is fragments only. (pageN − page0) / N charges every fragment a share of the
-        first one's: the page's task, its stream and its extra writes."""
+        """What the 2nd to 20th fragments of page20 cost each, (cpu(page20) − cpu(page1)) / 19: the same
+        markup, the same fragments, so the difference is fragments only; and page1 − page0, the first
+        fragment with all a page pays to have one (its `Page`, its stream, its extra writes), which
+        (pageN − page0) / N shares out over every fragment."""
         lines = ["| conns | " + " | ".join(f"{self.label(s)} µs per extra fragment | {self.label(s)} first fragment, "
                                            "µs over page0" for s in self.systems) + " |",
                  "|---:|" + "---:|---:|" * len(self.systems)]
