@@ -766,7 +766,7 @@ def start_tailor(procs: Processes, templates: Path) -> System:
 
 # ------------------------------------------------------------------------ nginx SSI, Varnish ESI
 
-_FRAGMENT = re.compile(r"<fragment\b([^>]*)>\s*</fragment>")
+FRAGMENT = re.compile(r"<fragment\b([^>]*)>\s*</fragment>")
 
 
 def peer_page(template: str, kind: str) -> str:
@@ -784,7 +784,7 @@ def peer_page(template: str, kind: str) -> str:
         if kind == "ssi":
             return f'<!--# include virtual="/frag/{target[3:]}" -->'
         return f'<esi:include src="{target}"/>'
-    return _FRAGMENT.sub(include, template)
+    return FRAGMENT.sub(include, template)
 
 
 def write_peer_pages(templates: Path, dest: Path, kind: str, suffix: str) -> None:
@@ -1518,7 +1518,7 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
     fport = free_port()
     routes = prepare_work(fport)
     templates = WORK / "templates"
-    report.fragment_counts = {p.stem: len(_FRAGMENT.findall(p.read_text())) for p in templates.glob("*.html")}
+    report.fragment_counts = {p.stem: len(FRAGMENT.findall(p.read_text())) for p in templates.glob("*.html")}
     esi_pages = args.tmp / "esi-pages"  # served at /p/NAME for Varnish
     write_peer_pages(templates, esi_pages, "esi", ".html")
     fragment_server = procs.start(f"fragment server ({kind})",

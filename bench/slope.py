@@ -16,7 +16,7 @@ median round of each is reported; composer (one process, uvloop) on CPU 0, the f
 from __future__ import annotations
 
 import argparse
-import re
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -26,33 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ab
 import run
 
-_FRAGMENT = re.compile(r"(<fragment [^>]*></fragment>)")
+
+def first(template: str, n: int) -> str:
+    """`template` with only its first `n` fragments (the markup around the others kept)."""
+    seen = itertools.count()
+    return run.FRAGMENT.sub(lambda tag: tag[0] if next(seen) < n else "", template)
 
 
 def pages(routes: Path, counts: list[int]) -> None:
     """Add `/slopeN` to the work copy of the routes: page20 with its first N fragments."""
     templates = routes.parent / "templates"
-    parts = _FRAGMENT.split((templates / "page20.html").read_text())
+    page20 = (templates / "page20.html").read_text()
     lines = []
     for n in counts:
-        kept, out = 0, []
-        for part in parts:
-            if _FRAGMENT.fullmatch(part):
-                kept += 1
-                if kept > n:
-                    continue
-            out.append(part)
-        (templates / f"slope{n}.html").write_text("".join(out))
+        (templates / f"slope{n}.html").write_text(first(page20, n))
         lines.append(f"  - {{name: slope{n}, match: {{path: /slope{n}}}, template: slope{n}.html}}\n")
     text = routes.read_text()
     routes.write_text(text.replace("routes:\n", "routes:\n" + "".join(lines), 1))
-
-
-def fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
-    """Least-squares slope and intercept."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return slope, my - slope * mx
 
 
 def main() -> int:
@@ -72,7 +62,7 @@ def main() -> int:
         routes = ab.fragments(procs, "slope")
         pages(routes, counts)
         composer, port = ab.start(procs, Path(args.checkout), routes, "slope", args.python)
-        pids = run.tree(composer.popen.pid)
+        pids = run.tree(composer.pid)
         print(f"composer checkout: {args.checkout}\nCPU µs a page, by its number of fragments N\n\n| conns | "
               + " | ".join(f"N={n}" for n in counts)
               + " | µs per fragment (fit over 1–20) | first fragment, µs over none |\n"
@@ -83,15 +73,16 @@ def main() -> int:
                 for n in counts:
                     url = f"http://127.0.0.1:{port}/slope{n}"
                     run.run_wrk(procs, url, conns, 1)  # settle
-                    before = run.cpu_split(pids)
+                    before = run.cpu_seconds(pids)
                     wrk = run.run_wrk(procs, url, conns, args.duration)
-                    after = run.cpu_split(pids)
+                    after = run.cpu_seconds(pids)
                     if wrk.non2xx or wrk.socket_errors:
                         raise run.BenchError(f"{url}: {wrk.non2xx} non-2xx, {wrk.socket_errors} socket errors")
-                    cpu[n].append((sum(after) - sum(before)) / wrk.requests * 1e6)
+                    cpu[n].append((after - before) / wrk.requests * 1e6)
             us = {n: statistics.median(cpu[n]) for n in counts}
             some = [n for n in counts if n >= 1]
-            slope = fit(some, [us[n] for n in some])[0] if len(some) >= 2 else float("nan")
+            slope = statistics.linear_regression(some, [us[n] for n in some]).slope if len(some) >= 2 \
+                else float("nan")
             first = us[1] - us[0] if 0 in us and 1 in us else float("nan")
             print(f"| {conns} | " + " | ".join(f"{us[n]:.0f}" for n in counts) + f" | **{slope:.1f}** | {first:.0f} |",
                   flush=True)
