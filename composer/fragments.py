@@ -16,7 +16,7 @@ not decompress (or whose gzip or br stream ends early), or text that is not in i
 is INVALID.
 
 Pages are UTF-8, so bodies are too: `charset.utf8` checks or transcodes each body (a 3xx
-body is never shown, so it is not checked), and `links.parse_assets` reads the stylesheets
+body is never shown, so it is not checked), and `links.assets_of` reads the stylesheets
 and scripts its `Link` headers declare.
 
 Pooled keep-alive connections are not trusted blindly: a service that sends more than it
