@@ -49,7 +49,7 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import brotli
 import httptools
@@ -57,7 +57,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = ["KEEPALIVE", "LIMIT_PER_HOST", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
-           "Head", "InvalidRequest", "InvalidResponse", "Name", "Response", "TooLarge"]
+           "Connection", "Head", "InvalidRequest", "InvalidResponse", "Name", "Response", "Stale", "TooLarge", "Waiter"]
 
 # Final: compiled, each is a constant, not a lookup in the module's dict (per header line).
 KEEPALIVE: Final = 30.0
@@ -104,8 +104,20 @@ class TooLarge(ClientError):
         self.declared = declared
 
 
-class _Stale(ConnectError):
+class Stale(ConnectError):
     """A reused connection was closed before any byte of the response."""
+
+
+class Waiter(Protocol):
+    """Who gets a request's answer from its connection's callbacks: an `asyncio.Future` (a
+    `get`), or `Client.send`'s caller, called back at once rather than woken a loop turn later.
+    `done()`: no longer waiting (an answer then is dropped)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Response | None, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 class _Stop(Exception):
@@ -302,7 +314,7 @@ class _Conn(asyncio.Protocol):
         # the cyclic collector, which would have to find it: see server.tune_gc).
         self.parser: httptools.HttpResponseParser | None = None
         self.max_field = pool.client.max_field_size
-        self.fut: asyncio.Future[Response | None] | None = None
+        self.fut: Waiter | None = None
         self.idle = False
         self.idle_since = 0.0
         self.closed = False
@@ -314,11 +326,11 @@ class _Conn(asyncio.Protocol):
         self._raw = []
         self._chunks = []
         self._head = _NO_LINES
+        self._response = None
 
     # -------- the caller's side
 
-    def send(self, fut: asyncio.Future[Response | None], data: bytes, max_bytes: int,
-             skip: Callable[[int], bool] | None) -> None:
+    def send(self, fut: Waiter, data: bytes, max_bytes: int, skip: Callable[[int], bool] | None) -> None:
         """Write the request; `fut` gets its response (or error)."""
         self.fut = fut
         self.requests += 1
@@ -389,18 +401,20 @@ class _Conn(asyncio.Protocol):
         fut = self.fut
         assert fut is not None
         self.fut = None
-        error = self.error
+        error, response = self.error, self._response
+        self._response = None  # nothing kept while idle
+        self._head = _NO_LINES
+        self._chunks.clear()  # (reused by the next request: never handed out, unlike a head's lines)
+        self._raw.clear()
+        # Last: a `Client.send` waiter is called back here, and may give this connection back
+        # to its pool, where the next request can be written on it at once.
         if error is not None:
             self.error = None  # handed over: its traceback's frames hold this connection
             self.keep_alive = False
             if not fut.done():  # else cancelled: its owner closes the connection
                 fut.set_exception(error)
-        elif not fut.done() and self._response is not None:
-            fut.set_result(self._response)
-        self._response = None  # nothing kept while idle
-        self._head = _NO_LINES
-        self._chunks.clear()  # (reused by the next request: never handed out, unlike a head's lines)
-        self._raw.clear()
+        elif not fut.done() and response is not None:
+            fut.set_result(response)
 
     def eof_received(self) -> bool | None:
         self._lost(None)
@@ -436,7 +450,7 @@ class _Conn(asyncio.Protocol):
         elif not self.headers_done:
             if not self._received:
                 if self.requests > 1:
-                    self.error = _Stale(f"reused connection closed before the response{why}")
+                    self.error = Stale(f"reused connection closed before the response{why}")
                 else:
                     self.error = ConnectError(f"connection closed before the response{why}")
             else:
@@ -545,6 +559,9 @@ class _Conn(asyncio.Protocol):
 
 
 # ---------------------------------------------------------------- pools
+
+Connection = _Conn  # what `Client.send` hands its caller, to give back
+
 
 class _Ticket:
     """A caller waiting for a connection, with the request it will send. A connection coming
@@ -690,13 +707,15 @@ class _Pool:
         return ticket
 
     def abandon(self, share: str | None, conn: _Conn | None, ticket: _Ticket | None,
-                fut: asyncio.Future[Response | None]) -> None:
+                fut: asyncio.Future[Response | None] | None) -> None:
         """A caller gave up (cancelled, timed out) or its request failed: its connection is
         closed, never reused; a slot handed to it is passed on; a waiter leaves the queue."""
         if conn is None and ticket is not None:
             conn = ticket.conn
         if conn is not None:
             conn.close()
+        elif fut is None:  # pragma: no cover - a connection or a future is always given
+            return
         elif not fut.done() or fut.cancelled() or fut.exception() is not None:
             fut.cancel()  # (if still queued: passed over when it comes up)
             return
@@ -809,15 +828,7 @@ class Client:
         if self._closed:
             raise ConnectError("client is closed")
         loop = self.loop
-        # The request's bytes are its URL's first lines (made once per URL object) and the
-        # header lines: a page's fragments share one headers object, asked for in a burst, so
-        # those are made once a page (the object is kept, so `is` cannot match another;
-        # callers never change headers they passed).
-        pool, with_host, without_host = self._where(url, loop)
-        last = self._last
-        if last is None or last[0] is not headers:
-            last = self._last = (headers, *_lines(headers))
-        data = (without_host if last[2] else with_host) + last[1]
+        pool, data = self._request(url, headers, loop)
         fut: asyncio.Future[Response | None] = loop.create_future()
         conn = pool.take(share, loop.time() - self.keepalive)
         ticket = None
@@ -829,9 +840,9 @@ class Client:
         while True:
             try:
                 response = await fut
-            except _Stale:
+            except Stale:
                 # The server had closed this pooled connection; one more try, on a new one
-                # (a _Stale comes only from a reused connection, never twice in a row).
+                # (a Stale comes only from a reused connection, never twice in a row).
                 if retried:  # pragma: no cover - defensive
                     raise
                 retried = True
@@ -858,6 +869,45 @@ class Client:
             conn = ticket.conn
         pool.finish(share, conn)
         return response
+
+    def send(self, url: URL, headers: CIMultiDict[str], waiter: Waiter, *, max_bytes: int,
+             skip_body: Callable[[int], bool], share: str) -> Connection | None:
+        """`get` without a coroutine, for a caller that has its own (`pipeline.Flight`): the
+        request written now on an idle pooled connection, its answer handed to `waiter` from the
+        connection's callbacks (a `Stale` error: the server had closed it, try `get`). None, and
+        nothing sent, when no idle connection may be had. The caller then gives the connection
+        back (`finish`) once answered, or drops it (`drop`)."""
+        if self._closed:
+            return None
+        loop = self.loop
+        pool, data = self._request(url, headers, loop)
+        conn = pool.take(share, loop.time() - self.keepalive)
+        if conn is not None:
+            conn.send(waiter, data, max_bytes, skip_body)
+        return conn
+
+    @staticmethod
+    def finish(conn: Connection, share: str) -> None:
+        """`send`'s answer was read whole: the connection back to its pool (or closed)."""
+        conn.pool.finish(share, conn)
+
+    @staticmethod
+    def drop(conn: Connection, share: str) -> None:
+        """`send`'s caller gave up, or its answer was an error: the connection is closed, never
+        reused, and its slot passed on."""
+        conn.pool.abandon(share, conn, None, None)
+
+    def _request(self, url: URL, headers: CIMultiDict[str] | None,
+                 loop: asyncio.AbstractEventLoop) -> tuple[_Pool, bytes]:
+        """`url`'s pool and the request's bytes: its URL's first lines (made once per URL object)
+        and the header lines. A page's fragments share one headers object, asked for in a burst,
+        so those are made once a page (the object is kept, so `is` cannot match another; callers
+        never change headers they passed)."""
+        pool, with_host, without_host = self._where(url, loop)
+        last = self._last
+        if last is None or last[0] is not headers:
+            last = self._last = (headers, *_lines(headers))
+        return pool, (without_host if last[2] else with_host) + last[1]
 
     def _where(self, url: URL, loop: asyncio.AbstractEventLoop) -> tuple[_Pool, bytes, bytes]:
         """`url`'s pool and the first lines of its request, with a Host line and without (for

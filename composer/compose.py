@@ -4,16 +4,17 @@
 the status and headers, writes the head, then walks the compiled chunks in document order:
 literal bytes go out as soon as nothing before them is pending, each fragment when it is
 ready, and async fragments, in completion order, just before `</body>`. What a fragment
-shows is an `Outcome`, a value decided by `pipeline.Pipeline.resolve`: this module streams
-pages and knows nothing of fetching, caches, breakers or fallbacks. A template without
-fragments or client signals has nothing to stream: it is answered whole, in one write.
+shows is an `Outcome`, a value decided by `pipeline.Pipeline.resolve` (in a task) or by a
+`pipeline.Flight` (the common fragment, without one): this module streams pages and knows
+nothing of fetching, caches, breakers or fallbacks. A template without fragments or client
+signals has nothing to stream: it is answered whole, in one write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -24,7 +25,7 @@ from .config import Settings
 from .errors import error_page
 from .filters import apply_response
 from .links import Asset
-from .pipeline import Mark, Outcome, Page, Pipeline, marks_script
+from .pipeline import Flight, Mark, Outcome, Page, Pipeline, marks_script
 from .routing import Route
 from .signals import PageSignals
 from .template import ASYNC_SLOT, Fragment, Template
@@ -40,6 +41,7 @@ _CONTENT_TYPE = "text/html; charset=utf-8"
 _SLICE = 64 * 1024  # the most written to a client at once
 _SET_COOKIE: Final = Name("set-cookie")  # what a page reads of its primary's header lines
 _LOCATION: Final = Name("location")
+_Task = asyncio.Task[Outcome]  # the primary's and async fragments' (never a `Flight`)
 _NO_BODY = frozenset({204, 205})  # a primary's "no content": the page follows it, empty, like a 3xx
 # Moves an async fragment's content from its hidden carrier to the placeholder, and removes both (the
 # placeholder also when nothing came). Its stylesheets stay outside: a moved <link> is fetched again.
@@ -74,9 +76,8 @@ class Composer:
 
     async def compose(self, request: web.BaseRequest, route: Route, params: dict[str, str],
                       settings: Settings, request_id: str) -> web.StreamResponse:
-        """Answer `request` (known as `request_id`) with the route's template; fragment tasks never
-        outlive this call. `params` are the route's raw path captures; `settings` those of the
-        route's table."""
+        """Answer `request` (`request_id`) with the route's template, given its raw path captures
+        (`params`) and its table's `settings`; no fragment's fetch outlives this call."""
         template = route.template
         assert template is not None
         bucket, new_bucket = user_bucket(request) if template.versioned else (-1, False)
@@ -87,12 +88,12 @@ class Composer:
         # A page that fetches nothing (and is not traced) needs no fragment context.
         page = self._page(request, route, params, settings, bucket, started, request_id) \
             if wanted or self.tracing is not None else None
-        tasks: dict[int, asyncio.Task[Outcome]] = {}
+        tasks: dict[int, asyncio.Task[Outcome] | Flight] = {}
         if page is not None:
             loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
-            resolve = self.pipeline.resolve
-            # Named by the fragment: the loop's create_task would format a "Task-N" for each.
-            tasks = {f.index: asyncio.Task(resolve(f, page), loop=loop, name=f.id) for f in wanted}
+            pipeline = self.pipeline  # a task each (named: create_task would format "Task-N"), but a `Flight`
+            tasks = {f.index: pipeline.start(f, page) or asyncio.Task(pipeline.resolve(f, page), loop=loop, name=f.id)
+                     for f in wanted}
         span = page.span if page is not None else None
         status = 0
         try:
@@ -100,7 +101,7 @@ class Composer:
             if new_bucket:
                 headers.add("set-cookie", BUCKET_SET_COOKIE.format(bucket))
             status = 200  # the span's, should the page go away while its primary is awaited
-            primary = await tasks[template.primary.index] if template.primary is not None else None
+            primary = await cast(_Task, tasks[template.primary.index]) if template.primary is not None else None
             status, body = _head(route, template, primary, headers, settings.server_timing, started)
             if body is not None:  # the head is the whole answer
                 return web.Response(status=status, body=body or None, headers=headers)
@@ -111,13 +112,11 @@ class Composer:
                 return whole
             response = _Streamed(status=status, headers=headers)
             await response.prepare(request)
-            if not head_only:
-                signals = PageSignals(route.name, request_id, settings.client_signals_sample) \
-                    if template.client_signals else None
-                # The page's last bytes go out with the chunked terminator: one write, not two.
-                await response.write_eof(await self._stream(response, template, tasks, page.marks if page else None, signals))
-            else:
-                await response.write_eof()
+            signals = PageSignals(route.name, request_id, settings.client_signals_sample) \
+                if template.client_signals and not head_only else None
+            # The page's last bytes go out with the chunked terminator: one write, not two. (HEAD: none.)
+            await response.write_eof(b"" if head_only else await self._stream(
+                response, template, tasks, page.marks if page else None, signals))
             return response
         except BaseException as exc:
             if span is not None and self.tracing is not None:
@@ -131,7 +130,7 @@ class Composer:
                 span.end()
 
     async def _stream(self, response: web.StreamResponse, template: Template,
-                      tasks: dict[int, asyncio.Task[Outcome]],
+                      tasks: dict[int, asyncio.Task[Outcome] | Flight],
                       marks: list[Mark] | None, signals: PageSignals | None) -> bytes:
         """Write the page in order as fragments get ready; return the bytes still to write.
         With `signals`, each fragment's markup sits between its marker comments."""
@@ -156,7 +155,8 @@ class Composer:
                 task = tasks[chunk.index]
                 if not task.done():
                     await _flush(response, out)
-                _render(await task, seen, out, chunk, signals)
+                    await (task.wait() if isinstance(task, Flight) else task)
+                _render(task.result(), seen, out, chunk, signals)
                 del tasks[chunk.index]  # its outcome (and body) is freed once written
         if signals is not None and not signals.written:  # a template without </body>
             out.append(signals.block())
@@ -165,9 +165,9 @@ class Composer:
         return b"".join(out)
 
     async def _stream_async(self, response: web.StreamResponse, template: Template,
-                            tasks: dict[int, asyncio.Task[Outcome]], seen: set[str],
+                            tasks: dict[int, asyncio.Task[Outcome] | Flight], seen: set[str],
                             signals: PageSignals | None) -> None:
-        pending = {tasks[f.index]: f for f in template.async_fragments}
+        pending = {cast(_Task, tasks[f.index]): f for f in template.async_fragments}
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             out: list[bytes] = []

@@ -44,13 +44,14 @@ from .client import (
     InvalidRequest,
     InvalidResponse,
     Name,
+    Response,
     TooLarge,
 )
 from .deadlines import Deadlines
 from .errors import Reason
 from .links import Asset, assets_of
 
-__all__ = ["Failed", "Fetched", "Session", "fetch", "new_session"]
+__all__ = ["SKIP", "Failed", "Fetched", "Session", "answer", "failed", "fetch", "new_session"]
 
 
 @dataclass(slots=True)
@@ -117,7 +118,7 @@ def _not_content_but_redirects(status: int) -> bool:
 
 
 # Final: compiled, C statics; otherwise each is a lookup in the module's dict on every fetch.
-_SKIP: Final = _not_content
+SKIP: Final = _not_content  # (also for `Client.send`: a fetch that is no primary's, not under compat: tailor)
 _SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects
 _current_task: Final = asyncio.current_task
 # The lines a fetch reads of a response (client.Head decodes those alone).
@@ -139,28 +140,38 @@ async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeou
     assert task is not None
     cancelling = task.cancelling()
     deadlines = session.deadlines
-    deadline = deadlines.add(task, timeout)
+    deadline = deadlines.add(task.cancel, timeout)
     try:
         resp = await session.get(url, headers, max_bytes=max_bytes, share=share,
-                                 skip_body=_SKIP_BUT_REDIRECTS if allow_redirect or redirect_body else _SKIP)
+                                 skip_body=_SKIP_BUT_REDIRECTS if allow_redirect or redirect_body else SKIP)
     except asyncio.CancelledError:
         if not deadlines.passed(deadline) or task.uncancel() > cancelling:
             raise  # the page went away (or someone besides our deadline cancelled it)
         return Failed(Reason.TIMEOUT, f"no complete response within {timeout * 1000:.0f} ms")
-    except TooLarge as large:  # (one name per clause: a compiled build types each name once)
-        if large.declared is not None:
-            return Failed(Reason.TOO_LARGE, f"content-length {large.declared} > {max_bytes}")
-        return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes")
-    except InvalidResponse as invalid:
-        return Failed(Reason.INVALID, f"bad response: {invalid}")
-    except InvalidRequest as refused:
-        return Failed(Reason.INVALID, f"bad request: {refused}")
     except (ClientError, OSError) as exc:
-        # Refused, reset, or closed before the response ended (short of Content-Length, or
-        # mid-chunk): the connection failed.
-        return Failed(Reason.CONNECTION, str(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}")
+        return failed(exc, max_bytes)
     finally:
-        deadlines.remove(task, deadline)
+        deadlines.remove(task.cancel, deadline)
+    return answer(resp, max_bytes, redirect_body)
+
+
+def failed(exc: BaseException, max_bytes: int) -> Failed:
+    """What the client's error `exc` (a ClientError or OSError) makes of a fetch."""
+    if isinstance(exc, TooLarge):
+        if exc.declared is not None:
+            return Failed(Reason.TOO_LARGE, f"content-length {exc.declared} > {max_bytes}")
+        return Failed(Reason.TOO_LARGE, f"body larger than {max_bytes} bytes")
+    if isinstance(exc, InvalidResponse):
+        return Failed(Reason.INVALID, f"bad response: {exc}")
+    if isinstance(exc, InvalidRequest):
+        return Failed(Reason.INVALID, f"bad request: {exc}")
+    # Refused, reset, or closed before the response ended (short of Content-Length, or
+    # mid-chunk): the connection failed.
+    return Failed(Reason.CONNECTION, str(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}")
+
+
+def answer(resp: Response, max_bytes: int, redirect_body: bool = False) -> Fetched | Failed:
+    """A whole response as what a fetch makes of it (see `fetch`)."""
     status = resp.status
     body = resp.body
     if body is None:  # 5xx, or an unasked-for 3xx: the body was not read

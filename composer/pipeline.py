@@ -27,7 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Final, Literal
@@ -40,10 +40,10 @@ from yarl import URL
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood, Result
 from .canary import Analysis
-from .client import Head, Name
+from .client import Connection, Head, Name, Response, Stale
 from .config import CACHE_BYTES, Settings
 from .errors import Reason
-from .fragments import Failed, Fetched, Session, fetch
+from .fragments import SKIP, Failed, Fetched, Session, answer, failed, fetch
 from .links import Asset
 from .links import preload as preload_header
 from .metrics import Metrics
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
     from .tracing import Tracing
 
-__all__ = ["Mark", "Outcome", "Page", "Pipeline", "marks_script"]
+__all__ = ["Flight", "Mark", "Outcome", "Page", "Pipeline", "marks_script"]
 
 log = logging.getLogger("composer.fragments")
 
@@ -297,15 +297,70 @@ class Pipeline:
                                   "the page went away" if isinstance(exc, asyncio.CancelledError) else str(exc))
                 span.end()
             raise
-        if failure is not None:
-            self._failed(fragment, page, version, url, failure, outcome, started)
-        if page.marks is not None:
-            page.marks.append((fragment.id, (started - page.started) * 1000, (perf_counter() - started) * 1000,
-                               version, outcome.source, failure.reason.value if failure is not None else ""))
+        self._recorded(fragment, page, version, url, failure, outcome, started)
         if span is not None:
             self._end_span(span, outcome, failure)
         if fragment.pipe is not None:  # settings.compat: tailor
             outcome = _tailor(outcome, fragment.pipe, fragment.primary)
+        return outcome
+
+    def start(self, fragment: Fragment, page: Page) -> Flight | None:
+        """`resolve` without a task, for the common fragment, or None (then `resolve`): one that
+        is synchronous, not the primary, not cached, behind a closed circuit (if any), with no
+        `fallback-src` (its fallback, if it fails, is at hand), on an untraced page, not nested,
+        not under compat: tailor; and only when an idle pooled connection takes its request now.
+        A task per fragment, with its coroutines, was a quarter of such a fragment's
+        instructions (bench/PROFILE.md, twenty-second pass)."""
+        if fragment.primary or fragment.is_async or fragment.fallback_src is not None or not fragment.enabled \
+                or page.span is not None or page.depth > 1 or fragment.pipe is not None:
+            return None
+        version, src, analysed = self._version(fragment, page) if fragment.name is not None \
+            else (fragment.version, fragment.src, None)
+        url = src.render(page.params)
+        key = src.text or str(url)
+        if not self.cache.passes(key) or not src.keeps_origin(url):
+            return None
+        breaker = self.breakers.get(fragment.id, fragment.name, src.origin, fragment.breaker) \
+            if fragment.breaker.enabled else None
+        timeout = _budget(fragment, page)
+        if breaker is not None and breaker.state is not State.CLOSED or timeout <= 0:
+            return None
+        headers = page.public_headers if fragment.public else page.headers
+        flight = Flight(self, fragment, page, version, analysed, url, key, headers, breaker, timeout)
+        conn = self.session.send(url, headers, flight, max_bytes=page.max_bytes, skip_body=SKIP, share=fragment.id)
+        if conn is None:
+            return None
+        flight.conn = conn
+        flight.deadline = self.session.deadlines.add(flight.expire, timeout)
+        return flight
+
+    def _land(self, flight: Flight, result: Fetched | Failed) -> None:
+        """What a flight's fetch came to, as `resolve` and `_attempt` record and show it."""
+        fragment, page, version = flight.fragment, flight.page, flight.version
+        self._measured(fragment, page, version, flight.breaker, flight.started, result)
+        got, how, failure = self.cache.passed(flight.key, flight.headers, result)
+        nested: Template | Failed | None = None
+        if isinstance(got, Fetched) and got.head.get(_NESTED) == "1" \
+                and isinstance(nested := self.nesting.compiled(fragment, page, got.body), Failed):
+            got = failure = nested
+        self._count(fragment, page, version, flight.analysed, how, failure)
+        if isinstance(got, Fetched):
+            outcome = Outcome("src", got.body, got.assets, got.status, None, version)
+            if isinstance(nested, Template):
+                flight.follow(self._nested(flight, nested, outcome))
+                return
+        else:
+            outcome = _inline(fragment)
+            if version and outcome.source != "none":
+                outcome = replace(outcome, version=version)
+        self._recorded(fragment, page, version, flight.url, failure, outcome, flight.started)
+        flight.settle(outcome)
+
+    async def _nested(self, flight: Flight, nested: Template, outcome: Outcome) -> Outcome:
+        """A flight's body said it is a template (SPEC §6): composed as `resolve` composes one."""
+        fragment, page = flight.fragment, flight.page
+        outcome = await self.nesting.compose(nested, fragment, page, outcome, flight.url, flight.started, None)
+        self._recorded(fragment, page, flight.version, flight.url, None, outcome, flight.started)
         return outcome
 
     def _count(self, fragment: Fragment, page: Page, version: str, analysed: str | None, how: Result | None,
@@ -361,11 +416,16 @@ class Pipeline:
             if breaker is not None:
                 breaker.release()
             raise
+        self._measured(fragment, page, version, breaker, started, result)
+        return result
+
+    def _measured(self, fragment: Fragment, page: Page, version: str, breaker: Breaker | None, started: float,
+                  result: Fetched | Failed) -> None:
+        """An attempt's duration, and its verdict to the breaker."""
         self.metrics.series(self.metrics.fragment_duration, fragment.id, page.route, version).observe(
             perf_counter() - started)
         if breaker is not None:
             breaker.record(isinstance(result, Fetched), monotonic())
-        return result
 
     async def _fallback(self, fragment: Fragment, page: Page, headers: CIMultiDict[str]) -> Outcome:
         """`fallback-src` (2xx only; its last good copy when it fails), else the inline markup
@@ -398,9 +458,16 @@ class Pipeline:
                 log.warning("fragment fallback failed", extra={"fields": {
                     "fragment": fragment.id, "route": page.route, "url": str(url), "error_type": nested.reason.value,
                     "detail": nested.detail, "request_id": page.request_id}})
-        if not fragment.primary and fragment.fallback_html.strip():
-            return Outcome("inline", fragment.fallback_html)
-        return _NONE
+        return _inline(fragment)
+
+    def _recorded(self, fragment: Fragment, page: Page, version: str, url: URL | None, failure: Failed | None,
+                  outcome: Outcome, started: float) -> None:
+        """A resolved fragment's failure (if it failed) and timing mark."""
+        if failure is not None:
+            self._failed(fragment, page, version, url, failure, outcome, started)
+        if page.marks is not None:
+            page.marks.append((fragment.id, (started - page.started) * 1000, (perf_counter() - started) * 1000,
+                               version, outcome.source, failure.reason.value if failure is not None else ""))
 
     def _failed(self, fragment: Fragment, page: Page, version: str, url: URL | None, failure: Failed,
                 outcome: Outcome, started: float) -> None:
@@ -475,6 +542,147 @@ class Pipeline:
         else:
             log.warning("circuit opened" if breaker.state is State.OPEN else "circuit half-open",
                         extra={"fields": fields})
+
+
+class Flight:
+    """A fragment's fetch with no task of its own (`Pipeline.start`). Its request went out as
+    the page began; the connection's parser callbacks hand it the answer (`set_result`, or
+    `set_exception`: it is the client's `Waiter`), and its outcome is made there and then,
+    as `resolve` would make it. To the page it is what a task is: `done`, `result`, `cancel`,
+    and `wait` for a future to await. Its deadline calls `expire`: a timeout, as `fetch`'s.
+    A pooled connection found closed sends it on to `resolve` in a task, as `Client.get` would
+    try again; a nested body is composed in one (`follow`)."""
+
+    def __init__(self, pipeline: Pipeline, fragment: Fragment, page: Page, version: str, analysed: str | None,
+                 url: URL, key: str, headers: CIMultiDict[str], breaker: Breaker | None, timeout: float) -> None:
+        self.pipeline = pipeline
+        self.fragment = fragment
+        self.page = page
+        self.version = version
+        self.analysed = analysed
+        self.url = url
+        self.key = key
+        self.headers = headers
+        self.breaker = breaker
+        self.timeout = timeout
+        self.started = perf_counter()
+        self.conn: Connection | None = None  # while the request is in flight
+        self.deadline = 0
+        self.outcome: Outcome | None = None
+        self.error: BaseException | None = None  # a bug of composer's, raised to the page (as a task's)
+        self.task: asyncio.Task[Outcome] | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    # -------- the client's side (Waiter): called only while `conn` is set
+
+    def set_result(self, response: Response | None, /) -> None:
+        conn = self.conn
+        if conn is not None:
+            self._landed()
+            self._answered(conn, response)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        conn = self.conn
+        if conn is not None:
+            self._landed()
+            self._answered(conn, exception)
+
+    # -------- the deadline's
+
+    def expire(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            self.conn = None  # (its deadline is gone: it is what called)
+            self._answered(conn, Failed(Reason.TIMEOUT, f"no complete response within {self.timeout * 1000:.0f} ms"))
+
+    # -------- the page's side
+
+    def done(self) -> bool:
+        return self.outcome is not None or self.error is not None
+
+    def result(self) -> Outcome:
+        if self.error is not None:
+            raise self.error
+        assert self.outcome is not None
+        return self.outcome
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future done when `done()` is."""
+        waiter = self.waiter
+        if waiter is None:
+            waiter = self.waiter = self.pipeline.session.loop.create_future()
+            if self.done():
+                waiter.set_result(None)
+        return waiter
+
+    def cancel(self) -> bool:
+        """The page went away: the request, if still out, is dropped (its connection closed)."""
+        conn = self.conn
+        if conn is not None:
+            self._landed()
+            self.pipeline.session.drop(conn, self.fragment.id)
+            return True
+        if self.task is not None:
+            return self.task.cancel()
+        return False
+
+    # -------- its own
+
+    def _landed(self) -> None:
+        self.conn = None
+        self.pipeline.session.deadlines.remove(self.expire, self.deadline)
+
+    def _answered(self, conn: Connection, got: Response | Failed | BaseException | None) -> None:
+        """The connection back to its pool (an answer read whole) or closed (an error, a timeout),
+        and what the fetch came to, as `fetch` makes it, to the pipeline."""
+        pipeline, share, max_bytes = self.pipeline, self.fragment.id, self.page.max_bytes
+        try:
+            if isinstance(got, Response):
+                pipeline.session.finish(conn, share)
+                pipeline._land(self, answer(got, max_bytes))
+                return
+            pipeline.session.drop(conn, share)
+            if isinstance(got, Failed):
+                pipeline._land(self, got)
+            elif isinstance(got, Stale):  # the server had closed it: once more, on a new one (as `Client.get`)
+                self.follow(pipeline.resolve(self.fragment, self.page))
+            else:
+                assert got is not None  # (None is a free slot: never for `Client.send`'s waiter)
+                pipeline._land(self, failed(got, max_bytes))
+        except Exception as exc:  # noqa: BLE001 - a bug of composer's: the page's, as it would be from a task
+            self.error = exc
+            self._wake()
+
+    def follow(self, work: Coroutine[object, object, Outcome]) -> None:
+        """Its outcome is what `work` comes to, in a task."""
+        self.task = task = asyncio.ensure_future(work)
+        task.add_done_callback(self._followed)
+
+    def _followed(self, task: asyncio.Task[Outcome]) -> None:
+        if task.cancelled():
+            self.error = asyncio.CancelledError()
+        elif (error := task.exception()) is not None:
+            self.error = error
+        else:
+            self.outcome = task.result()
+        self._wake()
+
+    def settle(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _inline(fragment: Fragment) -> Outcome:
+    """A fragment's fallback when no `fallback-src` is shown: its inline markup (never a
+    primary's), else nothing."""
+    if not fragment.primary and fragment.fallback_html.strip():
+        return Outcome("inline", fragment.fallback_html)
+    return _NONE
 
 
 def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:

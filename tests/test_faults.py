@@ -297,6 +297,131 @@ async def test_raw_fault(fragments, start_composer, raw_origin, case):
     await check_faulty_page(composer, reason)
 
 
+# ---------------------------------------------------------------- the same faults on a pooled connection
+
+WARM = "<p>warm</p>"
+WARM_RAW = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 11\r\n\r\n" + WARM.encode()
+
+
+def after_a_good_answer(handler):
+    """An aiohttp handler: its first request answered well (the connection goes back to
+    composer's pool), every later one by `handler`."""
+    hits = []
+
+    async def first_good(request: web.Request) -> web.StreamResponse:
+        hits.append(request)
+        if len(hits) == 1:
+            return web.Response(text=WARM, content_type="text/html")
+        return await handler(request)
+
+    return first_good
+
+
+def pooled(handler: RawHandler) -> RawHandler:
+    """A raw handler: each connection's first request answered well, with keep-alive, its
+    second by `handler`."""
+
+    async def first_good(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(WARM_RAW)
+        await writer.drain()
+        await handler(reader, writer)
+
+    return first_good
+
+
+async def warm_page(composer) -> None:
+    """The first page: the faulty fragment's connection answers well and is pooled, so the
+    next page's fetch goes out on it (as a `pipeline.Flight`, with no task of its own)."""
+    t = await timed(composer, "/page")
+    assert (t.status, t.body) == (200, f"<body>[{WARM}][{HEALTHY}]</body>")
+
+
+@pytest.mark.parametrize("case", list(AIOHTTP_FAULTS))
+async def test_aiohttp_fault_on_a_pooled_connection(fragments, start_composer, case):
+    handler, reason = AIOHTTP_FAULTS[case]
+    bad = await fragments({"/frag": after_a_good_answer(handler)})
+    composer, _ = await start_page(fragments, start_composer, bad.url("/frag"))
+    await warm_page(composer)
+    await check_faulty_page(composer, reason)
+
+
+# Closed or reset before any byte of the answer, on a reused connection, the request goes
+# again on a new one (the server had closed the idle connection): answered well there.
+STALE = {"close_before_headers", "reset_before_headers"}
+
+
+@pytest.mark.parametrize("case", [c for c in RAW_FAULTS if c not in STALE])
+async def test_raw_fault_on_a_pooled_connection(fragments, start_composer, raw_origin, case):
+    handler, reason = RAW_FAULTS[case]
+    origin = await raw_origin(pooled(handler))
+    composer, _ = await start_page(fragments, start_composer, origin + "/frag")
+    await warm_page(composer)
+    await check_faulty_page(composer, reason)
+
+
+@pytest.mark.parametrize("case", sorted(STALE))
+async def test_a_pooled_connection_closed_under_the_request_is_tried_again_on_a_new_one(
+        fragments, start_composer, raw_origin, case):
+    connections = []
+
+    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await pooled(RAW_FAULTS[case][0])(reader, writer)
+
+    origin = await raw_origin(counting)
+    composer, _ = await start_page(fragments, start_composer, origin + "/frag")
+    await warm_page(composer)
+    await warm_page(composer)  # the same answer, from a second connection
+    assert len(connections) == 2
+    assert await failures(composer) == {}
+
+
+async def test_a_pooled_fragment_is_fetched_without_a_task_of_its_own(fragments, start_composer):
+    """The point of `pipeline.Flight`: a fragment whose request can go out on a pooled
+    connection has no task (a task is named by its fragment's id)."""
+    names: list[set[str]] = []
+
+    async def looking(_: web.Request) -> web.Response:
+        names.append({task.get_name() for task in asyncio.all_tasks()})
+        return web.Response(text=WARM, content_type="text/html")
+
+    svc = await fragments({"/look": looking})
+    composer, _ = await start_page(fragments, start_composer, svc.url("/look"))
+    for _ in range(2):
+        t = await timed(composer, "/page")
+        assert (t.status, t.body) == (200, f"<body>[{WARM}][{HEALTHY}]</body>")
+    assert "faulty" in names[0] and "faulty" not in names[1]
+
+
+async def test_a_page_that_goes_away_drops_its_pooled_fetches(fragments, start_composer):
+    """The client hangs up while a pooled fetch is out: its connection is closed (the service
+    sees it go), and the next page is served on a new one."""
+    seen: list[web.Request] = []
+
+    async def hanging(request: web.Request) -> web.StreamResponse:
+        seen.append(request)
+        if len(seen) == 2:
+            await until_gone(request)
+        return web.Response(text=WARM, content_type="text/html")
+
+    svc = await fragments({"/hang": hanging})
+    composer, _ = await start_page(fragments, start_composer, svc.url("/hang"))
+    await warm_page(composer)
+    resp = await composer.session.get(composer.url + "/page", timeout=CLIENT_TIMEOUT)
+    assert (await resp.content.readany()).startswith(b"<body>[")  # the page is under way
+    while len(seen) < 2:
+        await asyncio.sleep(0.01)
+    resp.close()  # the client leaves
+    left = time.monotonic()
+    while not gone(seen[1]) and time.monotonic() < left + 2:
+        await asyncio.sleep(0.01)
+    # Dropped as the page went (well before the fragment's own deadline, 400 ms from its start).
+    assert gone(seen[1]) and time.monotonic() - left < 0.2
+    await warm_page(composer)
+    assert await failures(composer) == {}  # no timeout: nobody was waiting for it any more
+
+
 async def test_connection_refused(fragments, start_composer):
     composer, _ = await start_page(fragments, start_composer, refused_origin() + "/frag")
     await check_faulty_page(composer, "connection")

@@ -106,6 +106,21 @@ async def test_two_and_three_levels_deep_compose_in_place(fragments, start_compo
     assert svc.hits == {"/p": 1, "/c": 1, "/g1": 1, "/g2": 1, "/two": 1, "/leaf": 1}
 
 
+async def test_a_nested_body_on_a_pooled_connection_composes_the_same(fragments, start_composer):
+    """The second page's fetch goes out on the first's connection, without a task of its own
+    (`pipeline.Flight`); a nested body arriving there is composed as on the first."""
+    svc = await fragments({"/p": nested('<section>P<fragment src="ORIGIN/c"></fragment>/P</section>'),
+                           "/c": html("<i>C</i>"), "/bad": nested("<fragment src=")})
+    composer = await start_composer({"page.html": (
+        f'<body>[<fragment id="p" src="{svc.url("/p")}"></fragment>]'
+        f'[<fragment id="bad" src="{svc.url("/bad")}">inline</fragment>]</body>')})
+    for hits in (1, 2):
+        status, text = await get(composer)
+        assert status == 200 and "[<section>P<i>C</i>/P</section>][inline]" in text
+        assert svc.hits == {"/p": hits, "/c": hits, "/bad": hits}
+    assert failures(await composer.metrics()) == {("bad", "invalid"): 2.0}
+
+
 async def test_route_params_fill_nested_urls(fragments, start_composer):
     async def item(request: web.Request) -> web.Response:
         return web.Response(text=f"<i>item {request.match_info['sku']}</i>", content_type="text/html")
