@@ -57,7 +57,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = ["KEEPALIVE", "LIMIT_PER_HOST", "MAX_FIELD_SIZE", "MAX_HEADERS", "Client", "ClientError", "ConnectError",
-           "Connection", "Head", "InvalidRequest", "InvalidResponse", "Name", "Response", "Stale", "TooLarge", "Waiter"]
+           "Connection", "Head", "InvalidRequest", "InvalidResponse", "Name", "Response", "Stale", "Ticket", "TooLarge",
+           "Waiter"]
 
 # Final: compiled, each is a constant, not a lookup in the module's dict (per header line).
 KEEPALIVE: Final = 30.0
@@ -569,9 +570,9 @@ class _Ticket:
     response): the waiting caller wakes once, to its answer, and the connection idles for no
     loop turn. A free slot instead sets `fut`'s result to None: the caller opens a connection."""
 
-    __slots__ = ("conn", "data", "fut", "max_bytes", "seq", "share", "skip")
+    __slots__ = ("conn", "data", "fut", "max_bytes", "pool", "seq", "share", "skip", "slot")
 
-    def __init__(self, fut: asyncio.Future[Response | None], share: str | None, data: bytes, max_bytes: int,
+    def __init__(self, fut: Waiter, share: str | None, data: bytes, max_bytes: int,
                  skip: Callable[[int], bool] | None) -> None:
         self.fut = fut
         self.share = share
@@ -580,6 +581,21 @@ class _Ticket:
         self.skip = skip
         self.conn: _Conn | None = None
         self.seq = 0  # its place in the pool's queue: parked tickets of two shares compare by it
+        self.pool: _Pool | None = None  # a `Client.send`'s: where `Client.open_for` opens its connection
+        self.slot = False  # `Client.open_for`'s: a free slot handed to it, not yet in `Client._open`'s hands
+
+    def unused(self, _: asyncio.Task[None]) -> None:
+        """`Client.open_for`'s task ended: a slot it never began to use (given up, or cancelled
+        before it ran) is passed on."""
+        pool = self.pool
+        if self.slot and pool is not None:
+            self.slot = False
+            pool.opening -= 1
+            pool.unhold(self.share)
+            pool.free_slot()
+
+
+Ticket = _Ticket  # what `Client.send` hands its caller when the request waits its turn
 
 
 class _Pool:
@@ -694,16 +710,23 @@ class _Pool:
     def wait(self, ticket: _Ticket) -> _Ticket:
         """A free slot, when its share may have one (its result None at once), else a place in
         the queue (see `_Ticket`)."""
-        if self.size < self.limit and self.opening < MAX_OPENING \
-                and self.admits(ticket.share, self.size - len(self.idle)):
+        if self.room(ticket.share):
             self.size += 1
             self.opening += 1
             self.hold(ticket.share)
             ticket.fut.set_result(None)
-        else:
-            ticket.seq = self.arrivals
-            self.arrivals += 1
-            self.waiters.append(ticket)
+            return ticket
+        return self.queue(ticket)
+
+    def room(self, share: str | None) -> bool:
+        """Whether a caller of `share` may open a connection now."""
+        return self.size < self.limit and self.opening < MAX_OPENING and self.admits(share, self.size - len(self.idle))
+
+    def queue(self, ticket: _Ticket) -> _Ticket:
+        """`ticket` waits its turn (see `_Ticket`)."""
+        ticket.seq = self.arrivals
+        self.arrivals += 1
+        self.waiters.append(ticket)
         return ticket
 
     def abandon(self, share: str | None, conn: _Conn | None, ticket: _Ticket | None,
@@ -871,12 +894,16 @@ class Client:
         return response
 
     def send(self, url: URL, headers: CIMultiDict[str], waiter: Waiter, *, max_bytes: int,
-             skip_body: Callable[[int], bool], share: str) -> Connection | None:
-        """`get` without a coroutine, for a caller that has its own (`pipeline.Flight`): the
-        request written now on an idle pooled connection, its answer handed to `waiter` from the
-        connection's callbacks (a `Stale` error: the server had closed it, try `get`). None, and
-        nothing sent, when no idle connection may be had. The caller then gives the connection
-        back (`finish`) once answered, or drops it (`drop`)."""
+             skip_body: Callable[[int], bool], share: str) -> Connection | Ticket | None:
+        """`get` without a coroutine, for a caller that has its own (`pipeline.Flight`): its
+        answer is handed to `waiter` from the connection's callbacks (a `Stale` error: the server
+        had closed the pooled connection; try `get`). The request is written now on an idle pooled
+        connection (returned), or, when the pool is full, waits its turn for one (its `Ticket`
+        returned, whose `conn` is set when it is written). A ticket handed a free slot instead
+        (`waiter.set_result(None)`) asks `open_for` to open a connection in it. None, and nothing
+        sent, when a connection may be opened now: that is `get`'s. The caller gives the
+        connection back once answered (`finish`), or drops it (`drop`); a ticket given up
+        (`waiter.done()`) is passed over."""
         if self._closed:
             return None
         loop = self.loop
@@ -884,7 +911,38 @@ class Client:
         conn = pool.take(share, loop.time() - self.keepalive)
         if conn is not None:
             conn.send(waiter, data, max_bytes, skip_body)
-        return conn
+            return conn
+        if pool.room(share):
+            return None
+        ticket = _Ticket(waiter, share, data, max_bytes, skip_body)
+        ticket.pool = pool
+        return pool.queue(ticket)
+
+    def open_for(self, ticket: Ticket) -> asyncio.Task[None]:
+        """A `send` that waited was handed a free slot: a connection is opened in it, and the
+        request written there (its waiter gets a failure to connect as any other error). The
+        task may be cancelled (its waiter gave up): the slot is passed on, even if it never ran."""
+        ticket.slot = True
+        task = self.loop.create_task(self._open_for(ticket))
+        task.add_done_callback(ticket.unused)
+        return task
+
+    async def _open_for(self, ticket: Ticket) -> None:
+        assert ticket.pool is not None
+        if ticket.fut.done():  # given up before it ran: `unused` passes the slot on
+            return
+        ticket.slot = False  # from here `_open` frees it on failure
+        try:
+            conn = await self._open(ticket.pool, ticket.share)
+        except (ClientError, OSError) as exc:  # (its slot and share are freed)
+            if not ticket.fut.done():
+                ticket.fut.set_exception(exc)
+            return
+        if ticket.fut.done():  # given up meanwhile
+            ticket.pool.abandon(ticket.share, conn, None, None)
+            return
+        ticket.conn = conn
+        conn.send(ticket.fut, ticket.data, ticket.max_bytes, ticket.skip)
 
     @staticmethod
     def finish(conn: Connection, share: str) -> None:

@@ -16,6 +16,12 @@ Like httpx's send chain, each layer adds one concern and calls the next:
                and its fragments resolved through `resolve` again, one level deeper
                (composer.nesting)
 
+The common fragment skips the task and the coroutines: `start` chooses its version and writes
+its request on an idle pooled connection (or queues it for one) as the page begins, and its
+`Flight` takes the answer from the connection's callbacks, where `_land` does what `resolve`,
+the cache's pass and `_attempt` would (the same helpers). Whatever needs awaiting (a nested
+body, a stale connection) goes on in a task.
+
 The answer is an `Outcome`, a value; nothing a service does raises. A `Pipeline` belongs to
 one server and holds what outlives a page: circuit breakers, the cache, and the last good
 copy of each manifest fallback, fetched when a route table is applied.
@@ -40,7 +46,7 @@ from yarl import URL
 from .breaker import Breaker, Breakers, State
 from .cache import FragmentCache, LastGood, Result
 from .canary import Analysis
-from .client import Connection, Head, Name, Response, Stale
+from .client import Connection, Head, Name, Response, Stale, Ticket
 from .config import CACHE_BYTES, Settings
 from .errors import Reason
 from .fragments import SKIP, Failed, Fetched, Session, answer, failed, fetch
@@ -308,7 +314,8 @@ class Pipeline:
         """`resolve` without a task, for the common fragment, or None (then `resolve`): one that
         is synchronous, not the primary, not cached, behind a closed circuit (if any), with no
         `fallback-src` (its fallback, if it fails, is at hand), on an untraced page, not nested,
-        not under compat: tailor; and only when an idle pooled connection takes its request now.
+        not under compat: tailor; and only when its request is written now on an idle pooled
+        connection, or waits its turn for one (the pool is full).
         A task per fragment, with its coroutines, was a quarter of such a fragment's
         instructions (bench/PROFILE.md, twenty-second pass)."""
         if fragment.primary or fragment.is_async or fragment.fallback_src is not None or not fragment.enabled \
@@ -327,10 +334,14 @@ class Pipeline:
             return None
         headers = page.public_headers if fragment.public else page.headers
         flight = Flight(self, fragment, page, version, analysed, url, key, headers, breaker, timeout)
-        conn = self.session.send(url, headers, flight, max_bytes=page.max_bytes, skip_body=SKIP, share=fragment.id)
-        if conn is None:
+        sent = self.session.send(url, headers, flight, max_bytes=page.max_bytes, skip_body=SKIP, share=fragment.id)
+        if sent is None:
             return None
-        flight.conn = conn
+        if isinstance(sent, Ticket):
+            flight.ticket = sent
+        else:
+            flight.conn = sent
+        flight.flying = True
         flight.deadline = self.session.deadlines.add(flight.expire, timeout)
         return flight
 
@@ -566,34 +577,38 @@ class Flight:
         self.breaker = breaker
         self.timeout = timeout
         self.started = perf_counter()
-        self.conn: Connection | None = None  # while the request is in flight
+        self.flying = False  # its request is out (or waiting its turn): an answer is expected
+        self.conn: Connection | None = None  # the connection it was written on at once, or
+        self.ticket: Ticket | None = None  # its place in the pool's queue (`conn` set once written)
+        self.opening: asyncio.Task[None] | None = None  # handed a free slot: its connection being opened
         self.deadline = 0
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None  # a bug of composer's, raised to the page (as a task's)
         self.task: asyncio.Task[Outcome] | None = None
         self.waiter: asyncio.Future[None] | None = None
 
-    # -------- the client's side (Waiter): called only while `conn` is set
+    # -------- the client's side (Waiter): called only while `flying`
 
     def set_result(self, response: Response | None, /) -> None:
-        conn = self.conn
-        if conn is not None:
-            self._landed()
-            self._answered(conn, response)
+        if not self.flying:
+            return
+        if response is None:  # waiting its turn, it was handed a free slot: a connection to open
+            assert self.ticket is not None
+            self.opening = self.pipeline.session.open_for(self.ticket)
+            return
+        self._answered(self._landed(), response)
 
     def set_exception(self, exception: BaseException, /) -> None:
-        conn = self.conn
-        if conn is not None:
-            self._landed()
-            self._answered(conn, exception)
+        if self.flying:
+            self._answered(self._landed(), exception)
 
     # -------- the deadline's
 
     def expire(self) -> None:
-        conn = self.conn
-        if conn is not None:
-            self.conn = None  # (its deadline is gone: it is what called)
-            self._answered(conn, Failed(Reason.TIMEOUT, f"no complete response within {self.timeout * 1000:.0f} ms"))
+        if self.flying:
+            self.flying = False  # (its deadline is gone: it is what called)
+            self._answered(self._dropped(),
+                           Failed(Reason.TIMEOUT, f"no complete response within {self.timeout * 1000:.0f} ms"))
 
     # -------- the page's side
 
@@ -616,11 +631,15 @@ class Flight:
         return waiter
 
     def cancel(self) -> bool:
-        """The page went away: the request, if still out, is dropped (its connection closed)."""
-        conn = self.conn
-        if conn is not None:
-            self._landed()
-            self.pipeline.session.drop(conn, self.fragment.id)
+        """The page went away: the request, if still out (or waiting its turn), is dropped (its
+        connection closed)."""
+        if self.flying:
+            conn = self._landed()
+            self.error = asyncio.CancelledError()  # done: a waiting ticket is passed over
+            if conn is not None:
+                self.pipeline.session.drop(conn, self.fragment.id)
+            if self.opening is not None:
+                self.opening.cancel()
             return True
         if self.task is not None:
             return self.task.cancel()
@@ -628,20 +647,30 @@ class Flight:
 
     # -------- its own
 
-    def _landed(self) -> None:
-        self.conn = None
+    def _landed(self) -> Connection | None:
+        """No longer flying, its deadline removed: the connection its request was written on."""
         self.pipeline.session.deadlines.remove(self.expire, self.deadline)
+        self.flying = False
+        return self.conn if self.ticket is None else self.ticket.conn
 
-    def _answered(self, conn: Connection, got: Response | Failed | BaseException | None) -> None:
+    def _dropped(self) -> Connection | None:
+        """Its deadline passed: what is still opening for it is stopped; its connection, if any."""
+        if self.opening is not None:
+            self.opening.cancel()
+        return self.conn if self.ticket is None else self.ticket.conn
+
+    def _answered(self, conn: Connection | None, got: Response | Failed | BaseException | None) -> None:
         """The connection back to its pool (an answer read whole) or closed (an error, a timeout),
         and what the fetch came to, as `fetch` makes it, to the pipeline."""
         pipeline, share, max_bytes = self.pipeline, self.fragment.id, self.page.max_bytes
         try:
             if isinstance(got, Response):
+                assert conn is not None
                 pipeline.session.finish(conn, share)
                 pipeline._land(self, answer(got, max_bytes))
                 return
-            pipeline.session.drop(conn, share)
+            if conn is not None:  # (None: it never had one; a failure to open one freed its slot)
+                pipeline.session.drop(conn, share)
             if isinstance(got, Failed):
                 pipeline._land(self, got)
             elif isinstance(got, Stale):  # the server had closed it: once more, on a new one (as `Client.get`)

@@ -422,6 +422,102 @@ async def test_a_page_that_goes_away_drops_its_pooled_fetches(fragments, start_c
     assert await failures(composer) == {}  # no timeout: nobody was waiting for it any more
 
 
+def three(svc, *, timeout: int = 2000) -> dict[str, str]:
+    return {"page.html": "<body>" + "".join(
+        f'[<fragment id="f{n}" src="{svc.url(f"/f/{n}")}" timeout="{timeout}">{INLINE}</fragment>]'
+        for n in range(3)) + "</body>"}
+
+
+ONE_CONNECTION = "settings:\n  max_connections_per_origin: 1\n"
+
+
+async def test_fetches_waiting_for_a_full_pool_go_without_tasks_in_turn(fragments, start_composer):
+    """One connection per origin, three fragments: on the second page the first goes out on the
+    pooled connection and the other two wait their turn for it, none with a task of its own."""
+    names: list[set[str]] = []
+    ports: set[int] = set()
+
+    async def frag(request: web.Request) -> web.Response:
+        names.append({task.get_name() for task in asyncio.all_tasks()})
+        ports.add(request.transport.get_extra_info("peername")[1])
+        return web.Response(text=f"<p>{request.match_info['n']}</p>", content_type="text/html")
+
+    svc = await fragments({"/f/{n}": frag})
+    composer = await start_composer(three(svc), settings=ONE_CONNECTION)
+    for _ in range(2):
+        t = await timed(composer, "/page")
+        assert (t.status, t.body) == (200, "<body>[<p>0</p>][<p>1</p>][<p>2</p>]</body>")
+    assert len(ports) == 1
+    assert all(f"f{n}" not in seen for seen in names[3:] for n in range(3)), names[3:]
+    assert await failures(composer) == {}
+
+
+async def test_a_waiting_fetch_handed_a_free_slot_opens_a_connection_in_it(fragments, start_composer):
+    """The pooled connection closes after the second page's first answer (`Connection: close`):
+    its slot goes to the next fetch waiting its turn, which opens a connection there."""
+    ports: list[int] = []
+
+    async def frag(request: web.Request) -> web.Response:
+        ports.append(request.transport.get_extra_info("peername")[1])
+        close = {"Connection": "close"} if len(ports) == 4 else None
+        return web.Response(text=f"<p>{request.match_info['n']}</p>", content_type="text/html", headers=close)
+
+    svc = await fragments({"/f/{n}": frag})
+    composer = await start_composer(three(svc), settings=ONE_CONNECTION)
+    for _ in range(2):
+        t = await timed(composer, "/page")
+        assert (t.status, t.body) == (200, "<body>[<p>0</p>][<p>1</p>][<p>2</p>]</body>")
+    assert len(set(ports[:4])) == 1 and ports[4] == ports[5] != ports[3]
+    assert await failures(composer) == {}
+
+
+async def test_a_fetch_whose_deadline_passes_while_it_waits_its_turn_times_out(fragments, start_composer):
+    hits: list[web.Request] = []
+
+    async def frag(request: web.Request) -> web.StreamResponse:
+        hits.append(request)
+        if len(hits) == 4:  # the second page's first fragment holds the one connection
+            await until_gone(request, 1.0)
+        return web.Response(text=f"<p>{request.match_info['n']}</p>", content_type="text/html")
+
+    svc = await fragments({"/f/{n}": frag})
+    composer = await start_composer(three(svc, timeout=300), settings=ONE_CONNECTION)
+    await timed(composer, "/page")
+    t = await timed(composer, "/page")
+    assert (t.status, t.body) == (200, f"<body>[{INLINE}][{INLINE}][{INLINE}]</body>")
+    assert t.elapsed < 0.3 + 0.2
+    assert await failures(composer) == {(f"f{n}", "timeout"): 1.0 for n in range(3)}
+    assert len(hits) == 4  # the two waiting never went out
+    t = await timed(composer, "/page")  # and the pool is whole again
+    assert (t.status, t.body) == (200, "<body>[<p>0</p>][<p>1</p>][<p>2</p>]</body>")
+
+
+async def test_a_page_that_goes_away_gives_up_its_fetches_waiting_their_turn(fragments, start_composer):
+    hits: list[web.Request] = []
+
+    async def frag(request: web.Request) -> web.StreamResponse:
+        hits.append(request)
+        if len(hits) == 4:
+            await until_gone(request)
+        return web.Response(text=f"<p>{request.match_info['n']}</p>", content_type="text/html")
+
+    svc = await fragments({"/f/{n}": frag})
+    composer = await start_composer(three(svc), settings=ONE_CONNECTION)
+    await timed(composer, "/page")
+    resp = await composer.session.get(composer.url + "/page", timeout=CLIENT_TIMEOUT)
+    assert (await resp.content.readany()).startswith(b"<body>[")
+    while len(hits) < 4:
+        await asyncio.sleep(0.01)
+    resp.close()
+    left = time.monotonic()
+    while not gone(hits[3]) and time.monotonic() < left + 2:
+        await asyncio.sleep(0.01)
+    assert gone(hits[3]) and time.monotonic() - left < 0.2
+    t = await timed(composer, "/page")  # the given-up fetches are passed over: this page's go out
+    assert (t.status, t.body) == (200, "<body>[<p>0</p>][<p>1</p>][<p>2</p>]</body>")
+    assert len(hits) == 7 and await failures(composer) == {}
+
+
 async def test_connection_refused(fragments, start_composer):
     composer, _ = await start_page(fragments, start_composer, refused_origin() + "/frag")
     await check_faulty_page(composer, "connection")
