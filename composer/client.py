@@ -568,7 +568,8 @@ class _Ticket:
     """A caller waiting for a connection, with the request it will send. A connection coming
     back is handed to it with that request already written (`conn` set, `fut` waiting for the
     response): the waiting caller wakes once, to its answer, and the connection idles for no
-    loop turn. A free slot instead sets `fut`'s result to None: the caller opens a connection."""
+    loop turn. A free slot instead sets `fut`'s result to None: the caller opens a connection
+    (a `Client.send`'s, through `Client.open_for`)."""
 
     __slots__ = ("conn", "data", "fut", "max_bytes", "pool", "seq", "share", "skip", "slot")
 

@@ -651,13 +651,24 @@ class Flight:
         """No longer flying, its deadline removed: the connection its request was written on."""
         self.pipeline.session.deadlines.remove(self.expire, self.deadline)
         self.flying = False
-        return self.conn if self.ticket is None else self.ticket.conn
+        return self._connection()
 
     def _dropped(self) -> Connection | None:
         """Its deadline passed: what is still opening for it is stopped; its connection, if any."""
         if self.opening is not None:
             self.opening.cancel()
-        return self.conn if self.ticket is None else self.ticket.conn
+        return self._connection()
+
+    def _connection(self) -> Connection | None:
+        """The connection its request went out on, if any; its ticket is let go. The ticket
+        holds the flight (its waiter): both would be a cycle, freed only by the collector,
+        which a serving composer runs rarely (server.tune_gc). A ticket given up, still queued,
+        holds it until the pool passes it over."""
+        ticket = self.ticket
+        if ticket is None:
+            return self.conn
+        self.ticket = None
+        return ticket.conn
 
     def _answered(self, conn: Connection | None, got: Response | Failed | BaseException | None) -> None:
         """The connection back to its pool (an answer read whole) or closed (an error, a timeout),
