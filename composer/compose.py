@@ -91,7 +91,7 @@ class Composer:
         tasks: dict[int, asyncio.Task[Outcome] | Flight] = {}
         if page is not None:
             loop = asyncio.get_running_loop()  # once: on Python 3.11 each lookup is a getpid() call
-            pipeline = self.pipeline  # a task each (named: create_task would format "Task-N"), but a `Flight`
+            pipeline = self.pipeline  # a `Flight` where it can, else a task (named: not a made-up "Task-N")
             tasks = {f.index: pipeline.start(f, page) or asyncio.Task(pipeline.resolve(f, page), loop=loop, name=f.id)
                      for f in wanted}
         span = page.span if page is not None else None
