@@ -419,7 +419,7 @@ async def test_a_page_that_goes_away_drops_its_pooled_fetches(fragments, start_c
     while not gone(seen[1]) and time.monotonic() < left + 2:
         await asyncio.sleep(0.01)
     # Dropped as the page went (well before the fragment's own deadline, 400 ms from its start).
-    assert gone(seen[1]) and time.monotonic() - left < 0.2
+    assert gone(seen[1]) and time.monotonic() - left < 0.25
     await warm_page(composer)
     assert await failures(composer) == {}  # no timeout: nobody was waiting for it any more
 
@@ -536,7 +536,7 @@ async def test_a_page_that_goes_away_gives_up_its_fetches_waiting_their_turn(fra
     left = time.monotonic()
     while not gone(hits[3]) and time.monotonic() < left + 2:
         await asyncio.sleep(0.01)
-    assert gone(hits[3]) and time.monotonic() - left < 0.2
+    assert gone(hits[3]) and time.monotonic() - left < 1.0  # (its deadline: 2 s)
     t = await timed(composer, "/page")  # the given-up fetches are passed over: this page's go out
     assert (t.status, t.body) == (200, "<body>[<p>0</p>][<p>1</p>][<p>2</p>]</body>")
     assert len(hits) == 7 and await failures(composer) == {}
