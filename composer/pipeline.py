@@ -258,8 +258,7 @@ class Pipeline:
         """What `fragment` shows on `page` (SPEC §3). Its metrics, failure log line, timing
         mark and span are recorded here, each once."""
         started = perf_counter()
-        version, src, analysed = self._version(fragment, page) if fragment.name is not None \
-            else (fragment.version, fragment.src, None)
+        version, src, analysed = self._version(fragment, page)
         headers = page.public_headers if fragment.public else page.headers
         span = None
         if page.span is not None and self.tracing is not None:
@@ -283,9 +282,8 @@ class Pipeline:
                     answer, how, failure = await self.cache.get(
                         key, headers, partial(self._attempt, fragment, page, version, url, headers, src),
                         timeout=_budget(fragment, page), refresh_timeout=fragment.timeout)
-                if isinstance(answer, Fetched) and answer.head.get(_NESTED) == "1" \
-                        and isinstance(nested := self.nesting.compiled(fragment, page, answer.body), Failed):
-                    answer = failure = nested  # SPEC §6: a nested body that does not compile failed
+                if isinstance(nested := self._template(fragment, page, answer), Failed):
+                    answer = failure = nested
                 self._count(fragment, page, version, analysed, how, failure)
             if isinstance(answer, Fetched):  # a stale copy may stand in for a failure: the page is whole
                 outcome = Outcome("src", answer.body, answer.assets, answer.status,
@@ -321,8 +319,7 @@ class Pipeline:
         if fragment.primary or fragment.is_async or fragment.fallback_src is not None or not fragment.enabled \
                 or page.span is not None or page.depth > 1 or fragment.pipe is not None:
             return None
-        version, src, analysed = self._version(fragment, page) if fragment.name is not None \
-            else (fragment.version, fragment.src, None)
+        version, src, analysed = self._version(fragment, page)
         url = src.render(page.params)
         key = src.text or str(url)
         if not self.cache.passes(key) or not src.keeps_origin(url):
@@ -350,9 +347,7 @@ class Pipeline:
         fragment, page, version = flight.fragment, flight.page, flight.version
         self._measured(fragment, page, version, flight.breaker, flight.started, result)
         got, how, failure = self.cache.passed(flight.key, flight.headers, result)
-        nested: Template | Failed | None = None
-        if isinstance(got, Fetched) and got.head.get(_NESTED) == "1" \
-                and isinstance(nested := self.nesting.compiled(fragment, page, got.body), Failed):
+        if isinstance(nested := self._template(fragment, page, got), Failed):
             got = failure = nested
         self._count(fragment, page, version, flight.analysed, how, failure)
         if isinstance(got, Fetched):
@@ -386,9 +381,11 @@ class Pipeline:
                                 failure.reason.value).inc()
 
     def _version(self, fragment: Fragment, page: Page) -> tuple[str, UrlTemplate, str | None]:
-        """A manifest fragment's version for this page, its URL, and its name when its fetch
-        counts for canary analysis (a canaried fragment, its version chosen by bucket: SPEC §8)."""
-        assert fragment.name is not None
+        """A fragment's version for this page, its URL, and its name when its fetch counts for
+        canary analysis (a canaried fragment, its version chosen by bucket: SPEC §8). A fragment
+        not from the manifest has one."""
+        if fragment.name is None:
+            return fragment.version, fragment.src, None
         version, analysed = fragment.version, None
         if fragment.canary is not None:
             analysed = fragment.name
@@ -398,6 +395,13 @@ class Pipeline:
         if forced is not None and forced in fragment.versions:  # listed versions only: QA, not an open door
             version, analysed = forced, None
         return version, fragment.versions[version], analysed
+
+    def _template(self, fragment: Fragment, page: Page, answer: Fetched | Failed | None) -> Template | Failed | None:
+        """SPEC §6: the template a body saying `x-composer-nested: 1` is, compiled; Failed when it
+        does not compile (the fetch failed); None for any other answer."""
+        if isinstance(answer, Fetched) and answer.head.get(_NESTED) == "1":
+            return self.nesting.compiled(fragment, page, answer.body)
+        return None
 
     def _refusal(self, page: Page, src: UrlTemplate, url: URL) -> Failed | None:
         """Why `url` is not fetched at all: it left its origin, or (nested) it may not be."""
