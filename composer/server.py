@@ -187,6 +187,7 @@ class ComposerServer:
             keepalive_timeout=settings.keepalive_timeout_ms / 1000)
         pages = web.ServerRunner(self._page_server, handle_signals=False, shutdown_timeout=self.grace)
         admin = web.AppRunner(self._admin_app(), handle_signals=False, access_log=None)
+        await self.status.sample()  # the page's baseline, before a request can be counted and missed
         await pages.setup()
         self._runners.append(pages)
         if self.sockets is None:

@@ -85,9 +85,10 @@ class Status:
         return snap
 
     async def run(self) -> None:
+        """Sample every 10 s after the first, which `Server.start` takes before it listens."""
         while True:
-            await self.sample()
             await asyncio.sleep(_INTERVAL_S)
+            await self.sample()
 
     async def page(self, table: RouteTable, manifest: Mapping[str, Any]) -> bytes:
         now = await self.sample()
