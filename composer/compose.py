@@ -41,7 +41,7 @@ _CONTENT_TYPE = "text/html; charset=utf-8"
 _SLICE = 64 * 1024  # the most written to a client at once
 _SET_COOKIE: Final = Name("set-cookie")  # what a page reads of its primary's header lines
 _LOCATION: Final = Name("location")
-_Task = asyncio.Task[Outcome]  # the primary's and async fragments' (never a `Flight`)
+_Task = asyncio.Task[Outcome]  # async fragments' (never a `Flight`)
 _NO_BODY = frozenset({204, 205})  # a primary's "no content": the page follows it, empty, like a 3xx
 # Moves an async fragment's content from its hidden carrier to the placeholder, and removes both (the
 # placeholder also when nothing came). Its stylesheets stay outside: a moved <link> is fetched again.
@@ -101,7 +101,7 @@ class Composer:
             if new_bucket:
                 headers.add("set-cookie", BUCKET_SET_COOKIE.format(bucket))
             status = 200  # the span's, should the page go away while its primary is awaited
-            primary = await cast(_Task, tasks[template.primary.index]) if template.primary is not None else None
+            primary = await tasks[template.primary.index] if template.primary is not None else None
             status, body = _head(route, template, primary, headers, settings.server_timing, started)
             if body is not None:  # the head is the whole answer
                 return web.Response(status=status, body=body or None, headers=headers)

@@ -51,7 +51,7 @@ from .deadlines import Deadlines
 from .errors import Reason
 from .links import Asset, assets_of
 
-__all__ = ["SKIP", "Failed", "Fetched", "Session", "answer", "failed", "fetch", "new_session"]
+__all__ = ["SKIP", "SKIP_BUT_REDIRECTS", "Failed", "Fetched", "Session", "answer", "failed", "fetch", "new_session"]
 
 
 @dataclass(slots=True)
@@ -119,7 +119,7 @@ def _not_content_but_redirects(status: int) -> bool:
 
 # Final: compiled, C statics; otherwise each is a lookup in the module's dict on every fetch.
 SKIP: Final = _not_content  # (also for `Client.send`: a fetch that is no primary's, not under compat: tailor)
-_SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects
+SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects  # (and a primary's)
 _current_task: Final = asyncio.current_task
 # The lines a fetch reads of a response (client.Head decodes those alone).
 _CONTENT_TYPE: Final = Name("content-type")
@@ -143,7 +143,7 @@ async def fetch(session: Session, url: URL, headers: CIMultiDict[str], *, timeou
     deadline = deadlines.add(task.cancel, timeout)
     try:
         resp = await session.get(url, headers, max_bytes=max_bytes, share=share,
-                                 skip_body=_SKIP_BUT_REDIRECTS if allow_redirect or redirect_body else SKIP)
+                                 skip_body=SKIP_BUT_REDIRECTS if allow_redirect or redirect_body else SKIP)
     except asyncio.CancelledError:
         if not deadlines.passed(deadline) or task.uncancel() > cancelling:
             raise  # the page went away (or someone besides our deadline cancelled it)

@@ -33,10 +33,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -49,7 +49,7 @@ from .canary import Analysis
 from .client import Connection, Head, Name, Response, Stale, Ticket
 from .config import CACHE_BYTES, Settings
 from .errors import Reason
-from .fragments import SKIP, Failed, Fetched, Session, answer, failed, fetch
+from .fragments import SKIP, SKIP_BUT_REDIRECTS, Failed, Fetched, Session, answer, failed, fetch
 from .links import Asset
 from .links import preload as preload_header
 from .metrics import Metrics
@@ -310,13 +310,13 @@ class Pipeline:
 
     def start(self, fragment: Fragment, page: Page) -> Flight | None:
         """`resolve` without a task, for the common fragment, or None (then `resolve`): one that
-        is synchronous, not the primary, not cached, behind a closed circuit (if any), with no
+        is synchronous (the primary too), not cached, behind a closed circuit (if any), with no
         `fallback-src` (its fallback, if it fails, is at hand), on an untraced page, not nested,
         not under compat: tailor; and only when its request is written now on an idle pooled
         connection, or waits its turn for one (the pool is full).
         A task per fragment, with its coroutines, was a quarter of such a fragment's
         instructions (bench/PROFILE.md, twenty-second pass)."""
-        if fragment.primary or fragment.is_async or fragment.fallback_src is not None or not fragment.enabled \
+        if fragment.is_async or fragment.fallback_src is not None or not fragment.enabled \
                 or page.span is not None or page.depth > 1 or fragment.pipe is not None:
             return None
         version, src, analysed = self._version(fragment, page)
@@ -331,7 +331,8 @@ class Pipeline:
             return None
         headers = page.public_headers if fragment.public else page.headers
         flight = Flight(self, fragment, page, version, analysed, url, key, headers, breaker, timeout)
-        sent = self.session.send(url, headers, flight, max_bytes=page.max_bytes, skip_body=SKIP, share=fragment.id)
+        sent = self.session.send(url, headers, flight, max_bytes=page.max_bytes, share=fragment.id,
+                                 skip_body=SKIP_BUT_REDIRECTS if fragment.primary else SKIP)
         if sent is None:
             return None
         if isinstance(sent, Ticket):
@@ -351,7 +352,7 @@ class Pipeline:
             got = failure = nested
         self._count(fragment, page, version, flight.analysed, how, failure)
         if isinstance(got, Fetched):
-            outcome = Outcome("src", got.body, got.assets, got.status, None, version)
+            outcome = Outcome("src", got.body, got.assets, got.status, got.head if fragment.primary else None, version)
             if isinstance(nested, Template):
                 flight.follow(self._nested(flight, nested, outcome))
                 return
@@ -563,8 +564,8 @@ class Flight:
     """A fragment's fetch with no task of its own (`Pipeline.start`). Its request went out as
     the page began; the connection's parser callbacks hand it the answer (`set_result`, or
     `set_exception`: it is the client's `Waiter`), and its outcome is made there and then,
-    as `resolve` would make it. To the page it is what a task is: `done`, `result`, `cancel`,
-    and `wait` for a future to await. Its deadline calls `expire`: a timeout, as `fetch`'s.
+    as `resolve` would make it. To the page it is what a task is: awaitable, `done`, `result`,
+    `cancel`, and `wait` for a future to await. Its deadline calls `expire`: a timeout, as `fetch`'s.
     A pooled connection found closed sends it on to `resolve` in a task, as `Client.get` would
     try again; a nested body is composed in one (`follow`)."""
 
@@ -624,6 +625,12 @@ class Flight:
             raise self.error
         assert self.outcome is not None
         return self.outcome
+
+    def __await__(self) -> Generator[Any, None, Outcome]:
+        """Awaited as a task is (the page's primary): its outcome, once in."""
+        if not self.done():
+            yield from self.wait()
+        return self.result()
 
     def wait(self) -> asyncio.Future[None]:
         """A future done when `done()` is."""

@@ -729,3 +729,66 @@ async def test_primary_fault(fragments, start_composer, raw_origin, case, with_f
         assert t.body.encode() == error_page(500)
     assert await failures(composer) == {("main", reason): 1.0}
     await still_serving(composer)
+
+
+async def primary_page(start_composer, fragments, url: str):
+    svc = await fragments({"/healthy": html(HEALTHY)})
+    return await start_composer({
+        "page.html": (f'<body>LITERAL<fragment id="main" src="{url}" primary timeout="{TIMEOUT_MS}">'
+                      f'{INLINE}</fragment>[<fragment id="healthy" src="{svc.url("/healthy")}"></fragment>]</body>'),
+        "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>',
+    }, routes=ROUTES)
+
+
+@pytest.mark.parametrize("case", [c for c, (kind, *_) in PRIMARY_FAULTS.items() if kind == "aiohttp"
+                                  or c not in STALE])
+async def test_primary_fault_on_a_pooled_connection(fragments, start_composer, raw_origin, case):
+    """The primary's fetch on a pooled connection (a `Flight`, no task): its faults decide the
+    page as they do on a new connection."""
+    kind, handler, reason = PRIMARY_FAULTS[case]
+    if kind == "raw":
+        url = await raw_origin(pooled(handler)) + "/main"
+    else:
+        url = (await fragments({"/main": after_a_good_answer(handler)})).url("/main")
+    composer = await primary_page(start_composer, fragments, url)
+    t = await timed(composer, "/page")
+    assert (t.status, t.body) == (200, f"<body>LITERAL{WARM}[{HEALTHY}]</body>")
+    t = await timed(composer, "/page")
+    assert t.elapsed < BUDGET, f"page took {t.elapsed * 1000:.0f} ms, budget {BUDGET * 1000:.0f} ms"
+    assert (t.status, t.body.encode()) == (500, error_page(500))
+    assert await failures(composer) == {("main", reason): 1.0}
+    await still_serving(composer)
+
+
+CSS = "https://cdn.example/a.css"
+PRIMARY_ANSWERS = {
+    "ok": (200, {"Set-Cookie": "sid=1; Path=/", "Link": f'<{CSS}>; rel="stylesheet"'}),
+    "redirect": (302, {"Location": "/elsewhere", "Set-Cookie": "moved=1"}),
+    "not_found": (404, {}),
+    "no_content": (204, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(PRIMARY_ANSWERS))
+async def test_a_pooled_primary_decides_the_page_as_one_on_a_new_connection(fragments, start_composer, case):
+    """The first page's primary goes out on a new connection (in a task), the second's on the
+    pooled one (a `Flight`): status, headers and body are the same."""
+    status, headers = PRIMARY_ANSWERS[case]
+    names: list[set[str]] = []
+
+    async def main(_: web.Request) -> web.Response:
+        names.append({task.get_name() for task in asyncio.all_tasks()})
+        body = None if status == 204 else "<main>M</main>"
+        return web.Response(status=status, body=body, content_type="text/html", headers=headers)
+
+    composer = await primary_page(start_composer, fragments, (await fragments({"/main": main})).url("/main"))
+    first, second = await timed(composer, "/page"), await timed(composer, "/page")
+    assert "main" in names[0] and "main" not in names[1]  # the second primary had no task
+    assert (second.status, second.body) == (first.status, first.body)
+    for name in ("set-cookie", "location", "link", "content-type"):
+        assert second.headers.getall(name, []) == first.headers.getall(name, []), name
+    assert first.status == status
+    if status == 200:
+        assert first.body == f'<body>LITERAL<link rel="stylesheet" href="{CSS}"><main>M</main>[{HEALTHY}]</body>'
+        assert "sid=1" in first.headers["set-cookie"] and CSS in first.headers["link"]
+    assert await failures(composer) == {}
