@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -41,7 +41,6 @@ _CONTENT_TYPE = "text/html; charset=utf-8"
 _SLICE = 64 * 1024  # the most written to a client at once
 _SET_COOKIE: Final = Name("set-cookie")  # what a page reads of its primary's header lines
 _LOCATION: Final = Name("location")
-_Task = asyncio.Task[Outcome]  # async fragments' (never a `Flight`)
 _NO_BODY = frozenset({204, 205})  # a primary's "no content": the page follows it, empty, like a 3xx
 # Moves an async fragment's content from its hidden carrier to the placeholder, and removes both (the
 # placeholder also when nothing came). Its stylesheets stay outside: a moved <link> is fetched again.
@@ -167,13 +166,14 @@ class Composer:
     async def _stream_async(self, response: web.StreamResponse, template: Template,
                             tasks: dict[int, asyncio.Task[Outcome] | Flight], seen: set[str],
                             signals: PageSignals | None) -> None:
-        pending = {cast(_Task, tasks[f.index]): f for f in template.async_fragments}
+        pending: dict[asyncio.Future[Any], Fragment] = {  # (a flight is waited for by its `wait()` future)
+            (t.wait() if isinstance(t := tasks[f.index], Flight) else t): f for f in template.async_fragments}
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             out: list[bytes] = []
-            for task in sorted(done, key=lambda t: pending[t].index):
-                fragment = pending.pop(task)
-                outcome = task.result()
+            for waited in sorted(done, key=lambda t: pending[t].index):
+                fragment = pending.pop(waited)
+                outcome = tasks[fragment.index].result()
                 if fragment.pipe is not None:  # settings.compat: tailor: its `end` call moves it into place
                     _render(outcome, seen, out, fragment, signals)
                     continue

@@ -292,9 +292,7 @@ class Pipeline:
                     assert url is not None
                     outcome = await self.nesting.compose(nested, fragment, page, outcome, url, started, span)
             else:
-                outcome = await self._fallback(fragment, page, headers)
-                if version and outcome.source != "none":
-                    outcome = replace(outcome, version=version)
+                outcome = _versioned(await self._fallback(fragment, page, headers), version)
         except BaseException as exc:
             if span is not None and self.tracing is not None:
                 self.tracing.fail(span, type(exc).__name__,
@@ -309,15 +307,14 @@ class Pipeline:
         return outcome
 
     def start(self, fragment: Fragment, page: Page) -> Flight | None:
-        """`resolve` without a task, for the common fragment, or None (then `resolve`): one that
-        is synchronous (the primary too), not cached, behind a closed circuit (if any), with no
-        `fallback-src` (its fallback, if it fails, is at hand), on an untraced page, not nested,
-        not under compat: tailor; and only when its request is written now on an idle pooled
-        connection, or waits its turn for one (the pool is full).
+        """`resolve` without a task, for the common fragment, or None (then `resolve`): one
+        not cached, behind a closed circuit (if any), on an untraced page, not nested, not under
+        compat: tailor; and only when its request is written now on an idle pooled connection,
+        or waits its turn for one (the pool is full). (A `fallback-src`, should it fail, is
+        fetched in a task.)
         A task per fragment, with its coroutines, was a quarter of such a fragment's
         instructions (bench/PROFILE.md, twenty-second pass)."""
-        if fragment.is_async or fragment.fallback_src is not None or not fragment.enabled \
-                or page.span is not None or page.depth > 1 or fragment.pipe is not None:
+        if not fragment.enabled or page.span is not None or page.depth > 1 or fragment.pipe is not None:
             return None
         version, src, analysed = self._version(fragment, page)
         url = src.render(page.params)
@@ -356,10 +353,11 @@ class Pipeline:
             if isinstance(nested, Template):
                 flight.follow(self._nested(flight, nested, outcome))
                 return
+        elif fragment.fallback_src is not None:
+            flight.follow(self._fell_back(flight, failure))
+            return
         else:
-            outcome = _inline(fragment)
-            if version and outcome.source != "none":
-                outcome = replace(outcome, version=version)
+            outcome = _versioned(_inline(fragment), version)
         self._recorded(fragment, page, version, flight.url, failure, outcome, flight.started)
         flight.settle(outcome)
 
@@ -368,6 +366,13 @@ class Pipeline:
         fragment, page = flight.fragment, flight.page
         outcome = await self.nesting.compose(nested, fragment, page, outcome, flight.url, flight.started, None)
         self._recorded(fragment, page, flight.version, flight.url, None, outcome, flight.started)
+        return outcome
+
+    async def _fell_back(self, flight: Flight, failure: Failed | None) -> Outcome:
+        """A flight's fetch failed and its fragment has a `fallback-src`: that, as `resolve` shows it."""
+        fragment, page, version = flight.fragment, flight.page, flight.version
+        outcome = _versioned(await self._fallback(fragment, page, flight.headers), version)
+        self._recorded(fragment, page, version, flight.url, failure, outcome, flight.started)
         return outcome
 
     def _count(self, fragment: Fragment, page: Page, version: str, analysed: str | None, how: Result | None,
@@ -734,6 +739,11 @@ def _inline(fragment: Fragment) -> Outcome:
     if not fragment.primary and fragment.fallback_html.strip():
         return Outcome("inline", fragment.fallback_html)
     return _NONE
+
+
+def _versioned(outcome: Outcome, version: str) -> Outcome:
+    """A fallback, shown for the version chosen for the page (nothing shown: nothing to say)."""
+    return replace(outcome, version=version) if version and outcome.source != "none" else outcome
 
 
 def _tailor(outcome: Outcome, pipe: Slot, primary: bool) -> Outcome:

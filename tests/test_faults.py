@@ -731,31 +731,35 @@ async def test_primary_fault(fragments, start_composer, raw_origin, case, with_f
     await still_serving(composer)
 
 
-async def primary_page(start_composer, fragments, url: str):
-    svc = await fragments({"/healthy": html(HEALTHY)})
+async def primary_page(start_composer, fragments, url: str, with_fallback_src: bool = False):
+    svc = await fragments({"/healthy": html(HEALTHY), "/fallback": html("<main>FALLBACK MAIN</main>")})
+    fallback = f'fallback-src="{svc.url("/fallback")}"' if with_fallback_src else ""
     return await start_composer({
-        "page.html": (f'<body>LITERAL<fragment id="main" src="{url}" primary timeout="{TIMEOUT_MS}">'
+        "page.html": (f'<body>LITERAL<fragment id="main" src="{url}" primary timeout="{TIMEOUT_MS}" {fallback}>'
                       f'{INLINE}</fragment>[<fragment id="healthy" src="{svc.url("/healthy")}"></fragment>]</body>'),
         "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>',
     }, routes=ROUTES)
 
 
-@pytest.mark.parametrize("case", [c for c, (kind, *_) in PRIMARY_FAULTS.items() if kind == "aiohttp"
-                                  or c not in STALE])
-async def test_primary_fault_on_a_pooled_connection(fragments, start_composer, raw_origin, case):
+@pytest.mark.parametrize("with_fallback_src", [False, True], ids=["bare-500", "fallback-src"])
+@pytest.mark.parametrize("case", list(PRIMARY_FAULTS))
+async def test_primary_fault_on_a_pooled_connection(fragments, start_composer, raw_origin, case, with_fallback_src):
     """The primary's fetch on a pooled connection (a `Flight`, no task): its faults decide the
-    page as they do on a new connection."""
+    page as they do on a new connection; its `fallback-src` is fetched then."""
     kind, handler, reason = PRIMARY_FAULTS[case]
     if kind == "raw":
         url = await raw_origin(pooled(handler)) + "/main"
     else:
         url = (await fragments({"/main": after_a_good_answer(handler)})).url("/main")
-    composer = await primary_page(start_composer, fragments, url)
+    composer = await primary_page(start_composer, fragments, url, with_fallback_src)
     t = await timed(composer, "/page")
     assert (t.status, t.body) == (200, f"<body>LITERAL{WARM}[{HEALTHY}]</body>")
     t = await timed(composer, "/page")
     assert t.elapsed < BUDGET, f"page took {t.elapsed * 1000:.0f} ms, budget {BUDGET * 1000:.0f} ms"
-    assert (t.status, t.body.encode()) == (500, error_page(500))
+    if with_fallback_src:
+        assert (t.status, t.body) == (200, f"<body>LITERAL<main>FALLBACK MAIN</main>[{HEALTHY}]</body>")
+    else:
+        assert (t.status, t.body.encode()) == (500, error_page(500))
     assert await failures(composer) == {("main", reason): 1.0}
     await still_serving(composer)
 
@@ -792,3 +796,43 @@ async def test_a_pooled_primary_decides_the_page_as_one_on_a_new_connection(frag
         assert first.body == f'<body>LITERAL<link rel="stylesheet" href="{CSS}"><main>M</main>[{HEALTHY}]</body>'
         assert "sid=1" in first.headers["set-cookie"] and CSS in first.headers["link"]
     assert await failures(composer) == {}
+
+
+def async_page(faulty_url: str, healthy_url: str, fallback_url: str) -> str:
+    return (f'<body>[<fragment id="late" src="{faulty_url}" async timeout="{TIMEOUT_MS}" fallback-src="{fallback_url}">'
+            f'{INLINE}</fragment>][<fragment id="healthy" src="{healthy_url}"></fragment>]</body>')
+
+
+@pytest.mark.parametrize("fault", ["none", "status_500", "hang_before_headers"])
+async def test_a_pooled_async_fragment_with_a_fallback_src_shows_what_one_on_a_new_connection_does(
+        fragments, start_composer, fault):
+    """An async fragment with a `fallback-src`, its fetch on a pooled connection (a `Flight`):
+    the page is the one its first fetch, on a new connection (in a task), gave; failed, its
+    `fallback-src` is shown, with the fallback counted and logged once."""
+    names: list[set[str]] = []
+    faults = {"status_500": html("down", status=500), "hang_before_headers": hang_before_headers}
+
+    async def late(request: web.Request) -> web.StreamResponse:
+        names.append({task.get_name() for task in asyncio.all_tasks()})
+        if len(names) > 1 and fault in faults:
+            return await faults[fault](request)
+        return web.Response(text="<p>LATE</p>", content_type="text/html")
+
+    svc = await fragments({"/late": late, "/healthy": html(HEALTHY), "/fallback": html("<p>FALLBACK</p>")})
+    composer = await start_composer({
+        "page.html": async_page(svc.url("/late"), svc.url("/healthy"), svc.url("/fallback")),
+        "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>'}, routes=ROUTES)
+    first = await timed(composer, "/page")
+    assert "<p>LATE</p>" in first.body and first.status == 200
+    second = await timed(composer, "/page")
+    assert "late" in names[0] and "late" not in names[1]  # the second fetch had no task
+    assert second.status == 200 and second.elapsed < BUDGET
+    if fault == "none":
+        assert second.body == first.body
+        assert await failures(composer) == {}
+    else:
+        assert second.body == first.body.replace("<p>LATE</p>", "<p>FALLBACK</p>")
+        reason = "timeout" if fault == "hang_before_headers" else "status"
+        assert await failures(composer) == {("late", reason): 1.0}
+        assert await counted(composer, "composer_fragment_fallbacks_total") == {("late", ""): 1.0}
+    await still_serving(composer)
