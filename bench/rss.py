@@ -1,13 +1,14 @@
-"""composer's memory per load, each load in a new process.
+"""composer's memory per load, each load in a new process: bench/run.py's step 10 alone, for
+any checkout.
 
     python bench/rss.py [CHECKOUT] [--cells page0:64,page5:256,page20:16,page20:64,...] [--duration 10]
                         [--python PYTHON]
 
-bench/run.py reports one process's high-water mark over every cell before the one shown (a
-process rarely gives memory back), which mixes loads. Here each cell gets a composer of its
-own: its RSS once ready (idle, nothing fetched yet), then its high-water mark (VmHWM) after
-`--duration` s of wrk. The fragment server (bench/fragment_server.py) and wrk run on CPU 1, composer on CPU 0,
-as in bench/run.py. Every process it starts is stopped.
+bench/run.py's main table reports one process's high-water mark over every cell before the one
+shown (a process rarely gives memory back), which mixes loads. Here each cell gets a composer of
+its own: its RSS once ready (idle, nothing fetched yet), then its high-water mark (VmHWM) after
+`--duration` s of wrk. The fragment server (bench/fragment_server.py) and wrk run on CPU 1,
+composer on CPU 0, as in bench/run.py. Every process it starts is stopped.
 """
 
 from __future__ import annotations
@@ -24,13 +25,6 @@ import run
 CELLS = "page0:64,page5:64,page5:256,page20:16,page20:64,page100:16,page100:64,page1mb:16,page1mb:64"
 
 
-def _status_mb(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise run.BenchError(f"no {field} for process {pid}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkout", type=Path, nargs="?", default=run.ROOT)
@@ -45,12 +39,12 @@ def main() -> int:
         for cell in args.cells.split(","):
             page, conns = cell.split(":")
             proc, port = ab.start(procs, args.checkout, routes, f"rss_{page}_{conns}", args.python)
-            pid = proc.popen.pid
-            idle = _status_mb(pid, "VmRSS")
-            wrk = run.run_wrk(procs, f"http://127.0.0.1:{port}/{page}", int(conns), args.duration)
-            high = _status_mb(pid, "VmHWM")
-            procs.stop(proc)
-            rows.append(f"| {page} | {conns} | {idle:.1f} | {high:.1f} | {wrk.rps:,.0f} | {wrk.non2xx + wrk.socket_errors} |")
+            try:
+                m = run.memory_of(procs, proc, f"http://127.0.0.1:{port}", page, int(conns), args.duration)
+            finally:
+                procs.stop(proc)
+            rows.append(f"| {page} | {conns} | {m.idle_mb:.1f} | {m.high_mb:.1f} | {m.wrk.rps:,.0f} "
+                        f"| {m.wrk.non2xx + m.wrk.socket_errors} |")
             print(rows[-1], flush=True)
     finally:
         procs.stop_all()

@@ -3,7 +3,8 @@ pages, same fragment server, same run.
 
     python bench/run.py [--duration 15] [--rounds 3] [--quick] [--systems composer,tailor,nginx,varnish]
                         [--pages page0,page5,page20,page100,page1mb] [--fragment-server auto|node|python]
-                        [--ttfb-samples 200] [--no-curve] [--no-scaling] [--output PATH] [--python PYTHON]
+                        [--ttfb-samples 200] [--no-curve] [--no-scaling] [--no-memory] [--output PATH]
+                        [--python PYTHON]
 
 What it does, in order (every process it starts is stopped at the end, also on Ctrl-C,
 SIGTERM or an error; each runs in its own process group, which is what gets killed):
@@ -50,7 +51,10 @@ SIGTERM or an error; each runs in its own process group, which is what gets kill
    page over each peer's round by round (median and range: a round measures every system back to
    back, so the machine's drift between rounds cancels).
 9. The physical floor: wrk straight at page5's slowest synchronous fragment (50 ms) at c16.
-10. composer --workers 2 (unpinned: wrk and the fragment server share a core with it) on
+10. composer's memory per load: for each page × concurrency a composer started for it, its RSS
+   once ready and its high-water mark after `--duration` s of wrk (not with --no-memory); the
+   table of step 5 reads one process's high-water mark over every cell before.
+11. composer --workers 2 (unpinned: wrk and the fragment server share a core with it) on
    page20 at c64, against the one-process figure (not with --no-scaling).
 
 Prints the markdown and writes it to bench/RESULTS.md (`--quick`: bench/.work/RESULTS.quick.md
@@ -290,6 +294,33 @@ def rss_mb(pids: list[int]) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def status_mb(pid: int, field: str) -> float:
+    """One process's `/proc/PID/status` figure in MB: VmRSS now, VmHWM its high-water mark."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise BenchError(f"no {field} for process {pid}")
+
+
+@dataclass
+class Memory:
+    """A composer started for one load: its RSS once ready (nothing fetched yet), and its
+    high-water mark after `--duration` s of wrk."""
+
+    page: str
+    conns: int
+    idle_mb: float
+    high_mb: float
+    wrk: Wrk
+
+
+def memory_of(procs: Processes, proc: Proc, base: str, page: str, conns: int, duration: float) -> Memory:
+    """`proc` (a composer just started, serving at `base`) under `page` at `conns` connections."""
+    idle = status_mb(proc.popen.pid, "VmRSS")
+    wrk = run_wrk(procs, f"{base}/{page}", conns, duration)
+    return Memory(page, conns, idle, status_mb(proc.popen.pid, "VmHWM"), wrk)
 
 
 def core_ticks() -> dict[str, tuple[int, ...]]:
@@ -1086,6 +1117,7 @@ class Report:
     versions: dict[str, str] = field(default_factory=dict)  # nginx / varnish -> version line
     fragment_counts: dict[str, int] = field(default_factory=dict)  # page -> <fragment> tags
     varnish_stats: dict[str, int] = field(default_factory=dict)
+    memory: list[Memory] = field(default_factory=list)  # composer, a fresh process per load
 
     def cells(self) -> list[tuple[str, int]]:
         seen: list[tuple[str, int]] = []
@@ -1337,6 +1369,21 @@ class Report:
                      "working set, pays more of that than nginx. The saturated figure is the cost of the "
                      "work; the gap to the others is what the machine charges for waking up."), "",
                     *self.curve_table(), ""]
+        if self.memory:
+            out += ["## composer's memory per load", "",
+                    ("Each load in a composer of its own, started for it: its RSS once ready (nothing fetched "
+                     "yet), then its high-water mark (VmHWM) after the load's wrk run. The RSS column above "
+                     "is one process's high-water mark over every cell before it, so it mixes loads. *pages "
+                     "in flight* = connections × the page's bytes: what a load can hold at once, as every "
+                     "fragment's body is held whole until it is written in order (SPEC §3)."), "",
+                    "| page | conns | idle MB | high-water MB | pages in flight MB | req/s | non-2xx+err |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
+            sizes = self.page_bytes.get("composer", {})
+            for m in self.memory:
+                flight = f1(m.conns * sizes[m.page] / 1e6) if m.page in sizes else "?"
+                out.append(f"| {m.page} | {m.conns} | {f1(m.idle_mb)} | **{f1(m.high_mb)}** | {flight} "
+                           f"| {f0(m.wrk.rps)} | {m.wrk.non2xx + m.wrk.socket_errors} |")
+            out.append("")
         if self.ttfb:
             out += ["## Time to first byte while fragments are pending", "",
                     ("A raw-socket client, one fresh connection per sample (connect not timed), sequential, "
@@ -1622,6 +1669,22 @@ def bench(args: argparse.Namespace, procs: Processes, report: Report) -> None:
         print(f"bench: floor (the 50 ms fragment alone, c16): {report.floor.rps:,.0f} req/s, "
               f"p50 {report.floor.p50:.1f} ms, p99 {report.floor.p99:.1f} ms", flush=True)
 
+    if "composer" in systems and args.memory:
+        print("bench: composer's memory per load, a fresh process each", flush=True)
+        for page in pages:
+            for conns in CONNS[page]:
+                fresh = start_composer(procs, routes, workers=1, cpus=str(PROXY_CPU), name=f"composer {page} c{conns}",
+                                       python=args.python)
+                try:
+                    memory = memory_of(procs, fresh.proc, fresh.base, page, conns, args.duration)
+                finally:
+                    procs.stop(fresh.proc)
+                report.memory.append(memory)
+                if scan_composer_log(fresh):  # (a clean run leaves nothing worth a look)
+                    report.notes[fresh.name] = fresh.notes
+                print(f"  {page} c{conns} idle {memory.idle_mb:5.1f} MB  high-water {memory.high_mb:5.1f} MB  "
+                      f"{memory.wrk.rps:8,.0f} req/s  bad {memory.wrk.non2xx + memory.wrk.socket_errors}", flush=True)
+
     for system in systems.values():
         system.failures()
     if "page20" in pages and "composer" in systems and args.scaling:
@@ -1675,6 +1738,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip page20 at c" + ", c".join(map(str, CURVE)) + " (CPU per page against load)")
     parser.add_argument("--no-scaling", dest="scaling", action="store_false",
                         help="skip the composer --workers 2 runs")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip composer's memory per load (a fresh composer for each page × connections)")
     parser.add_argument("--fragment-server", choices=("auto", "node", "python"), default="auto",
                         help="auto (default): measure both, use the cheaper per request")
     parser.add_argument("--ttfb-samples", type=int, default=200, help="TTFB samples per system and page")
@@ -1728,7 +1793,8 @@ def main(argv: list[str] | None = None) -> int:
                                "ttfb": {f"{p} {s}": t for (p, s), t in report.ttfb.items()},
                                "floor": asdict(report.floor) if report.floor else None,
                                "fragment_servers": report.fragment_servers,
-                               "skipped": report.skipped, "varnish_stats": report.varnish_stats}, indent=1))
+                               "skipped": report.skipped, "varnish_stats": report.varnish_stats,
+                               "memory": [asdict(m) for m in report.memory]}, indent=1))
     print(f"bench: written to {output} (every run as JSON: {raw})")
     return status
 
