@@ -85,7 +85,7 @@ class Status:
         return snap
 
     async def run(self) -> None:
-        """Sample every 10 s after the first, which `Server.start` takes before it listens."""
+        """Sample every 10 s after the first, which `ComposerServer.start` takes before it listens."""
         while True:
             await asyncio.sleep(_INTERVAL_S)
             await self.sample()
