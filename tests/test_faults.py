@@ -808,7 +808,7 @@ async def test_a_pooled_async_fragment_with_a_fallback_src_shows_what_one_on_a_n
         fragments, start_composer, fault):
     """An async fragment with a `fallback-src`, its fetch on a pooled connection (a `Flight`):
     the page is the one its first fetch, on a new connection (in a task), gave; failed, its
-    `fallback-src` is shown, with the fallback counted and logged once."""
+    `fallback-src` is shown, its failure and fallback counted once."""
     names: list[set[str]] = []
     faults = {"status_500": html("down", status=500), "hang_before_headers": hang_before_headers}
 
