@@ -154,7 +154,7 @@ class Composer:
                 task = tasks[chunk.index]
                 if not task.done():
                     await _flush(response, out)
-                    await (task.wait() if isinstance(task, Flight) else task)
+                    await task
                 _render(task.result(), seen, out, chunk, signals)
                 del tasks[chunk.index]  # its outcome (and body) is freed once written
         if signals is not None and not signals.written:  # a template without </body>

@@ -118,8 +118,9 @@ def _not_content_but_redirects(status: int) -> bool:
 
 
 # Final: compiled, C statics; otherwise each is a lookup in the module's dict on every fetch.
-SKIP: Final = _not_content  # (also for `Client.send`: a fetch that is no primary's, not under compat: tailor)
-SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects  # (and a primary's)
+# (Public: `Pipeline.start` hands them to `Client.send` too.)
+SKIP: Final = _not_content  # a fragment's fetch
+SKIP_BUT_REDIRECTS: Final = _not_content_but_redirects  # a primary's (its 3xx is read), or under compat: tailor
 _current_task: Final = asyncio.current_task
 # The lines a fetch reads of a response (client.Head decodes those alone).
 _CONTENT_TYPE: Final = Name("content-type")

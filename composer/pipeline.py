@@ -20,7 +20,7 @@ The common fragment skips the task and the coroutines: `start` chooses its versi
 its request on an idle pooled connection (or queues it for one) as the page begins, and its
 `Flight` takes the answer from the connection's callbacks, where `_land` does what `resolve`,
 the cache's pass and `_attempt` would (the same helpers). Whatever needs awaiting (a nested
-body, a stale connection) goes on in a task.
+body, a stale connection, a `fallback-src` after a failure) goes on in a task.
 
 The answer is an `Outcome`, a value; nothing a service does raises. A `Pipeline` belongs to
 one server and holds what outlives a page: circuit breakers, the cache, and the last good
@@ -572,7 +572,8 @@ class Flight:
     as `resolve` would make it. To the page it is what a task is: awaitable, `done`, `result`,
     `cancel`, and `wait` for a future to await. Its deadline calls `expire`: a timeout, as `fetch`'s.
     A pooled connection found closed sends it on to `resolve` in a task, as `Client.get` would
-    try again; a nested body is composed in one (`follow`)."""
+    try again; a nested body is composed in one, and a failed fetch's `fallback-src` fetched
+    in one (`follow`)."""
 
     def __init__(self, pipeline: Pipeline, fragment: Fragment, page: Page, version: str, analysed: str | None,
                  url: URL, key: str, headers: CIMultiDict[str], breaker: Breaker | None, timeout: float) -> None:
@@ -632,7 +633,7 @@ class Flight:
         return self.outcome
 
     def __await__(self) -> Generator[Any, None, Outcome]:
-        """Awaited as a task is (the page's primary): its outcome, once in."""
+        """Awaited as a task is: its outcome, once in."""
         if not self.done():
             yield from self.wait()
         return self.result()
