@@ -704,6 +704,17 @@ PRIMARY_FAULTS = {
 }
 
 
+async def primary_page(start_composer, fragments, url: str, with_fallback_src: bool = False):
+    """[primary `main` at `url`, inline fallback (never shown), maybe a `fallback-src`][healthy]."""
+    svc = await fragments({"/healthy": html(HEALTHY), "/fallback": html("<main>FALLBACK MAIN</main>")})
+    fallback = f'fallback-src="{svc.url("/fallback")}"' if with_fallback_src else ""
+    return await start_composer({
+        "page.html": (f'<body>LITERAL<fragment id="main" src="{url}" primary timeout="{TIMEOUT_MS}" {fallback}>'
+                      f'{INLINE}</fragment>[<fragment id="healthy" src="{svc.url("/healthy")}"></fragment>]</body>'),
+        "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>',
+    }, routes=ROUTES)
+
+
 @pytest.mark.parametrize("with_fallback_src", [False, True], ids=["bare-500", "fallback-src"])
 @pytest.mark.parametrize("case", list(PRIMARY_FAULTS))
 async def test_primary_fault(fragments, start_composer, raw_origin, case, with_fallback_src):
@@ -712,13 +723,7 @@ async def test_primary_fault(fragments, start_composer, raw_origin, case, with_f
         url = await raw_origin(handler) + "/main"
     else:
         url = (await fragments({"/main": handler})).url("/main")
-    svc = await fragments({"/healthy": html(HEALTHY), "/fallback": html("<main>FALLBACK MAIN</main>")})
-    fallback = f'fallback-src="{svc.url("/fallback")}"' if with_fallback_src else ""
-    composer = await start_composer({
-        "page.html": (f'<body>LITERAL<fragment id="main" src="{url}" primary timeout="{TIMEOUT_MS}" {fallback}>'
-                      f'{INLINE}</fragment>[<fragment id="healthy" src="{svc.url("/healthy")}"></fragment>]</body>'),
-        "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>',
-    }, routes=ROUTES)
+    composer = await primary_page(start_composer, fragments, url, with_fallback_src)
     t = await timed(composer, "/page")
     assert t.elapsed < BUDGET, f"page took {t.elapsed * 1000:.0f} ms, budget {BUDGET * 1000:.0f} ms"
     if with_fallback_src:
@@ -729,16 +734,6 @@ async def test_primary_fault(fragments, start_composer, raw_origin, case, with_f
         assert t.body.encode() == error_page(500)
     assert await failures(composer) == {("main", reason): 1.0}
     await still_serving(composer)
-
-
-async def primary_page(start_composer, fragments, url: str, with_fallback_src: bool = False):
-    svc = await fragments({"/healthy": html(HEALTHY), "/fallback": html("<main>FALLBACK MAIN</main>")})
-    fallback = f'fallback-src="{svc.url("/fallback")}"' if with_fallback_src else ""
-    return await start_composer({
-        "page.html": (f'<body>LITERAL<fragment id="main" src="{url}" primary timeout="{TIMEOUT_MS}" {fallback}>'
-                      f'{INLINE}</fragment>[<fragment id="healthy" src="{svc.url("/healthy")}"></fragment>]</body>'),
-        "next.html": f'<body><fragment id="next" src="{svc.url("/healthy")}"></fragment></body>',
-    }, routes=ROUTES)
 
 
 @pytest.mark.parametrize("with_fallback_src", [False, True], ids=["bare-500", "fallback-src"])
