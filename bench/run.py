@@ -284,16 +284,14 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def rss_mb(pids: list[int]) -> float:
-    total = 0
+    """The RSS of a process tree, in MB (a process gone, or a zombie without memory, counts 0)."""
+    total = 0.0
     for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
-        except OSError:
+            total += status_mb(pid, "VmRSS")
+        except (OSError, BenchError):
             continue
-    return total / 1024
+    return total
 
 
 def status_mb(pid: int, field: str) -> float:
